@@ -1,0 +1,118 @@
+"""Rank-zero terminal output: every line ddptrain prints goes through `console`.
+
+Other ranks stay silent by construction: `console.rank` is set once from the launcher's environment (and
+again when the process group is up), and only rank 0's calls reach the terminal. Errors are the exception:
+a runtime failure is reported by the rank that failed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def env_rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class RankZeroConsole:
+    def __init__(self) -> None:
+        self.rank = env_rank()
+        self.quiet = False
+        self.out = Console(highlight=False, soft_wrap=True)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.out.is_terminal
+
+    def print(self, *objects: Any, force: bool = False, **kwargs: Any) -> None:
+        """Rank 0 only; `force` prints even under --quiet (final summaries)."""
+        if self.is_main and (force or not self.quiet):
+            self.out.print(*objects, **kwargs)
+
+    def line(self, text: str, force: bool = False) -> None:
+        """Plain text, no markup (safe for user-supplied names)."""
+        if self.is_main and (force or not self.quiet):
+            self.out.print(text, markup=False)
+
+    def warn(self, text: str) -> None:
+        if self.is_main:
+            self.err.print(f"warning: {text}")
+
+    def error(self, text: str, any_rank: bool = False, prefix_rank: bool = False) -> None:
+        """One line on stderr. `any_rank`: this rank's own failure, so it reports even if it is not rank 0."""
+        if self.is_main or any_rank:
+            where = f"[rank {self.rank}] " if prefix_rank else ""
+            self.err.print(f"error: {where}{text}")
+
+    def table(self, title: str, rows: list[tuple[str, str]], force: bool = False) -> None:
+        table = Table(title=title, show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        for key, value in rows:
+            table.add_row(key, value)
+        self.print(table, force=force)
+
+
+console = RankZeroConsole()
+
+
+class EpochProgress:
+    """A Rich progress bar per epoch on a terminal; plain periodic lines elsewhere (CI, SLURM logs)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.enabled = console.is_main and not console.quiet
+        self.live = self.enabled and console.is_terminal
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    def start_epoch(self, epoch: int, total_steps: int, done_steps: int = 0) -> None:
+        if not self.live:
+            return
+        self._progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{self.epochs}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[speed]} samples/s"), TimeRemainingColumn(),
+            console=console.out, transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total_steps, completed=done_steps,
+                                             loss="-", lr="-", speed="-")
+
+    def update(self, row: dict[str, Any], step_in_epoch: int, total_steps: int) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step_in_epoch, loss=f"{row['train_loss']:.4f}",
+                                  lr=f"{row['lr']:.2e}", speed=f"{row['samples_per_s']:,.0f}")
+        elif not self.live:
+            console.line(f"epoch {row['epoch'] + 1}/{self.epochs} step {step_in_epoch}/{total_steps} "
+                         f"loss {row['train_loss']:.4f} lr {row['lr']:.2e} {row['samples_per_s']:,.0f} samples/s")
+
+    def end_epoch(self, row: dict[str, Any]) -> None:
+        self.close()
+        parts = [f"epoch {row['epoch'] + 1}/{self.epochs}", f"train_loss {row['train_loss']:.4f}"]
+        for key in ("val_loss", "val_accuracy", "val_rmse"):
+            if key in row:
+                parts.append(f"{key} {row[key]:.4f}")
+        parts.append(f"{row['samples_per_s']:,.0f} samples/s")
+        parts.append(f"{row['epoch_time_s']:.2f}s")
+        console.line("  ".join(parts))
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -1,0 +1,118 @@
+"""The one door to the process group: launcher environment, init/teardown, rank info, collectives.
+
+Without torchrun the same code runs as a one-process group (a HashStore), so world size 1 and N share a path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from ddptrain.console import console
+from ddptrain.errors import DDPTrainError, UsageError
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    launched: bool  # True under torchrun (or any launcher that sets the env:// variables)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launch_env() -> LaunchEnv:
+    """Read torchrun's variables; a partial set is a usage error, not a hang."""
+    present = [name for name in LAUNCHER_VARS if name in os.environ]
+    if not present:
+        return LaunchEnv(0, 0, 1, launched=False)
+    missing = [name for name in LAUNCHER_VARS if name not in os.environ]
+    if missing:
+        raise UsageError(f"partial launcher environment: {', '.join(present)} set but {', '.join(missing)} not; "
+                         "launch with torchrun (or unset them to run as one process)")
+    try:
+        env = LaunchEnv(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), True)
+    except ValueError:
+        raise UsageError("RANK, LOCAL_RANK and WORLD_SIZE must be integers; launch with torchrun") from None
+    if not 0 <= env.rank < env.world_size:
+        raise UsageError(f"RANK={env.rank} is outside WORLD_SIZE={env.world_size}; launch with torchrun")
+    return env
+
+
+def resolve_device(cfg_device: str, cfg_backend: str, local_rank: int) -> tuple[torch.device, str]:
+    cuda = torch.cuda.is_available()
+    if cfg_device == "cuda" and not cuda:
+        raise DDPTrainError("--device cuda but CUDA is not available here; use --device cpu (or auto)")
+    if cfg_backend == "nccl" and not cuda:
+        raise DDPTrainError("--backend nccl but CUDA is not available here; use --backend gloo (or auto)")
+    use_cuda = cfg_device == "cuda" or (cfg_device == "auto" and (cuda and cfg_backend != "gloo"))
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise DDPTrainError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s); "
+                                "use --nproc-per-node <= the GPU count")
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    backend = cfg_backend if cfg_backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    return device, backend
+
+
+@contextmanager
+def process_group(device_name: str = "auto", backend_name: str = "auto",
+                  timeout_s: float | None = None) -> Iterator[DistInfo]:
+    """Set up the process group for this process and always tear it down."""
+    env = launch_env()
+    device, backend = resolve_device(device_name, backend_name, env.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    kwargs: dict[str, Any] = {}
+    if timeout_s is not None:
+        kwargs["timeout"] = timedelta(seconds=timeout_s)
+    if env.launched:
+        torch_dist.init_process_group(backend, **kwargs)
+    else:
+        torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1, **kwargs)
+    console.rank = env.rank
+    try:
+        yield DistInfo(env.rank, env.local_rank, env.world_size, device, backend)
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    out: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,41 @@
+"""`ddptrain env`: what to paste into a bug report."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+import torch
+import torch.distributed as torch_dist
+
+from ddptrain import __version__
+from ddptrain.console import console
+from ddptrain.dist import LAUNCHER_VARS
+
+EXTRA_VARS = ("LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+              "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "NCCL_DEBUG", "SLURM_JOB_ID", "SLURM_NTASKS")
+
+
+def env_rows() -> list[tuple[str, str]]:
+    cuda = torch.cuda.is_available()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+    nccl = torch_dist.is_nccl_available()
+    nccl_version = ".".join(map(str, torch.cuda.nccl.version())) if cuda and nccl else "-"
+    launcher = {name: os.environ[name] for name in LAUNCHER_VARS + EXTRA_VARS if name in os.environ}
+    nproc = len(gpus) if gpus else 2
+    return [
+        ("ddptrain", __version__), ("torch", torch.__version__), ("python", sys.version.split()[0]),
+        ("os", f"{platform.system()} {platform.release()} ({platform.machine()})"),
+        ("cuda available", f"{cuda} (CUDA {torch.version.cuda})" if cuda else "False"),
+        ("gpus", ", ".join(gpus) or "-"), ("nccl", f"{nccl} (version {nccl_version})"),
+        ("gloo", str(torch_dist.is_gloo_available())), ("cpu count", str(os.cpu_count())),
+        ("torch threads", str(torch.get_num_threads())),
+        ("launcher variables", ", ".join(f"{k}={v}" for k, v in launcher.items()) or "none set"),
+        ("recommended launch", f"torchrun --standalone --nproc_per_node={nproc} -m ddptrain fit --data ..."
+                               if gpus else "ddptrain fit --nproc-per-node 2 --data ... (CPU, Gloo)"),
+    ]
+
+
+def print_env() -> None:
+    console.table("ddptrain env", env_rows(), force=True)

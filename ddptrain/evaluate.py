@@ -1,0 +1,154 @@
+"""`eval`, `predict` and `inspect`: a checkpoint alone rebuilds the model and its data handling."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ddptrain.checkpoint import load_checkpoint
+from ddptrain.config import FitConfig
+from ddptrain.console import console
+from ddptrain.data import DataSpec, Split, labelled_split, load_table
+from ddptrain.dist import process_group
+from ddptrain.errors import DDPTrainError
+from ddptrain.metrics import evaluation_sums, metrics_from_sums
+from ddptrain.model import ModelSpec, build_model, parameter_count
+from ddptrain.optim import build_loss
+
+PREDICT_CHUNK = 65536
+
+
+def load_model(state: dict[str, Any], device: torch.device) -> tuple[nn.Module, DataSpec, FitConfig]:
+    spec = DataSpec.from_dict(state["data_spec"])
+    model = build_model(ModelSpec.from_dict(state["model_spec"]))
+    model.load_state_dict(state["model"])
+    cfg_values = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()
+                  if k in FitConfig.__dataclass_fields__}
+    return model.to(device).eval(), spec, FitConfig(**cfg_values)
+
+
+def _table_for(cfg: FitConfig, source: str, seed: int | None):
+    """A file, or a built-in dataset drawn afresh (seed + 1 by default, so it is not the training sample)."""
+    return load_table(source, cfg.seed + 1 if seed is None else seed, cfg.n_samples, cfg.n_features,
+                      cfg.n_classes, cfg.noise)
+
+
+def evaluate_checkpoint(path: Path, source: str, seed: int | None, as_json: bool, device_name: str) -> dict[str, Any]:
+    state = load_checkpoint(path)
+    with process_group(device_name, "auto", None) as dist:
+        model, spec, cfg = load_model(state, dist.device)
+        split = labelled_split(spec, _table_for(cfg, source, seed))
+        sums = evaluation_sums(model, split, spec, build_loss(cfg, spec.task), dist.rank, dist.world_size)
+    metrics = metrics_from_sums(sums, spec)
+    if as_json:
+        console.line(json.dumps(metrics), force=True)
+    else:
+        print_metrics(metrics, spec, path, source)
+    return metrics
+
+
+def print_metrics(metrics: dict[str, Any], spec: DataSpec, path: Path, source: str) -> None:
+    keys = ["loss", "accuracy"] if spec.task == "classification" else ["loss", "mse", "rmse", "mae", "r2"]
+    rows = [("rows", f"{metrics['rows']:,}")] + [(key, f"{metrics[key]:.4f}") for key in keys]
+    console.table(f"ddptrain eval: {path} on {source}", rows, force=True)
+    if spec.task != "classification":
+        console.line(f"(mse, rmse, mae in the units of '{spec.target_name}'; loss in standardized units)", force=True)
+        return
+    from rich.table import Table
+
+    per_class = Table(title="per class", title_justify="left")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        per_class.add_column(column)
+    for label, row in metrics["per_class"].items():
+        per_class.add_row(label, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+    console.print(per_class, force=True)
+    confusion = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
+    confusion.add_column("")
+    for label in spec.classes:
+        confusion.add_column(label)
+    for label, counts in zip(spec.classes, metrics["confusion"]):
+        confusion.add_row(label, *map(str, counts))
+    console.print(confusion, force=True)
+
+
+@torch.no_grad()
+def predict_rows(model: nn.Module, split: Split, spec: DataSpec) -> torch.Tensor:
+    outs = [model(split.x[i:i + PREDICT_CHUNK]).float() for i in range(0, len(split), PREDICT_CHUNK)]
+    out = torch.cat(outs)
+    if spec.task == "classification":
+        return F.softmax(out, dim=1)
+    return out.squeeze(1).double() * spec.y_std + spec.y_mean
+
+
+def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, overwrite: bool) -> None:
+    if not out.parent.is_dir():
+        raise DDPTrainError(f"--out {out}: folder {out.parent} does not exist; create it or pick another path")
+    if not os.access(out.parent, os.W_OK):
+        raise DDPTrainError(f"--out {out}: folder {out.parent} is not writable; pick another path")
+    if out.exists() and not overwrite:
+        raise DDPTrainError(f"--out {out} already exists; pass --overwrite or pick another path")
+    state = load_checkpoint(path)
+    model, spec, cfg = load_model(state, torch.device("cpu"))
+    table = _table_for(cfg, source, None)
+    if id_column is not None and id_column not in table.names:
+        raise DDPTrainError(f"--id-column '{id_column}' is not a column of {table.path}; its columns: "
+                            f"{', '.join(table.names)}")
+    split = labelled_split(spec, table, require_target=False, allowed_extra=(id_column,) if id_column else ())
+    result = predict_rows(model, split, spec)
+    header = ([id_column] if id_column else []) + ["prediction"]
+    if spec.task == "classification":
+        header += [f"prob_{label}" for label in spec.classes]
+    ids = table.column(id_column).tolist() if id_column else None
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for i, row in enumerate(result.tolist()):
+            lead = [ids[i]] if ids is not None else []
+            if spec.task == "classification":
+                best = max(range(len(row)), key=row.__getitem__)
+                writer.writerow(lead + [spec.classes[best]] + [f"{p:.6f}" for p in row])
+            else:
+                writer.writerow(lead + [f"{row:.6g}"])
+    os.replace(tmp, out)
+    console.line(f"wrote {len(split):,} predictions to {out}", force=True)
+
+
+def describe(state: dict[str, Any]) -> dict[str, Any]:
+    model_spec = ModelSpec.from_dict(state["model_spec"])
+    spec = DataSpec.from_dict(state["data_spec"])
+    widths = "-".join(str(w) for w in (model_spec.in_features, *model_spec.hidden, model_spec.out_features))
+    position = state.get("position", {})
+    return {
+        "format": f"{state['format']} v{state['format_version']}",
+        "architecture": f"MLP {widths}, {model_spec.activation}, norm {model_spec.norm}, dropout {model_spec.dropout}",
+        "parameters": parameter_count(build_model(model_spec)),
+        "task": spec.task, "target": spec.target_name, "features": list(spec.feature_names),
+        "classes": list(spec.classes), "epoch": position.get("epoch"), "step": position.get("global_step"),
+        "step_in_epoch": position.get("step_in_epoch"), "world_size": state.get("world_size"),
+        "metrics": state.get("metrics", {}), "torch_version": state.get("torch_version"),
+        "ddptrain_version": state.get("ddptrain_version"),
+    }
+
+
+def inspect_checkpoint(path: Path, as_json: bool) -> dict[str, Any]:
+    info = describe(load_checkpoint(path))
+    if as_json:
+        console.line(json.dumps(info), force=True)
+        return info
+    rows = []
+    for key, value in info.items():
+        if isinstance(value, list):
+            value = ", ".join(map(str, value)) if value else "-"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()) or "-"
+        rows.append((key, str(value)))
+    console.table(f"ddptrain inspect: {path}", rows, force=True)
+    return info

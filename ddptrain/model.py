@@ -1,0 +1,54 @@
+"""The MLP, built from a plain spec (so a checkpoint can rebuild it without the training flags)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    in_features: int
+    out_features: int
+    hidden: tuple[int, ...]
+    activation: str = "relu"
+    dropout: float = 0.0
+    norm: str = "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        return cls(**{**d, "hidden": tuple(d["hidden"])})
+
+
+def build_model(spec: ModelSpec) -> nn.Sequential:
+    """Linear -> [norm] -> activation -> [dropout] per hidden width, then a linear head.
+
+    An empty `hidden` gives a linear model. Batch norm is swapped for SyncBatchNorm by the DDP wrapper.
+    """
+    layers: list[nn.Module] = []
+    width = spec.in_features
+    for size in spec.hidden:
+        layers.append(nn.Linear(width, size))
+        if spec.norm == "layer":
+            layers.append(nn.LayerNorm(size))
+        elif spec.norm == "batch":
+            layers.append(nn.BatchNorm1d(size))
+        layers.append(ACTIVATIONS[spec.activation]())
+        if spec.dropout > 0:
+            layers.append(nn.Dropout(spec.dropout))
+        width = size
+    layers.append(nn.Linear(width, spec.out_features))
+    return nn.Sequential(*layers)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

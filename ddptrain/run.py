@@ -1,0 +1,183 @@
+"""fit(config): wires data -> process group -> model -> DDP -> optimizer -> Trainer, with resume."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ddptrain import checkpoint
+from ddptrain.config import RESUME_FIXED, FitConfig
+from ddptrain.console import console
+from ddptrain.data import FitData, prepare_fit_data
+from ddptrain.dist import DistInfo, launch_env, process_group
+from ddptrain.errors import UsageError
+from ddptrain.model import ModelSpec, build_model, parameter_count
+from ddptrain.optim import build_loss, build_optimizer, build_scheduler
+from ddptrain.rundir import RunDir, SilentRunDir, check_out_dir, default_out
+from ddptrain.train import Parts, Position, Trainer, set_rng_state
+
+
+def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
+    started_at = started_at or time.perf_counter()
+    console.quiet = cfg.quiet
+    env = launch_env()
+    if cfg.batch_size % (env.world_size * cfg.grad_accum):
+        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by world size "
+                         f"{env.world_size} x --grad-accum {cfg.grad_accum}; use a multiple of "
+                         f"{env.world_size * cfg.grad_accum}")
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must precede CUDA's first cuBLAS call
+    data = prepare_fit_data(cfg)
+    if cfg.batch_size > len(data.train):
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train)} training rows; "
+                         "lower it or add data")
+    if cfg.monitor.startswith("val_") and data.val is None:
+        raise UsageError(f"--monitor {cfg.monitor} needs validation data; set --val-fraction or --val-data, "
+                         "or use --monitor train_loss")
+    out = Path(cfg.out) if cfg.out else default_out()
+    resume_path = resume_checkpoint_path(cfg, out)
+    check_out_dir(out, resuming=resume_path is not None or cfg.resume == "auto")
+    resumed = checkpoint.load_checkpoint(resume_path) if resume_path else None
+    if resumed:
+        check_resume_compatible(cfg, resumed, resume_path)
+    with process_group(cfg.device, cfg.backend, cfg.timeout) as dist:
+        run = RunDir(out) if dist.is_main else SilentRunDir(out)
+        try:
+            parts = build_parts(cfg, dist, data, run)
+            position = restore(parts, resumed, resume_path) if resumed else Position()
+            run.rewind(position.global_step)
+            run.write_config(cfg.to_dict())
+            announce(parts, out)
+            summary = Trainer(parts, position, started_at).fit()
+        finally:
+            run.close()
+    summary["out"] = str(out)
+    print_summary(summary, out, time.perf_counter() - started_at)
+    return summary
+
+
+def resume_checkpoint_path(cfg: FitConfig, out: Path) -> Path | None:
+    """--resume PATH, --resume auto (the run folder's last.pt if any), and torchrun's elastic restarts, which
+    resume from the run folder without being asked."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    if cfg.resume == "auto" or (cfg.resume is None and restarted):
+        return checkpoint.find_resume_checkpoint(out)
+    return Path(cfg.resume) if cfg.resume else None
+
+
+def check_resume_compatible(cfg: FitConfig, state: dict[str, Any], path: Path) -> None:
+    saved = state.get("config", {})
+    now = cfg.to_dict()
+    differing = [f"{key} (checkpoint {saved.get(key)!r}, now {now[key]!r})"
+                 for key in RESUME_FIXED if key in saved and saved[key] != now[key]]
+    if differing:
+        raise UsageError(f"cannot resume {path}: these settings differ from the checkpoint's: {'; '.join(differing)}; "
+                         "use the original values or start a new --out")
+
+
+def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir) -> Parts:
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    spec = ModelSpec(len(data.spec.feature_names), data.spec.n_outputs, cfg.hidden, cfg.activation, cfg.dropout, cfg.norm)
+    model: nn.Module = build_model(spec)
+    if cfg.norm == "batch" and dist.world_size > 1:
+        if dist.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            console.warn("--norm batch on CPU: torch's SyncBatchNorm needs GPUs, so each rank normalizes with its "
+                         "own batch's statistics")
+    model = model.to(dist.device)
+    ddp = DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None,
+                                  bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=True,
+                                  static_graph=cfg.static_graph)
+    register_comm_hook(ddp, cfg.comm_hook)
+    forward = compile_model(ddp) if cfg.compile else ddp
+    optimizer = build_optimizer(model.parameters(), cfg)
+    steps_per_epoch = len(data.train) // cfg.batch_size
+    constant = cfg.scheduler == "constant" and cfg.warmup_steps == 0
+    scheduler = None if constant else build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    scaler = torch.amp.GradScaler(dist.device.type) if cfg.precision == "fp16" else None
+    # Each rank draws its own dropout masks, from a stream fixed by (seed, rank).
+    torch.manual_seed(cfg.seed + 1 + dist.rank)
+    random.seed(cfg.seed + dist.rank)
+    return Parts(cfg, dist, ddp, forward, model, spec, optimizer, scheduler, scaler, build_loss(cfg, data.spec.task),
+                 data.to_device(dist.device), run)
+
+
+def register_comm_hook(ddp: DistributedDataParallel, name: str) -> None:
+    if name == "none":
+        return
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if name == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif name == "bf16":
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    else:
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=10)
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+
+
+def compile_model(ddp: nn.Module) -> nn.Module:
+    try:
+        return torch.compile(ddp)
+    except Exception as exc:  # e.g. a Python version Dynamo does not support yet
+        raise UsageError(f"--compile is not supported here ({str(exc).splitlines()[0]}); run without --compile") from None
+
+
+def restore(parts: Parts, state: dict[str, Any], path: Path) -> Position:
+    dist = parts.dist
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    if parts.scheduler is not None and state.get("scheduler"):
+        parts.scheduler.load_state_dict(state["scheduler"])
+    if parts.scaler is not None and state.get("scaler"):
+        parts.scaler.load_state_dict(state["scaler"])
+    position = Position(**state["position"])
+    saved_world = int(state.get("world_size", dist.world_size))
+    if saved_world == dist.world_size:
+        set_rng_state(state["rng"][dist.rank], dist.device)
+    else:
+        console.line(f"resuming a world-size-{saved_world} checkpoint at world size {dist.world_size}: same global "
+                     f"batch and data order; dropout random streams are reseeded")
+        torch.manual_seed(parts.cfg.seed + 1 + dist.rank + position.global_step)
+    console.line(f"resumed from {path} at epoch {position.epoch + 1}, step {position.global_step}")
+    return position
+
+
+def announce(parts: Parts, out: Path) -> None:
+    cfg, dist, spec = parts.cfg, parts.dist, parts.data.spec
+    widths = "-".join(str(w) for w in (parts.model_spec.in_features, *cfg.hidden, parts.model_spec.out_features))
+    val = f" / {len(parts.data.val):,} val" if parts.data.val is not None else ""
+    target = f"{len(spec.classes)} classes" if spec.task == "classification" else "regression"
+    console.line(f"ddptrain fit: world size {dist.world_size} ({dist.backend}, {dist.device.type}); "
+                 f"{len(parts.data.train):,} train{val} rows, {len(spec.feature_names)} features -> {target}; "
+                 f"MLP {widths} ({parameter_count(parts.model):,} parameters); global batch {cfg.batch_size} "
+                 f"({cfg.batch_size // dist.world_size} per rank); out {out}")
+
+
+def print_summary(summary: dict[str, Any], out: Path, total_s: float) -> None:
+    last = summary["last"]
+    rows = [("epochs", str(summary["epochs"])), ("steps", str(summary["steps"]))]
+    rows += [(key, f"{value:.4f}") for key, value in last.items()
+             if key.startswith(("train_loss", "val_")) and isinstance(value, float)]
+    if summary["best"] is not None:
+        rows.append(("best", f"{summary['best']:.4f} (epoch {summary['best_epoch']})"))
+    if "samples_per_s" in last:
+        rows.append(("throughput (last epoch)", f"{last['samples_per_s']:,.0f} samples/s"))
+    if summary["time_to_first_step_s"] is not None:
+        rows.append(("time to first step", f"{summary['time_to_first_step_s']:.2f} s"))
+    if summary["skipped_steps"]:
+        rows.append(("skipped steps (non-finite)", str(summary["skipped_steps"])))
+    rows += [("total time", f"{total_s:.1f} s"), ("checkpoints", str(out / "checkpoints")),
+             ("metrics", str(out / "metrics.jsonl"))]
+    console.table("ddptrain fit: done", rows, force=True)

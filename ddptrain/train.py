@@ -1,0 +1,277 @@
+"""The training loop over built objects: train_step, run_epoch, validate, save.
+
+Losses stay on the device between sync points: every `--log-every` steps (and at checkpoints and epoch ends)
+one all-reduce carries the window's per-step losses and the stop flag, so ranks agree on preemption and
+non-finite losses at the same step without a per-step sync.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddptrain import __version__, checkpoint
+from ddptrain.config import FitConfig, monitor_mode
+from ddptrain.console import EpochProgress, console
+from ddptrain.data import FitData, epoch_indices
+from ddptrain.dist import DistInfo, all_reduce_sum, gather_objects
+from ddptrain.errors import DDPTrainError, Preempted
+from ddptrain.metrics import evaluation_sums, metrics_from_sums, validation_row
+from ddptrain.model import ModelSpec
+from ddptrain.rundir import SilentRunDir
+from ddptrain.signals import StopRequest
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in every checkpoint so a resume continues mid-epoch exactly."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0
+    best: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    skipped_steps: int = 0
+
+
+@dataclass
+class Parts:
+    """Everything run.py builds for the loop."""
+
+    cfg: FitConfig
+    dist: DistInfo
+    ddp: nn.parallel.DistributedDataParallel
+    forward: nn.Module  # the DDP module, or its torch.compile wrapper
+    model: nn.Module  # the plain module inside DDP
+    model_spec: ModelSpec
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # an LRScheduler, or None for a constant rate without warm-up
+    scaler: torch.amp.GradScaler | None
+    loss_fn: nn.Module
+    data: FitData
+    run: SilentRunDir
+    stop: StopRequest = field(default_factory=StopRequest)
+
+
+class Trainer:
+    def __init__(self, parts: Parts, position: Position, started_at: float) -> None:
+        self.p = parts
+        self.pos = position
+        self.started_at = started_at
+        cfg, dist = parts.cfg, parts.dist
+        self.rank_batch = cfg.batch_size // dist.world_size
+        self.micro_batch = self.rank_batch // cfg.grad_accum
+        self.steps_per_epoch = len(parts.data.train) // cfg.batch_size
+        self.autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
+                         if cfg.precision != "fp32" else nullcontext())
+        self.window: list[torch.Tensor] = []
+        self.progress = EpochProgress(cfg.epochs)
+        self.last_metrics: dict[str, Any] = {}
+        self.fail_at = _injected_failure(dist.rank)
+
+    # -- one optimizer step -------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        p, accum = self.p, self.p.cfg.grad_accum
+        total = torch.zeros((), device=x.device)
+        for k in range(accum):
+            rows = slice(k * self.micro_batch, (k + 1) * self.micro_batch)
+            # Gradients are all-reduced only on the last micro-step (no_sync on the others).
+            sync = p.ddp.no_sync() if k < accum - 1 else nullcontext()
+            with sync:
+                with self.autocast:
+                    loss = p.loss_fn(p.forward(x[rows]), y[rows]) / accum
+                (p.scaler.scale(loss) if p.scaler else loss).backward()
+            total += loss.detach().float()
+        if not self._finish_step():
+            self.pos.skipped_steps += 1
+        return total
+
+    def _finish_step(self) -> bool:
+        p = self.p
+        if p.scaler:
+            p.scaler.unscale_(p.optimizer)
+        if p.cfg.clip_grad is not None or p.cfg.nan_policy == "skip":
+            norm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), p.cfg.clip_grad or math.inf)
+            # Gradients are already all-reduced, so every rank sees the same norm and skips alike.
+            if p.cfg.nan_policy == "skip" and not p.scaler and not torch.isfinite(norm).item():
+                p.optimizer.zero_grad(set_to_none=True)
+                return False
+        if p.scaler:
+            p.scaler.step(p.optimizer)
+            p.scaler.update()
+        else:
+            p.optimizer.step()
+        if p.scheduler is not None:
+            p.scheduler.step()
+        p.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    # -- epochs -------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        self.p.stop.install()
+        try:
+            while self.pos.epoch < self.p.cfg.epochs:
+                if self.run_epoch():
+                    break  # early stop
+        finally:
+            self.p.stop.uninstall()
+            self.progress.close()
+        return self.summary()
+
+    def run_epoch(self) -> bool:
+        p, pos = self.p, self.pos
+        train = p.data.train
+        order = epoch_indices(len(train), p.cfg.seed, pos.epoch, p.dist.rank, p.dist.world_size).to(train.x.device)
+        if pos.step_in_epoch == 0:
+            pos.epoch_loss_sum, pos.epoch_loss_steps = 0.0, 0
+        first_step, t0 = pos.step_in_epoch, time.perf_counter()
+        self.window_start = t0
+        self.progress.start_epoch(pos.epoch, self.steps_per_epoch, first_step)
+        for step in range(first_step, self.steps_per_epoch):
+            idx = order[step * self.rank_batch:(step + 1) * self.rank_batch]
+            self.window.append(self.train_step(train.x[idx], train.y[idx]))
+            pos.step_in_epoch, pos.global_step = step + 1, pos.global_step + 1
+            if pos.global_step == 1:
+                self.time_to_first_step = time.perf_counter() - self.started_at
+            if self.fail_at is not None and pos.global_step == self.fail_at:
+                raise RuntimeError(f"injected failure at step {pos.global_step} (DDPTRAIN_FAIL_AT_STEP)")
+            on_log = pos.global_step % p.cfg.log_every == 0
+            on_ckpt = p.cfg.checkpoint_every and pos.global_step % p.cfg.checkpoint_every == 0
+            if (on_log or on_ckpt) and step + 1 < self.steps_per_epoch:
+                stop = self.flush(log=on_log)
+                if on_ckpt or stop:
+                    self.save()
+                if stop:
+                    self.preempted()
+        stop = self.flush(log=pos.global_step % p.cfg.log_every == 0)
+        steps_done = self.steps_per_epoch - first_step
+        elapsed = time.perf_counter() - t0
+        row = {"kind": "epoch", "epoch": pos.epoch, "step": pos.global_step,
+               "train_loss": pos.epoch_loss_sum / max(pos.epoch_loss_steps, 1),
+               "samples_per_s": steps_done * p.cfg.batch_size / elapsed, "epoch_time_s": elapsed}
+        if pos.skipped_steps:
+            row["skipped_steps"] = pos.skipped_steps
+        row.update(self.validate())
+        improved, early_stop = self.track_best(row)
+        pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+        self.last_metrics = row
+        p.run.append(row)
+        self.save(improved)
+        self.progress.end_epoch(row)
+        if stop:
+            self.preempted()
+        return early_stop
+
+    def flush(self, log: bool) -> bool:
+        """All-reduce the window's per-step losses with the stop flag; write a step row. Returns 'stop'."""
+        p, pos = self.p, self.pos
+        if not self.window:
+            return False
+        flag = torch.tensor([1.0 if p.stop.requested else 0.0], device=self.window[0].device)
+        values = all_reduce_sum(torch.cat([torch.stack(self.window), flag])).tolist()
+        losses, stop = values[:-1], values[-1] > 0
+        first_step = pos.global_step - len(losses) + 1
+        self.window = []
+        finite = [v / p.dist.world_size for v in losses if math.isfinite(v)]
+        if len(finite) < len(losses) and p.cfg.nan_policy == "stop":
+            bad = first_step + next(i for i, v in enumerate(losses) if not math.isfinite(v))
+            raise DDPTrainError(f"non-finite loss at step {bad} (epoch {pos.epoch + 1}); the last good checkpoint "
+                                "is kept; lower --lr, add --clip-grad, or use --nan-policy skip")
+        pos.epoch_loss_sum += sum(finite)
+        pos.epoch_loss_steps += len(finite)
+        now = time.perf_counter()
+        if log:
+            row = {"kind": "step", "step": pos.global_step, "epoch": pos.epoch,
+                   "train_loss": sum(finite) / max(len(finite), 1), "lr": p.optimizer.param_groups[0]["lr"],
+                   "samples_per_s": len(losses) * p.cfg.batch_size / max(now - self.window_start, 1e-9)}
+            p.run.append(row)
+            self.progress.update(row, pos.step_in_epoch, self.steps_per_epoch)
+        self.window_start = now
+        return stop
+
+    def validate(self) -> dict[str, float]:
+        p = self.p
+        if p.data.val is None:
+            return {}
+        sums = evaluation_sums(p.model, p.data.val, p.data.spec, p.loss_fn, p.dist.rank, p.dist.world_size)
+        return validation_row(metrics_from_sums(sums, p.data.spec), p.data.spec)
+
+    def track_best(self, row: dict[str, Any]) -> tuple[bool, bool]:
+        """Decided from all-reduced metrics, hence identically on every rank."""
+        cfg, pos = self.p.cfg, self.pos
+        value = row.get(cfg.monitor)
+        if value is None or not math.isfinite(value):
+            return False, False
+        better = pos.best is None or (value < pos.best if monitor_mode(cfg) == "min" else value > pos.best)
+        if better:
+            pos.best, pos.best_epoch, pos.bad_epochs = value, pos.epoch, 0
+        else:
+            pos.bad_epochs += 1
+        return better, bool(cfg.early_stop) and pos.bad_epochs >= cfg.early_stop
+
+    def preempted(self) -> None:
+        raise Preempted(f"preempted by {self.p.stop.signal_name or 'a signal on another rank'} at step "
+                        f"{self.pos.global_step}; checkpoint saved to {self.p.run.checkpoints / checkpoint.LAST}; "
+                        "continue with --resume auto")
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def save(self, improved: bool = False) -> None:
+        rng = gather_objects(rng_state(self.p.dist.device))  # a collective: every rank calls save
+        if not self.p.dist.is_main:
+            return
+        p, folder = self.p, self.p.run.checkpoints
+        state = {
+            "format": checkpoint.FORMAT_NAME, "format_version": checkpoint.FORMAT_VERSION,
+            "model": p.model.state_dict(), "model_spec": p.model_spec.to_dict(), "data_spec": p.data.spec.to_dict(),
+            "optimizer": p.optimizer.state_dict(),
+            "scheduler": p.scheduler.state_dict() if p.scheduler is not None else None,
+            "scaler": p.scaler.state_dict() if p.scaler else None,
+            "position": asdict(self.pos), "rng": rng, "config": p.cfg.to_dict(),
+            "world_size": p.dist.world_size, "torch_version": torch.__version__, "ddptrain_version": __version__,
+            "metrics": self.last_metrics,
+        }
+        last = folder / checkpoint.LAST
+        checkpoint.save_atomic(state, last)
+        if p.cfg.keep_last:
+            checkpoint.copy_atomic(last, folder / f"step-{self.pos.global_step:08d}.pt")
+            checkpoint.prune_step_copies(folder, p.cfg.keep_last)
+        if improved:
+            checkpoint.copy_atomic(last, folder / checkpoint.BEST)
+
+    def summary(self) -> dict[str, Any]:
+        pos = self.pos
+        return {"epochs": pos.epoch, "steps": pos.global_step, "best": pos.best, "best_epoch": pos.best_epoch + 1,
+                "time_to_first_step_s": getattr(self, "time_to_first_step", None), "last": self.last_metrics,
+                "skipped_steps": pos.skipped_steps}
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _injected_failure(rank: int) -> int | None:
+    """DDPTRAIN_FAIL_AT_STEP=RANK:STEP raises on that rank at that step: the test hook for one rank failing."""
+    spec = os.environ.get("DDPTRAIN_FAIL_AT_STEP", "")
+    if ":" not in spec:
+        return None
+    fail_rank, step = spec.split(":", 1)
+    return int(step) if int(fail_rank) == rank else None
