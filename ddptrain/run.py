@@ -99,7 +99,7 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
     ddp = DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None,
                                   bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=True,
                                   static_graph=cfg.static_graph)
-    register_comm_hook(ddp, cfg.comm_hook)
+    register_comm_hook(ddp, cfg.comm_hook, dist.backend)
     forward = compile_model(ddp) if cfg.compile else ddp
     optimizer = build_optimizer(model.parameters(), cfg)
     steps_per_epoch = len(data.train) // cfg.batch_size
@@ -113,9 +113,11 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
                  data.to_device(dist.device), run)
 
 
-def register_comm_hook(ddp: DistributedDataParallel, name: str) -> None:
+def register_comm_hook(ddp: DistributedDataParallel, name: str, backend: str) -> None:
     if name == "none":
         return
+    if name == "bf16" and backend != "nccl":
+        raise UsageError("--comm-hook bf16 needs NCCL (CUDA GPUs); on Gloo use --comm-hook fp16")
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     if name == "fp16":

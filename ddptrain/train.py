@@ -79,6 +79,7 @@ class Trainer:
         self.progress = EpochProgress(cfg.epochs)
         self.last_metrics: dict[str, Any] = {}
         self.fail_at = _injected_failure(dist.rank)
+        self.regression = parts.data.spec.task == "regression"
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -90,7 +91,8 @@ class Trainer:
             sync = p.ddp.no_sync() if k < accum - 1 else nullcontext()
             with sync:
                 with self.autocast:
-                    loss = p.loss_fn(p.forward(x[rows]), y[rows]) / accum
+                    out = p.forward(x[rows])
+                    loss = p.loss_fn(out.squeeze(1) if self.regression else out, y[rows]) / accum
                 (p.scaler.scale(loss) if p.scaler else loss).backward()
             total += loss.detach().float()
         if not self._finish_step():
@@ -238,7 +240,7 @@ class Trainer:
             "scheduler": p.scheduler.state_dict() if p.scheduler is not None else None,
             "scaler": p.scaler.state_dict() if p.scaler else None,
             "position": asdict(self.pos), "rng": rng, "config": p.cfg.to_dict(),
-            "world_size": p.dist.world_size, "torch_version": torch.__version__, "ddptrain_version": __version__,
+            "world_size": p.dist.world_size, "torch_version": str(torch.__version__), "ddptrain_version": __version__,
             "metrics": self.last_metrics,
         }
         last = folder / checkpoint.LAST

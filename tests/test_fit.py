@@ -1,0 +1,135 @@
+"""`fit` end to end at world size 1 (in process: the same code path torchrun workers take), and exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import epoch_rows, read_metrics
+from ddptrain.checkpoint import load_checkpoint
+from ddptrain.config import FitConfig
+from ddptrain.errors import UsageError
+from ddptrain.run import fit
+
+
+def small(tmp_path, name="run", **overrides) -> FitConfig:
+    values = dict(data="moons", n_samples=512, epochs=3, batch_size=32, hidden=(16,), out=str(tmp_path / name),
+                  log_every=5, quiet=True)
+    values.update(overrides)
+    return FitConfig(**values)
+
+
+def weights(run_dir, name="last.pt"):
+    return load_checkpoint(run_dir / "checkpoints" / name)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_fit_writes_run_folder(tmp_path):
+    cfg = small(tmp_path)
+    summary = fit(cfg)
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["data"] == "moons"
+    rows = read_metrics(run)
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    for row in epochs:
+        assert {"train_loss", "samples_per_s", "epoch_time_s", "val_loss", "val_accuracy", "step"} <= row.keys()
+    assert all({"step", "epoch", "train_loss", "lr", "samples_per_s"} <= r.keys() for r in steps)
+    assert [r["step"] for r in steps] == list(range(5, 3 * (409 // 32) + 1, 5))
+    assert summary["epochs"] == 3 and epochs[-1]["val_accuracy"] > 0.8
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert not any(k.startswith("module.") for k in state["model"])
+    assert state["position"]["epoch"] == 3 and state["world_size"] == 1
+    assert (run / "checkpoints" / "best.pt").exists()
+
+
+def test_loss_decreases_and_regression_reports_rmse(tmp_path):
+    fit(small(tmp_path, data="regression", epochs=8, hidden=(32, 32), lr=0.01))
+    rows = epoch_rows(tmp_path / "run")
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert "val_rmse" in rows[-1] and rows[-1]["val_rmse"] > 0
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    fit(small(tmp_path, epochs=1))
+    before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(Exception, match="already holds a run"):
+        fit(small(tmp_path, epochs=1))
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_resume_at_epoch_boundary_is_bit_exact(tmp_path):
+    fit(small(tmp_path, "straight", epochs=4))
+    fit(small(tmp_path, "halves", epochs=2))
+    fit(small(tmp_path, "halves", epochs=4, resume="auto"))
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "halves"))
+    rows = read_metrics(tmp_path / "halves")
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [0, 1, 2, 3]  # no duplicate rows
+    steps = [r["step"] for r in rows if r["kind"] == "step"]
+    assert steps == sorted(set(steps))
+
+
+def test_resume_mid_epoch_is_bit_exact(tmp_path):
+    # dropout makes the RNG state part of what must be restored
+    opts = dict(epochs=3, dropout=0.2, checkpoint_every=7, keep_last=100, scheduler="cosine", optimizer="sgd", lr=0.1)
+    fit(small(tmp_path, "straight", **opts))
+    mid = tmp_path / "straight" / "checkpoints" / "step-00000021.pt"  # 12 steps an epoch: inside epoch 2
+    assert load_checkpoint(mid)["position"]["step_in_epoch"] == 9
+    fit(small(tmp_path, "resumed", resume=str(mid), **opts))
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    fit(small(tmp_path, epochs=1))
+    with pytest.raises(UsageError) as err:
+        fit(small(tmp_path, epochs=2, resume="auto", hidden=(8,), batch_size=64))
+    assert "hidden" in str(err.value) and "batch_size" in str(err.value)
+
+
+def test_keep_last_prunes_step_copies(tmp_path):
+    fit(small(tmp_path, epochs=2, checkpoint_every=4, keep_last=2))
+    copies = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*.pt"))
+    assert copies == ["step-00000020.pt", "step-00000024.pt"]
+
+
+@pytest.mark.parametrize("flags", [
+    dict(precision="bf16"), dict(precision="fp16"), dict(grad_accum=4), dict(clip_grad=0.5),
+    dict(comm_hook="fp16"), dict(comm_hook="powersgd"), dict(static_graph=True),
+    dict(bucket_cap_mb=1.0), dict(norm="batch"), dict(norm="layer", activation="gelu"),
+    dict(deterministic=True), dict(nan_policy="skip"),
+])
+def test_speed_and_model_flags_train_correctly(tmp_path, flags):
+    fit(small(tmp_path, epochs=4, **flags))
+    rows = epoch_rows(tmp_path / "run")
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["val_accuracy"] > 0.8
+
+
+def test_grad_accum_matches_one_big_step(tmp_path):
+    fit(small(tmp_path, "plain", epochs=2, optimizer="sgd", lr=0.1, momentum=0.0))
+    fit(small(tmp_path, "accum", epochs=2, optimizer="sgd", lr=0.1, momentum=0.0, grad_accum=4))
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "accum")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_nan_stop_names_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    fit(small(tmp_path, epochs=1, optimizer="sgd"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(Exception, match=r"non-finite loss at step \d+"):
+        fit(small(tmp_path, epochs=3, resume="auto", lr=1e30, optimizer="sgd"))
+    assert ckpt.read_bytes() == before
+
+
+def test_early_stop(tmp_path):
+    summary = fit(small(tmp_path, epochs=30, early_stop=1, monitor="val_accuracy", lr=0.05))
+    assert summary["epochs"] < 30

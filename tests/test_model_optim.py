@@ -1,0 +1,72 @@
+"""The model and optimizer built per flag."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ddptrain.config import FitConfig
+from ddptrain.model import ModelSpec, build_model, parameter_count
+from ddptrain.optim import build_loss, build_optimizer, build_scheduler
+
+
+def test_shapes_and_parameter_count():
+    model = build_model(ModelSpec(10, 3, (32, 16)))
+    assert model(torch.zeros(5, 10)).shape == (5, 3)
+    assert parameter_count(model) == (10 * 32 + 32) + (32 * 16 + 16) + (16 * 3 + 3)
+
+
+def test_linear_model_when_no_hidden_layers():
+    model = build_model(ModelSpec(4, 1, ()))
+    assert [type(m) for m in model] == [nn.Linear]
+
+
+@pytest.mark.parametrize("activation, cls", [("relu", nn.ReLU), ("gelu", nn.GELU), ("silu", nn.SiLU), ("tanh", nn.Tanh)])
+def test_activation(activation, cls):
+    assert any(isinstance(m, cls) for m in build_model(ModelSpec(2, 2, (8,), activation=activation)))
+
+
+@pytest.mark.parametrize("norm, cls", [("layer", nn.LayerNorm), ("batch", nn.BatchNorm1d)])
+def test_norm_and_dropout(norm, cls):
+    model = build_model(ModelSpec(2, 2, (8, 8), norm=norm, dropout=0.3))
+    assert sum(isinstance(m, cls) for m in model) == 2
+    assert sum(isinstance(m, nn.Dropout) and m.p == 0.3 for m in model) == 2
+
+
+@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+                                       ("adamw", torch.optim.AdamW), ("rmsprop", torch.optim.RMSprop)])
+def test_optimizer_from_flags(name, cls):
+    cfg = FitConfig(optimizer=name, lr=0.02, weight_decay=0.1, momentum=0.8, betas=(0.8, 0.9))
+    opt = build_optimizer(build_model(ModelSpec(2, 2, (4,))).parameters(), cfg)
+    group = opt.param_groups[0]
+    assert isinstance(opt, cls) and group["lr"] == 0.02 and group["weight_decay"] == 0.1
+    if name in ("sgd", "rmsprop"):
+        assert group["momentum"] == 0.8
+    else:
+        assert tuple(group["betas"]) == (0.8, 0.9)
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "cosine", "linear", "step", "onecycle"])
+def test_schedules_with_warmup(scheduler):
+    cfg = FitConfig(scheduler=scheduler, lr=0.1, warmup_steps=10)
+    opt = build_optimizer(build_model(ModelSpec(2, 2, (4,))).parameters(), cfg)
+    sched = build_scheduler(opt, cfg, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < 0.05  # warming up
+    assert max(lrs) == pytest.approx(0.1, rel=1e-3)
+    if scheduler in ("cosine", "linear", "onecycle"):
+        assert lrs[-1] < 0.01
+    if scheduler == "constant":
+        assert lrs[-1] == pytest.approx(0.1)
+
+
+def test_loss_by_task_and_override():
+    assert isinstance(build_loss(FitConfig(), "classification"), nn.CrossEntropyLoss)
+    assert isinstance(build_loss(FitConfig(), "regression"), nn.MSELoss)
+    assert isinstance(build_loss(FitConfig(loss="huber"), "regression"), nn.HuberLoss)
+    assert isinstance(build_loss(FitConfig(loss="l1"), "regression"), nn.L1Loss)
