@@ -41,6 +41,8 @@ MONITORS = ("val_loss", "val_accuracy", "val_rmse", "val_mae", "val_r2", "train_
 RESUME_FIXED = (
     "data", "target", "task", "val_fraction", "val_data", "n_samples", "n_features", "n_classes", "noise",
     "hidden", "activation", "dropout", "norm", "optimizer", "loss", "batch_size", "grad_accum", "seed",
+    # the optimizer and scheduler states carry these, so a changed value would be silently ignored
+    "lr", "momentum", "weight_decay", "betas", "scheduler", "warmup_steps", "lr_step_size", "lr_gamma", "precision",
 )
 
 

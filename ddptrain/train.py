@@ -229,6 +229,10 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def save(self, improved: bool = False) -> None:
+        # Parameters are identical on every rank, so all ranks agree here; a checkpoint never holds inf/NaN.
+        if not all(torch.isfinite(t).all() for t in self.p.model.parameters()):
+            raise DDPTrainError(f"non-finite weights after step {self.pos.global_step}; the last good checkpoint is "
+                                "kept; lower --lr, add --clip-grad, or use --nan-policy skip")
         rng = gather_objects(rng_state(self.p.dist.device))  # a collective: every rank calls save
         if not self.p.dist.is_main:
             return
