@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -78,20 +77,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc) or "weights_only" in str(exc).lower() and "GLOBAL" in str(exc):
+        if "Unsupported global" in str(exc):
             raise DDPTrainError(f"checkpoint {path} holds pickled objects that could run code; refused without "
                                 "loading it (only ddptrain checkpoints of tensors and plain values load)") from None
-        raise DDPTrainError(f"checkpoint {path} is not a torch checkpoint file (or is damaged); pass a .pt file "
-                            "written by ddptrain") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise DDPTrainError(f"checkpoint {path} is truncated or damaged ({str(exc).splitlines()[0][:120]}); "
-                            "use another checkpoint (e.g. a step-*.pt copy or best.pt)") from None
+        raise _unreadable(path, exc) from None
+    except Exception as exc:  # torch raises many kinds for a torn or foreign file
+        raise _unreadable(path, exc) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
         raise DDPTrainError(f"{path} is a torch file but not a ddptrain checkpoint; pass one written by ddptrain fit")
     if int(state.get("format_version", 0)) > FORMAT_VERSION:
         raise DDPTrainError(f"checkpoint {path} has format version {state['format_version']}, newer than this "
                             f"ddptrain reads ({FORMAT_VERSION}); upgrade ddptrain")
     return state
+
+
+def _unreadable(path: Path, exc: Exception) -> DDPTrainError:
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0][:100]
+    return DDPTrainError(f"checkpoint {path} is not a readable torch checkpoint: truncated, damaged or another "
+                         f"format ({reason}); use another checkpoint (a step-*.pt copy or best.pt)")
 
 
 def find_resume_checkpoint(run_dir: Path) -> Path | None:

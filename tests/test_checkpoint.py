@@ -1,0 +1,163 @@
+"""Checkpoints: safe loading, atomic saves under a real SIGKILL, eval/predict/inspect from the file alone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, clean_env, cli, error_lines
+from ddptrain.checkpoint import FORMAT_NAME, load_checkpoint, save_atomic
+from ddptrain.config import FitConfig
+from ddptrain.errors import DDPTrainError
+from ddptrain.run import fit
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model trained on a CSV with string labels."""
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("trained")
+    rng = np.random.default_rng(0)
+
+    def write(path, n):
+        x = rng.normal(size=(n, 3))
+        label = np.where(x[:, 0] + 0.5 * x[:, 1] > 0, "malignant", "benign")
+        rows = [f"{i},{a:.5f},{b:.5f},{c:.5f},{d}" for i, ((a, b, c), d) in enumerate(zip(x, label))]
+        path.write_text("\n".join(["id,radius,texture,smooth,diagnosis"] + rows) + "\n")
+
+    write(folder / "train.csv", 600)
+    write(folder / "test.csv", 201)
+    # the id column would be a feature; train without it
+    lines = (folder / "train.csv").read_text().splitlines()
+    (folder / "train_noid.csv").write_text("\n".join(",".join(l.split(",")[1:]) for l in lines) + "\n")
+    fit(FitConfig(data=str(folder / "train_noid.csv"), epochs=6, hidden=(16,), batch_size=32, quiet=True,
+                  out=str(folder / "run")))
+    return folder
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_everything(trained):
+    state = torch.load(trained / "run/checkpoints/last.pt", weights_only=True)
+    assert state["format"] == FORMAT_NAME
+    for key in ("model", "model_spec", "data_spec", "optimizer", "scheduler", "scaler", "position", "rng", "config",
+                "world_size", "torch_version", "ddptrain_version", "metrics"):
+        assert key in state
+    assert state["data_spec"]["classes"] == ["benign", "malignant"]
+    assert isinstance(state["rng"][0]["torch"], torch.Tensor)
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT_NAME, "format_version": 1, "x": Payload()}, evil)
+    for extra in ({}, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}):
+        result = cli("inspect", str(evil), cwd=tmp_path, env=clean_env(**extra))
+        assert result.returncode == 1
+        assert error_lines(result.stderr) and "refused" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not marker.exists()
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p, good: None, "does not exist"),
+    (lambda p, good: p.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2]), "not a readable torch checkpoint"),
+    (lambda p, good: p.write_text("hello, not a checkpoint"), "not a readable torch checkpoint"),
+    (lambda p, good: torch.save({"weights": torch.zeros(2)}, p), "not a ddptrain checkpoint"),
+    (lambda p, good: torch.save({**torch.load(good, weights_only=True), "format_version": 99}, p), "newer"),
+])
+def test_bad_checkpoints_get_one_line(trained, tmp_path, make, words):
+    path = tmp_path / "bad.pt"
+    make(path, trained / "run/checkpoints/last.pt")
+    with pytest.raises(DDPTrainError, match=words):
+        load_checkpoint(path)
+
+
+SAVER = """
+import sys, torch
+from pathlib import Path
+from ddptrain.checkpoint import save_atomic
+path = Path(sys.argv[1])
+i = 0
+print("ready", flush=True)
+while True:
+    i += 1
+    save_atomic({"i": i, "w": torch.full((2_000_000,), float(i))}, path)
+"""
+
+
+def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    save_atomic({"i": 0, "w": torch.zeros(2_000_000)}, path)
+    for delay in (0.05, 0.13, 0.27, 0.4, 0.61):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], stdout=subprocess.PIPE, env=clean_env(),
+                                cwd=ROOT)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = torch.load(path, weights_only=True)
+        assert torch.all(state["w"] == float(state["i"]))
+    # the torn temporary files never replace the checkpoint
+    assert all(p.name == "last.pt" or p.name.startswith(".last.pt.tmp") for p in tmp_path.iterdir())
+
+
+def test_eval_json_and_direct_computation_agree(trained):
+    result = cli("eval", "run/checkpoints/last.pt", "--data", "test.csv", "--json", cwd=trained)
+    # eval ignores an id column? no: the model's features must match; the test file has one extra column
+    assert result.returncode == 1 and "unexpected id" in result.stderr
+    lines = (trained / "test.csv").read_text().splitlines()
+    (trained / "test_noid.csv").write_text("\n".join(",".join(l.split(",")[1:]) for l in lines) + "\n")
+    result = cli("eval", "run/checkpoints/last.pt", "--data", "test_noid.csv", "--json", cwd=trained)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    # the same numbers computed by hand from the checkpoint
+    from ddptrain.data import labelled_split, load_table
+    from ddptrain.evaluate import load_model
+
+    model, spec, _ = load_model(load_checkpoint(trained / "run/checkpoints/last.pt"), torch.device("cpu"))
+    split = labelled_split(spec, load_table(str(trained / "test_noid.csv"), 0, 0))
+    with torch.no_grad():
+        logits = model(split.x)
+    assert metrics["rows"] == 201
+    assert metrics["accuracy"] == pytest.approx((logits.argmax(1) == split.y).float().mean().item())
+    assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, split.y).item(), rel=1e-5)
+    assert metrics["accuracy"] > 0.9
+    assert set(metrics["per_class"]) == {"benign", "malignant"}
+
+
+def test_predict_speaks_the_original_labels(trained):
+    out = trained / "pred.csv"
+    result = cli("predict", "run/checkpoints/last.pt", "--data", "test.csv", "--out", str(out), "--id-column", "id",
+                 cwd=trained)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out.open()))
+    truth = list(csv.DictReader((trained / "test.csv").open()))
+    assert [r["id"] for r in rows] == [t["id"] for t in truth]  # input order kept
+    assert set(r["prediction"] for r in rows) <= {"benign", "malignant"}
+    assert all(abs(float(r["prob_benign"]) + float(r["prob_malignant"]) - 1) < 1e-4 for r in rows)
+    agree = sum(r["prediction"] == t["diagnosis"] for r, t in zip(rows, truth)) / len(rows)
+    assert agree > 0.9
+    again = cli("predict", "run/checkpoints/last.pt", "--data", "test.csv", "--out", str(out), "--id-column", "id",
+                cwd=trained)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_inspect(trained):
+    result = cli("inspect", "run/checkpoints/last.pt", "--json", cwd=trained)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["architecture"].startswith("MLP 3-16-2") and info["parameters"] == 3 * 16 + 16 + 16 * 2 + 2
+    assert info["classes"] == ["benign", "malignant"] and info["epoch"] == 6 and info["world_size"] == 1
