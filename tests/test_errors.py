@@ -1,0 +1,215 @@
+"""Every bad input: one `error:` line naming the problem, the right exit code, no traceback, nothing changed."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddptrain.cli import main
+
+CSV = "a,b,label\n1,2,x\n3,4,y\n5,6,x\n7,8,y\n9,10,x\n11,12,y\n13,14,x\n15,16,y\n17,18,x\n19,20,y\n"
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory) -> Path:
+    """A finished run whose files must never change: config, metrics, checkpoints."""
+    from ddptrain.config import FitConfig
+    from ddptrain.run import fit
+
+    folder = tmp_path_factory.mktemp("earlier")
+    fit(FitConfig(data="xor", n_samples=200, epochs=1, hidden=(8,), batch_size=32, out=str(folder / "old"), quiet=True))
+    return folder / "old"
+
+
+@pytest.fixture
+def workdir(tmp_path, earlier_run, monkeypatch):
+    import shutil
+
+    shutil.copytree(earlier_run, tmp_path / "old")
+    (tmp_path / "data.csv").write_text(CSV)
+    monkeypatch.chdir(tmp_path)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["ddptrain", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, capsys.readouterr().err
+
+
+def check(args, code, words, workdir, monkeypatch, capsys):
+    before = files(workdir)
+    exit_code, err = run_cli(args, monkeypatch, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_code == code, err
+    assert len(errors) == 1 and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word.lower() in errors[0].lower(), (word, errors[0])
+    assert "Traceback" not in err
+    after = files(workdir)
+    assert all(after.get(name) == content for name, content in before.items()), "an existing file changed"
+    assert not (workdir / "runs").exists(), "a run folder was created for a bad input"
+
+
+def write(name: str, text: str):
+    return lambda d: (d / name).write_text(text)
+
+
+FIT = ["fit", "--epochs", "1", "--out", "new"]
+FLAG_CASES = {
+    "lr-zero": (["--lr", "0"], ["--lr", "> 0"]),
+    "lr-negative": (["--lr", "-1"], ["--lr"]),
+    "lr-nan": (["--lr", "nan"], ["--lr", "finite"]),
+    "lr-inf": (["--lr", "inf"], ["--lr", "finite"]),
+    "lr-text": (["--lr", "abc"], ["--lr"]),
+    "hidden-abc": (["--hidden", "abc"], ["--hidden", "positive integers"]),
+    "hidden-empty-item": (["--hidden", "64,,64"], ["--hidden", "positive integers"]),
+    "hidden-zero": (["--hidden", "0"], ["--hidden"]),
+    "hidden-negative": (["--hidden", "-5"], ["--hidden"]),
+    "dropout-one": (["--dropout", "1"], ["--dropout", "[0, 1)"]),
+    "dropout-negative": (["--dropout", "-0.1"], ["--dropout"]),
+    "epochs-zero": (["--epochs", "0"], ["--epochs", "at least 1"]),
+    "batch-zero": (["--batch-size", "0"], ["--batch-size", "at least 1"]),
+    "batch-too-large": (["--batch-size", "100000"], ["--batch-size", "training rows"]),
+    "optimizer": (["--optimizer", "lion"], ["--optimizer", "sgd, adam, adamw, rmsprop"]),
+    "scheduler": (["--scheduler", "poly"], ["--scheduler", "cosine"]),
+    "activation": (["--activation", "elu"], ["--activation", "relu"]),
+    "loss": (["--loss", "hinge"], ["--loss", "huber"]),
+    "task": (["--task", "ranking"], ["--task", "classification"]),
+    "val-fraction-one": (["--val-fraction", "1"], ["--val-fraction"]),
+    "val-fraction-negative": (["--val-fraction", "-0.2"], ["--val-fraction"]),
+    "val-fraction-empty-split": (["--data", "xor", "--n-samples", "20", "--val-fraction", "0.01", "--batch-size", "1"],
+                                 ["--val-fraction", "empty"]),
+    "unknown-builtin-dataset": (["--data", "circles"], ["circles", "xor, spirals, moons, blobs, regression"]),
+    "nccl-on-cpu": (["--backend", "nccl", "--device", "cpu"], ["--backend nccl", "gloo"]),
+}
+
+
+@pytest.mark.parametrize("case", FLAG_CASES, ids=str)
+def test_bad_flags_exit_2(case, workdir, monkeypatch, capsys):
+    args, words = FLAG_CASES[case]
+    check(FIT + args, 2, words, workdir, monkeypatch, capsys)
+
+
+DATA_CASES = {
+    "missing": (None, "nope.csv", [], ["nope.csv", "does not exist"]),
+    "folder": (lambda d: (d / "dir.csv").mkdir(), "dir.csv", [], ["folder"]),
+    "empty": (write("e.csv", ""), "e.csv", [], ["empty"]),
+    "header-only": (write("h.csv", "a,b,y\n"), "h.csv", [], ["no data rows"]),
+    "non-numeric": (write("n.csv", "a,b,y\n1,2,0\n3,oops,1\n"), "n.csv", [], ["'b'", "line 3", "oops"]),
+    "nan-feature": (write("f.csv", "a,b,y\n1,2,0\nnan,3,1\n"), "f.csv", [], ["'a'", "line 3", "finite"]),
+    "inf-target": (write("t.csv", "a,y\n1,0.5\n2,inf\n3,1.5\n"), "t.csv", [], ["'y'", "line 3"]),
+    "no-such-target": (None, "data.csv", ["--target", "price"], ["--target", "price", "a, b, label"]),
+    "one-class": (write("o.csv", "a,y\n1,cat\n2,cat\n3,cat\n"), "o.csv", [], ["one class"]),
+    "npz-without-xy": (lambda d: np.savez(d / "z.npz", features=np.zeros((3, 2))), "z.npz", [], ["'x'", "'y'", "features"]),
+    "uneven-rows": (write("u.csv", "a,b,y\n1,2,0\n3,1\n"), "u.csv", [], ["line 3", "2 fields", "3"]),
+}
+
+
+@pytest.mark.parametrize("case", DATA_CASES, ids=str)
+def test_bad_data_exit_1(case, workdir, monkeypatch, capsys):
+    setup, data, extra, words = DATA_CASES[case]
+    if setup:
+        setup(workdir)
+    check(FIT + ["--data", data, *extra], 1, words, workdir, monkeypatch, capsys)
+
+
+def test_unreadable_file(workdir, monkeypatch, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    path = workdir / "secret.csv"
+    path.write_text(CSV)
+    path.chmod(0)
+    check(FIT + ["--data", "secret.csv"], 1, ["not readable"], workdir, monkeypatch, capsys)
+
+
+def test_parquet_without_the_extra(workdir, monkeypatch, capsys):
+    (workdir / "d.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    check(FIT + ["--data", "d.parquet"], 1, ["pip install 'ddptrain[parquet]'"], workdir, monkeypatch, capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")
+@pytest.mark.parametrize("args, words", [(["--device", "cuda"], ["--device cuda", "not available"]),
+                                         (["--backend", "nccl"], ["--backend nccl", "not available"])])
+def test_cuda_requested_without_cuda(args, words, workdir, monkeypatch, capsys):
+    check(FIT + args, 1, words, workdir, monkeypatch, capsys)
+
+
+def test_partial_torchrun_environment(workdir, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    check(FIT, 2, ["RANK", "WORLD_SIZE", "torchrun"], workdir, monkeypatch, capsys)
+
+
+def test_batch_not_divisible_by_world_size(workdir, monkeypatch, capsys):
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    check(FIT + ["--batch-size", "33"], 2, ["--batch-size 33", "world size 2"], workdir, monkeypatch, capsys)
+
+
+def test_out_holding_a_run(workdir, monkeypatch, capsys):
+    check(["fit", "--data", "xor", "--out", "old"], 1, ["already holds a run", "--resume auto"], workdir, monkeypatch,
+          capsys)
+
+
+def test_out_not_writable(workdir, monkeypatch, capsys):
+    (workdir / "afile").write_text("x")
+    check(["fit", "--data", "xor", "--out", "afile/run"], 1, ["--out", "not writable"], workdir, monkeypatch, capsys)
+
+
+def test_resume_with_other_architecture(workdir, monkeypatch, capsys):
+    check(["fit", "--data", "xor", "--n-samples", "200", "--batch-size", "32", "--out", "old", "--resume", "auto",
+           "--hidden", "16,16"], 2, ["hidden", "[8]", "[16, 16]"], workdir, monkeypatch, capsys)
+
+
+CKPT_CASES = {
+    "missing": (None, ["does not exist"]),
+    "truncated": (lambda p, good: p.write_bytes(good.read_bytes()[:1000]), ["not a readable torch checkpoint"]),
+    "not-torch": (lambda p, good: p.write_text("plain text"), ["not a readable torch checkpoint"]),
+    "foreign": (lambda p, good: torch.save({"state_dict": {}}, p), ["not a ddptrain checkpoint"]),
+    "newer": (lambda p, good: torch.save({**torch.load(good, weights_only=True), "format_version": 7}, p),
+              ["format version 7", "upgrade"]),
+}
+
+
+@pytest.mark.parametrize("case", CKPT_CASES, ids=str)
+@pytest.mark.parametrize("command", ["eval", "predict", "inspect"])
+def test_bad_checkpoints(case, command, workdir, monkeypatch, capsys):
+    make, words = CKPT_CASES[case]
+    if make:
+        make(workdir / "bad.pt", workdir / "old/checkpoints/last.pt")
+    args = {"eval": ["--data", "xor"], "predict": ["--data", "data.csv", "--out", "p.csv"], "inspect": []}[command]
+    check([command, "bad.pt", *args], 1, words, workdir, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("a,b,y\n1,2,0\n", ["missing x0, x1", "unexpected a, b"]),
+    ("x0,x1,y\n0.1,0.2,0\n0.3,0.4,7\n", ["labels the model never saw", "7"]),
+])
+def test_eval_data_that_does_not_fit_the_checkpoint(text, words, workdir, monkeypatch, capsys):
+    (workdir / "other.csv").write_text(text)
+    check(["eval", "old/checkpoints/last.pt", "--data", "other.csv"], 1, words, workdir, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("out, words", [("nowhere/p.csv", ["nowhere", "does not exist"]),
+                                        ("data.csv", ["already exists", "--overwrite"])])
+def test_predict_output_problems(out, words, workdir, monkeypatch, capsys):
+    check(["predict", "old/checkpoints/last.pt", "--data", "xor", "--out", out], 1, words, workdir, monkeypatch, capsys)
+
+
+def test_traceback_with_debug(workdir, monkeypatch, capsys):
+    exit_code, err = run_cli(["--debug", "fit", "--data", "nope.csv"], monkeypatch, capsys)
+    assert exit_code == 1 and "Traceback" in err and "error: data file nope.csv" in err
