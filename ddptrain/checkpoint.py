@@ -35,9 +35,10 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write (disk full) as RuntimeError
         tmp.unlink(missing_ok=True)
-        raise DDPTrainError(f"could not write checkpoint {path} ({exc.strerror or exc}); free space or pick another "
+        reason = getattr(exc, "strerror", None) or "the write failed: disk full or a file-size limit?"
+        raise DDPTrainError(f"could not write checkpoint {path} ({reason}); free space or pick another "
                             "--out; the previous checkpoint is intact") from None
 
 

@@ -213,3 +213,36 @@ def test_predict_output_problems(out, words, workdir, monkeypatch, capsys):
 def test_traceback_with_debug(workdir, monkeypatch, capsys):
     exit_code, err = run_cli(["--debug", "fit", "--data", "nope.csv"], monkeypatch, capsys)
     assert exit_code == 1 and "Traceback" in err and "error: data file nope.csv" in err
+
+
+def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the checkpoint write fail like a full disk."""
+    import resource
+    import signal
+    import subprocess
+
+    from conftest import clean_env
+    from ddptrain.checkpoint import load_checkpoint
+
+    args = [sys.executable, "-m", "ddptrain", "fit", "--data", "xor", "--n-samples", "256", "--hidden", "128,128",
+            "--batch-size", "32", "--optimizer", "sgd", "--quiet", "--out", "run"]
+    env = clean_env(PYTHONDONTWRITEBYTECODE="1")
+    first = subprocess.run(args + ["--epochs", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    last = tmp_path / "run/checkpoints/last.pt"
+    before = last.read_bytes()
+    assert len(before) > 100_000
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    full = subprocess.run(args + ["--epochs", "3", "--resume", "auto"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=limit_file_size)
+    assert full.returncode == 1
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not write checkpoint" in errors[0] and "intact" in errors[0], full.stderr
+    assert "Traceback" not in full.stderr
+    assert last.read_bytes() == before
+    assert load_checkpoint(last)["position"]["epoch"] == 1
+    assert not any(p.name.startswith(".last.pt.tmp") for p in last.parent.iterdir())
