@@ -86,7 +86,7 @@ def fit(
     log_every: Annotated[int, typer.Option(help="Steps between metric rows, progress updates and stop checks.", rich_help_panel=RUN)] = D.log_every,
     checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: at epoch ends only).", rich_help_panel=RUN)] = D.checkpoint_every,
     keep_last: Annotated[int, typer.Option(help="Keep this many step-stamped checkpoint copies.", rich_help_panel=RUN)] = D.keep_last,
-    monitor: Annotated[str, typer.Option(help="Metric for best.pt and early stopping.", rich_help_panel=RUN)] = D.monitor,
+    monitor: Annotated[str, typer.Option("--monitor", "--monitor-metric", help="Metric for best.pt and early stopping: auto (val_loss, or train_loss without validation), val_loss, val_accuracy, val_rmse, val_mae, val_r2, train_loss. Under torchrun spell it --monitor-metric (torchrun mistakes --monitor for its --monitor-interval).", rich_help_panel=RUN)] = D.monitor,
     monitor_mode: Annotated[str, typer.Option(help="auto|min|max (auto: max for accuracy and r2).", rich_help_panel=RUN)] = D.monitor_mode,
     early_stop: Annotated[int, typer.Option(help="Stop after this many epochs without improvement (0: never).", rich_help_panel=RUN)] = D.early_stop,
     quiet: Annotated[bool, typer.Option("--quiet/--no-quiet", help="Print only errors and the final summary.", rich_help_panel=RUN)] = D.quiet,

@@ -35,7 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "nan_policy": ("stop", "skip"),
 }
 
-MONITORS = ("val_loss", "val_accuracy", "val_rmse", "val_mae", "val_r2", "train_loss")
+MONITORS = ("auto", "val_loss", "val_accuracy", "val_rmse", "val_mae", "val_r2", "train_loss")
 
 # Settings that define the experiment: a resume that changes one of them is refused.
 RESUME_FIXED = (
@@ -96,7 +96,7 @@ class FitConfig:
     log_every: int = 20
     checkpoint_every: int = 0
     keep_last: int = 0
-    monitor: str = "val_loss"
+    monitor: str = "auto"
     monitor_mode: str = "auto"
     early_stop: int = 0
     quiet: bool = False
@@ -239,6 +239,13 @@ def validate(cfg: FitConfig) -> FitConfig:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UsageError(message)
+
+
+def monitor_metric(cfg: FitConfig, has_validation: bool) -> str:
+    """'auto' follows val_loss when there is validation data, else train_loss."""
+    if cfg.monitor != "auto":
+        return cfg.monitor
+    return "val_loss" if has_validation else "train_loss"
 
 
 def monitor_mode(cfg: FitConfig) -> str:

@@ -96,6 +96,8 @@ def process_group(device_name: str = "auto", backend_name: str = "auto",
     console.rank = env.rank
     try:
         yield DistInfo(env.rank, env.local_rank, env.world_size, device, backend)
+        if env.world_size > 1:
+            torch_dist.barrier()  # leave together: a rank that exits first can abort a peer's Gloo teardown
     finally:
         torch_dist.destroy_process_group()
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ddptrain import __version__, checkpoint
-from ddptrain.config import FitConfig, monitor_mode
+from ddptrain.config import FitConfig, monitor_metric, monitor_mode
 from ddptrain.console import EpochProgress, console
 from ddptrain.data import FitData, epoch_indices
 from ddptrain.dist import DistInfo, all_reduce_sum, gather_objects
@@ -84,20 +84,22 @@ class Trainer:
     # -- one optimizer step -------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p, accum = self.p, self.p.cfg.grad_accum
-        total = torch.zeros((), device=x.device)
+        losses = []
         for k in range(accum):
-            rows = slice(k * self.micro_batch, (k + 1) * self.micro_batch)
+            xs, ys = (x, y) if accum == 1 else (x[k * self.micro_batch:(k + 1) * self.micro_batch],
+                                                y[k * self.micro_batch:(k + 1) * self.micro_batch])
             # Gradients are all-reduced only on the last micro-step (no_sync on the others).
-            sync = p.ddp.no_sync() if k < accum - 1 else nullcontext()
-            with sync:
+            with p.ddp.no_sync() if k < accum - 1 else nullcontext():
                 with self.autocast:
-                    out = p.forward(x[rows])
-                    loss = p.loss_fn(out.squeeze(1) if self.regression else out, y[rows]) / accum
+                    out = p.forward(xs)
+                    loss = p.loss_fn(out.squeeze(1) if self.regression else out, ys)
+                if accum > 1:
+                    loss = loss / accum
                 (p.scaler.scale(loss) if p.scaler else loss).backward()
-            total += loss.detach().float()
+            losses.append(loss.detach())
         if not self._finish_step():
             self.pos.skipped_steps += 1
-        return total
+        return losses[0] if accum == 1 else torch.stack(losses).sum()
 
     def _finish_step(self) -> bool:
         p = self.p
@@ -181,7 +183,7 @@ class Trainer:
         if not self.window:
             return False
         flag = torch.tensor([1.0 if p.stop.requested else 0.0], device=self.window[0].device)
-        values = all_reduce_sum(torch.cat([torch.stack(self.window), flag])).tolist()
+        values = all_reduce_sum(torch.cat([torch.stack(self.window).float(), flag])).tolist()
         losses, stop = values[:-1], values[-1] > 0
         first_step = pos.global_step - len(losses) + 1
         self.window = []
@@ -212,7 +214,7 @@ class Trainer:
     def track_best(self, row: dict[str, Any]) -> tuple[bool, bool]:
         """Decided from all-reduced metrics, hence identically on every rank."""
         cfg, pos = self.p.cfg, self.pos
-        value = row.get(cfg.monitor)
+        value = row.get(monitor_metric(cfg, self.p.data.val is not None))
         if value is None or not math.isfinite(value):
             return False, False
         better = pos.best is None or (value < pos.best if monitor_mode(cfg) == "min" else value > pos.best)

@@ -1,0 +1,183 @@
+"""Compare world sizes, and ddptrain against hand-written loops on the same work, in one run.
+
+    python benchmarks/compare.py --world-sizes 1,2 --repeats 3
+
+Every program runs under torchrun with one thread per process, alternately, and reports its own rank-0
+samples/s per epoch; epochs 2..E are averaged (the first pays warm-up). Figures are ratios taken side by side:
+ddptrain / plain loop, and each program's speedup and efficiency against world size 1. Strong scaling keeps the
+global batch fixed; weak scaling keeps the per-rank batch fixed. Output: a Rich table, a JSON file, a PNG plot
+(with the `plot` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PROGRAMS = ("ddptrain", "plain", "dataloader")
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world-sizes", default="1,2")
+    p.add_argument("--scaling", choices=("strong", "weak", "both"), default="both")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--rows", type=int, default=65536)
+    p.add_argument("--features", type=int, default=32)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--hidden", default="256,256")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch at world size 1")
+    p.add_argument("--programs", default=",".join(PROGRAMS))
+    p.add_argument("--ddptrain-args", default="", help="extra fit flags, e.g. '--comm-hook fp16'")
+    p.add_argument("--out", default="benchmarks/out", help="folder for results.json and scaling.png")
+    return p.parse_args()
+
+
+def torchrun(world: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+
+
+def run_program(name: str, world: int, batch: int, args: argparse.Namespace, workdir: Path) -> dict:
+    """One run; returns rank 0's mean samples/s over epochs 2..E (and the phase breakdown of the plain loop)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}"}
+    result_file = workdir / f"{name}-{world}-{batch}.json"
+    if name == "ddptrain":
+        out = Path(tempfile.mkdtemp(dir=workdir))
+        cmd = torchrun(world) + ["-m", "ddptrain", "fit", "--data", "blobs", "--n-samples", str(args.rows),
+                                 "--n-features", str(args.features), "--n-classes", str(args.classes),
+                                 "--hidden", args.hidden, "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9",
+                                 "--batch-size", str(batch), "--val-fraction", "0",
+                                 "--epochs", str(args.epochs), "--out", str(out / "run"), "--quiet",
+                                 *args.ddptrain_args.split()]
+    else:
+        cmd = torchrun(world) + [str(HERE / f"{name}_loop.py"), "--rows", str(args.rows), "--features",
+                                 str(args.features), "--classes", str(args.classes), "--hidden", args.hidden,
+                                 "--batch-size", str(batch), "--epochs", str(args.epochs), "--out", str(result_file)]
+        if name == "plain":
+            cmd += ["--breakdown-steps", "30"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=workdir)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {name} at world size {world} failed:\n{proc.stderr[-2000:]}")
+    if name == "ddptrain":
+        rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+        rates = [r["samples_per_s"] for r in rows if r["kind"] == "epoch"]
+        extra = {}
+    else:
+        data = json.loads(result_file.read_text())
+        rates, extra = data["samples_per_s"], {k: v for k, v in data.items() if k != "samples_per_s"}
+    measured = rates[1:] if len(rates) > 1 else rates
+    return {"samples_per_s": statistics.fmean(measured), **extra}
+
+
+def measure(args: argparse.Namespace, workdir: Path) -> list[dict]:
+    worlds = [int(w) for w in args.world_sizes.split(",")]
+    programs = args.programs.split(",")
+    modes = ("strong", "weak") if args.scaling == "both" else (args.scaling,)
+    records = []
+    for mode in modes:
+        for world in worlds:
+            batch = args.batch_size if mode == "strong" else args.batch_size * world
+            for repeat in range(args.repeats):
+                order = programs[repeat % len(programs):] + programs[:repeat % len(programs)]  # alternate
+                for name in order:
+                    result = run_program(name, world, batch, args, workdir)
+                    records.append({"mode": mode, "world_size": world, "global_batch": batch, "repeat": repeat,
+                                    "program": name, **result})
+                    console.print(f"{mode:6} world {world} batch {batch:5} repeat {repeat} {name:10} "
+                                  f"{result['samples_per_s']:>10,.0f} samples/s")
+    return records
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    rows = []
+    keys = sorted({(r["mode"], r["world_size"], r["program"]) for r in records})
+    for mode, world, program in keys:
+        mine = [r for r in records if (r["mode"], r["world_size"], r["program"]) == (mode, world, program)]
+        rate = statistics.median(r["samples_per_s"] for r in mine)
+        base = [r for r in records if (r["mode"], r["world_size"], r["program"]) == (mode, min(x["world_size"] for x in records), program)]
+        speedup = rate / statistics.median(r["samples_per_s"] for r in base)
+        ratios = [r["samples_per_s"] / p["samples_per_s"] for r in mine for p in records
+                  if p["program"] == "plain" and (p["mode"], p["world_size"], p["repeat"]) == (mode, world, r["repeat"])]
+        row = {"mode": mode, "world_size": world, "program": program, "samples_per_s": rate, "speedup": speedup,
+               "efficiency": speedup / (world / min(x["world_size"] for x in records)),
+               "vs_plain_median": statistics.median(ratios) if ratios else None, "vs_plain_all": ratios}
+        breakdown = [r["breakdown_s"] for r in mine if "breakdown_s" in r]
+        if breakdown:
+            row["breakdown_ms"] = {k: 1000 * statistics.median(b[k] for b in breakdown) for k in breakdown[0]}
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    table = Table(title="ddptrain benchmark (rank-0 samples/s, epochs 2..E; medians)")
+    for column in ("scaling", "world", "program", "samples/s", "speedup", "efficiency", "vs plain loop",
+                   "step split ms (data / fwd+bwd / all-reduce / optim)"):
+        table.add_column(column)
+    for r in rows:
+        split = r.get("breakdown_ms")
+        table.add_row(r["mode"], str(r["world_size"]), r["program"], f"{r['samples_per_s']:,.0f}",
+                      f"{r['speedup']:.2f}x", f"{r['efficiency']:.0%}",
+                      f"{r['vs_plain_median']:.3f}x" if r["vs_plain_median"] is not None else "-",
+                      " / ".join(f"{v:.2f}" for v in split.values()) if split else "")
+    console.print(table)
+    for r in rows:
+        if r["world_size"] > 1 and r["speedup"] < 1.0 and r["program"] == "ddptrain":
+            console.print(f"[bold]{r['mode']} scaling: world size {r['world_size']} is slower than world size 1 "
+                          f"({r['speedup']:.2f}x): for this model the all-reduce costs more than the compute it "
+                          "splits, so more processes do not pay here.[/bold]")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("no plot: pip install 'ddptrain[plot]' for matplotlib")
+        return
+    modes = sorted({r["mode"] for r in rows})
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for program in sorted({r["program"] for r in rows}):
+            mine = sorted((r for r in rows if r["mode"] == mode and r["program"] == program), key=lambda r: r["world_size"])
+            ax.plot([r["world_size"] for r in mine], [r["samples_per_s"] for r in mine], marker="o", label=program)
+        ax.set_title(f"{mode} scaling")
+        ax.set_xlabel("world size (processes)")
+        ax.set_ylabel("samples/s (rank 0, epochs 2..E)")
+        ax.set_xticks(sorted({r["world_size"] for r in rows}))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    console.print(f"plot: {path}")
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        records = measure(args, Path(tmp))
+    rows = summarize(records)
+    print_table(rows)
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "summary": rows, "runs": records}, indent=2))
+    console.print(f"results: {out / 'results.json'}")
+    plot(rows, out / "scaling.png")
+
+
+if __name__ == "__main__":
+    main()
