@@ -3,7 +3,7 @@
     python benchmarks/compare.py --world-sizes 1,2 --repeats 3
 
 Every program runs under torchrun with one thread per process, alternately, and reports its own rank-0
-samples/s per epoch; epochs 2..E are averaged (the first pays warm-up). Figures are ratios taken side by side:
+samples/s per epoch; epochs 2..E count (the first pays warm-up). Figures are ratios taken side by side:
 ddptrain / plain loop, and each program's speedup and efficiency against world size 1. Strong scaling keeps the
 global batch fixed; weak scaling keeps the per-rank batch fixed. Output: a Rich table, a JSON file, a PNG plot
 (with the `plot` extra).
@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--world-sizes", default="1,2")
     p.add_argument("--scaling", choices=("strong", "weak", "both"), default="both")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--rows", type=int, default=65536)
     p.add_argument("--features", type=int, default=32)
     p.add_argument("--classes", type=int, default=10)
@@ -79,7 +79,8 @@ def run_program(name: str, world: int, batch: int, args: argparse.Namespace, wor
         data = json.loads(result_file.read_text())
         rates, extra = data["samples_per_s"], {k: v for k, v in data.items() if k != "samples_per_s"}
     measured = rates[1:] if len(rates) > 1 else rates
-    return {"samples_per_s": statistics.fmean(measured), **extra}
+    # all samples of epochs 2..E over their total time (the harmonic mean of equal-sized epochs)
+    return {"samples_per_s": statistics.harmonic_mean(measured), **extra}
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> list[dict]:
@@ -122,7 +123,7 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    table = Table(title="ddptrain benchmark (rank-0 samples/s, epochs 2..E; medians)")
+    table = Table(title="ddptrain benchmark (rank-0 samples/s over epochs 2..E, median over repeats)")
     for column in ("scaling", "world", "program", "samples/s", "speedup", "efficiency", "vs plain loop",
                    "step split ms (data / fwd+bwd / all-reduce / optim)"):
         table.add_column(column)

@@ -158,6 +158,17 @@ def inspect(
 
 
 @app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (or metrics.jsonl files) to draw on shared axes.")],
+    out: Annotated[Path, typer.Option(help="Output image: .png, .svg or .pdf.")] = Path("curves.png"),
+) -> None:
+    """Loss and accuracy (or RMSE) against step for one or several runs (needs the plot extra)."""
+    from ddptrain.plot import plot_runs
+
+    plot_runs(runs, out)
+
+
+@app.command()
 def env() -> None:
     """Versions, devices, backends and launcher variables: what to paste into a bug report."""
     from ddptrain.envreport import print_env

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
 
 from ddptrain import datasets
 from ddptrain.config import FitConfig
@@ -219,13 +218,14 @@ def labelled_split(spec: DataSpec, table: Table, require_target: bool = True,
 def epoch_indices(n_rows: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
     """This rank's rows for one epoch, a function of (seed, epoch) alone.
 
-    torch's DistributedSampler interleaves one seeded permutation across ranks, so the union of the ranks'
-    step-s slices is the permutation's s-th global batch whatever the world size.
+    Exactly torch's DistributedSampler(shuffle=True, drop_last=True) order (tested against it), computed as
+    tensors rather than a Python list. One seeded permutation is interleaved across ranks, so the union of the
+    ranks' step-s slices is the permutation's s-th global batch whatever the world size.
     """
-    sampler = DistributedSampler(range(n_rows), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=True)
-    sampler.set_epoch(epoch)
-    return torch.tensor(list(sampler), dtype=torch.long)
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    order = torch.randperm(n_rows, generator=generator)
+    return order[: n_rows // world_size * world_size][rank::world_size].contiguous()
 
 
 def eval_shard(n_rows: int, rank: int, world_size: int) -> slice:

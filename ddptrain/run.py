@@ -20,7 +20,7 @@ from ddptrain.dist import DistInfo, launch_env, process_group
 from ddptrain.errors import UsageError
 from ddptrain.model import ModelSpec, build_model, parameter_count
 from ddptrain.optim import build_loss, build_optimizer, build_scheduler
-from ddptrain.rundir import RunDir, SilentRunDir, check_out_dir, default_out
+from ddptrain.rundir import RunDir, SilentRunDir, check_out_dir, check_tensorboard, default_out
 from ddptrain.train import Parts, Position, Trainer, set_rng_state
 
 
@@ -40,7 +40,9 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
                          "lower it or add data")
     if cfg.monitor.startswith("val_") and data.val is None:
         raise UsageError(f"--monitor {cfg.monitor} needs validation data; set --val-fraction or --val-data, "
-                         "or use --monitor train_loss")
+                         "or use --monitor train_loss (or auto)")
+    if cfg.tensorboard:
+        check_tensorboard()
     out = Path(cfg.out) if cfg.out else default_out()
     resume_path = resume_checkpoint_path(cfg, out)
     check_out_dir(out, resuming=resume_path is not None or cfg.resume == "auto")
@@ -48,7 +50,7 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     if resumed:
         check_resume_compatible(cfg, resumed, resume_path)
     with process_group(cfg.device, cfg.backend, cfg.timeout) as dist:
-        run = RunDir(out) if dist.is_main else SilentRunDir(out)
+        run = RunDir(out, cfg.tensorboard) if dist.is_main else SilentRunDir(out)
         try:
             parts = build_parts(cfg, dist, data, run)
             position = restore(parts, resumed, resume_path) if resumed else Position()

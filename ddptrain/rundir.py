@@ -53,8 +53,15 @@ class SilentRunDir:
     def close(self) -> None: ...
 
 
+def check_tensorboard() -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise DDPTrainError("--tensorboard needs the tensorboard package: pip install 'ddptrain[tensorboard]'") from None
+
+
 class RunDir(SilentRunDir):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensorboard: bool = False) -> None:
         super().__init__(path)
         try:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -62,6 +69,11 @@ class RunDir(SilentRunDir):
             raise DDPTrainError(f"cannot create --out {path} ({exc.strerror}); pick another --out") from None
         self.metrics_path = path / "metrics.jsonl"
         self._metrics = None
+        self._events = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._events = SummaryWriter(log_dir=str(path / "tensorboard"))
 
     def write_config(self, config: dict[str, Any]) -> None:
         tmp = self.path / ".config.json.tmp"
@@ -72,6 +84,10 @@ class RunDir(SilentRunDir):
         if self._metrics is None:
             self._metrics = open(self.metrics_path, "a", buffering=1)  # line-buffered: tail -f works
         self._metrics.write(json.dumps(row) + "\n")
+        if self._events is not None:  # the same scalars, tagged by row kind: step/train_loss, epoch/val_loss, ...
+            for key, value in row.items():
+                if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
+                    self._events.add_scalar(f"{row['kind']}/{key}", value, row["step"])
 
     def rewind(self, step: int) -> None:
         """On resume, drop rows written after the checkpoint's step, so the log has no duplicates."""
@@ -87,6 +103,9 @@ class RunDir(SilentRunDir):
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
 
 def _row_step(line: str) -> int:

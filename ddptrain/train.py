@@ -80,6 +80,7 @@ class Trainer:
         self.last_metrics: dict[str, Any] = {}
         self.fail_at = _injected_failure(dist.rank)
         self.regression = parts.data.spec.task == "regression"
+        self.reported_start = False
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -166,6 +167,9 @@ class Trainer:
                "samples_per_s": steps_done * p.cfg.batch_size / elapsed, "epoch_time_s": elapsed}
         if pos.skipped_steps:
             row["skipped_steps"] = pos.skipped_steps
+        if first_step == 0 and hasattr(self, "time_to_first_step") and not self.reported_start:
+            row["time_to_first_step_s"] = self.time_to_first_step  # process start to the first step's end
+            self.reported_start = True
         row.update(self.validate())
         improved, early_stop = self.track_best(row)
         pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0

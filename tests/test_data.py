@@ -93,6 +93,16 @@ def test_global_batches_do_not_depend_on_world_size(world_size):
     assert not torch.equal(single, epoch_indices(n, seed, epoch + 1, 0, 1))  # a new order each epoch
 
 
+@pytest.mark.parametrize("n, world", [(100, 1), (103, 2), (1000, 3), (7, 4)])
+def test_epoch_order_is_torchs_distributed_sampler(n, world):
+    from torch.utils.data import DistributedSampler
+
+    for rank in range(world):
+        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=11, drop_last=True)
+        sampler.set_epoch(3)
+        assert epoch_indices(n, 11, 3, rank, world).tolist() == list(sampler)
+
+
 def test_eval_shards_cover_every_row_once():
     for n in (10, 11, 1):
         rows = [i for r in range(3) for i in range(n)[eval_shard(n, r, 3)]]

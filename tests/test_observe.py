@@ -1,0 +1,100 @@
+"""Seeing a run: progress on a terminal and off it, plots, TensorBoard events, the env report."""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+
+import pytest
+
+from conftest import clean_env, cli, epoch_rows
+from ddptrain.config import FitConfig
+from ddptrain.errors import DDPTrainError
+from ddptrain.run import fit
+
+QUICK = ["fit", "--data", "moons", "--n-samples", "600", "--epochs", "2", "--hidden", "16", "--log-every", "3"]
+
+
+def run_on_terminal(args: list[str], cwd) -> str:
+    """Run the CLI with a pseudo-terminal as stdout, as a user at a shell would."""
+    master, slave = pty.openpty()
+    env = clean_env(COLUMNS="120", TERM="xterm-256color")
+    proc = subprocess.Popen([sys.executable, "-m", "ddptrain", *args], cwd=cwd, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=120)
+    os.close(master)
+    assert proc.returncode == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    screen = run_on_terminal(QUICK + ["--out", "run"], tmp_path)
+    assert "━" in screen and "samples/s" in screen and "epoch 1/2" in screen  # the Rich bar
+    assert "val_accuracy" in screen and "ddptrain fit: done" in screen
+
+
+def test_plain_lines_off_a_terminal(tmp_path):
+    result = cli(*QUICK, "--out", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "epoch 1/2 step 3/" in result.stdout and "━" not in result.stdout.split("ddptrain fit: done")[0]
+    rows = epoch_rows(tmp_path / "run")
+    assert rows[0]["time_to_first_step_s"] > 0
+
+
+def test_quiet_prints_only_the_summary(tmp_path):
+    result = cli(*QUICK, "--out", "run", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "epoch 1/2" not in result.stdout and "ddptrain fit: done" in result.stdout
+
+
+def test_plot_two_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    for name, lr in (("lr-small", 0.001), ("lr-large", 0.01)):
+        fit(FitConfig(data="moons", n_samples=600, epochs=3, hidden=(16,), lr=lr, out=str(tmp_path / name), quiet=True))
+    result = cli("plot", "lr-small", "lr-large", "--out", "curves.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    svg = cli("plot", "lr-small", "--out", "curves.svg", cwd=tmp_path)
+    assert svg.returncode == 0 and (tmp_path / "curves.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
+    from ddptrain.plot import plot_runs
+
+    fit(FitConfig(data="moons", n_samples=300, epochs=1, hidden=(8,), out=str(tmp_path / "run"), quiet=True))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(DDPTrainError, match=r"pip install 'ddptrain\[plot\]'"):
+        plot_runs([tmp_path / "run"], tmp_path / "x.png")
+
+
+def test_tensorboard_events_hold_the_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(FitConfig(data="moons", n_samples=600, epochs=2, hidden=(16,), out=str(tmp_path / "run"), quiet=True,
+                  tensorboard=True, log_every=3))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"step/train_loss", "step/lr", "epoch/train_loss", "epoch/val_loss", "epoch/val_accuracy"} <= tags
+    rows = epoch_rows(tmp_path / "run")
+    assert [e.value for e in events.Scalars("epoch/val_loss")] == pytest.approx([r["val_loss"] for r in rows])
+
+
+def test_env_report(tmp_path):
+    result = cli("env", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for word in ("ddptrain", "torch", "python", "gloo", "cuda available", "recommended launch"):
+        assert word in result.stdout
