@@ -37,6 +37,8 @@ def root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also DDPTRAIN_DEBUG=1).")] = False,
 ) -> None:
     """Train an MLP on your table with PyTorch DistributedDataParallel."""
+    if debug:
+        os.environ["DDPTRAIN_DEBUG"] = "1"  # workers started by --nproc-per-node inherit it
 
 
 @app.command(no_args_is_help=False)
@@ -197,7 +199,8 @@ def main() -> None:
     except DDPTrainError as exc:
         if _debug_requested():
             traceback.print_exc()
-        console.error(str(exc))
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        console.error(str(exc), any_rank=exc.local, prefix_rank=exc.local and several)
         code = exc.exit_code
     except KeyboardInterrupt:
         console.error("interrupted", any_rank=True)

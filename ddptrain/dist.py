@@ -65,12 +65,12 @@ def resolve_device(cfg_device: str, cfg_backend: str, local_rank: int) -> tuple[
     if cfg_device == "cuda" and not cuda:
         raise DDPTrainError("--device cuda but CUDA is not available here; use --device cpu (or auto)")
     if cfg_backend == "nccl" and not cuda:
-        raise DDPTrainError("--backend nccl but CUDA is not available here; use --backend gloo (or auto)")
+        raise DDPTrainError("--backend nccl but CUDA is not available here; use --backend gloo (or auto)", local=True)
     use_cuda = cfg_device == "cuda" or (cfg_device == "auto" and (cuda and cfg_backend != "gloo"))
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise DDPTrainError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s); "
-                                "use --nproc-per-node <= the GPU count")
+            raise DDPTrainError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) on this node; "
+                                "use --nproc-per-node <= the GPU count", local=True)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")

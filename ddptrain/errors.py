@@ -7,9 +7,17 @@ EXIT_PREEMPTED = 75
 
 
 class DDPTrainError(Exception):
-    """A problem with the user's data, files or environment (exit 1)."""
+    """A problem with the user's data, files or environment (exit 1).
+
+    Most errors are the same on every rank (same flags, same data), so rank 0 alone reports them; `local`
+    marks one that may strike a single rank (its device, its disk), which that rank reports itself.
+    """
 
     exit_code = EXIT_RUNTIME
+
+    def __init__(self, message: str, local: bool = False) -> None:
+        super().__init__(message)
+        self.local = local
 
 
 class UsageError(DDPTrainError):

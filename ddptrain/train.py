@@ -149,8 +149,8 @@ class Trainer:
             pos.step_in_epoch, pos.global_step = step + 1, pos.global_step + 1
             if pos.global_step == 1:
                 self.time_to_first_step = time.perf_counter() - self.started_at
-            if self.fail_at is not None and pos.global_step == self.fail_at:
-                raise RuntimeError(f"injected failure at step {pos.global_step} (DDPTRAIN_FAIL_AT_STEP)")
+            if self.fail_at is not None and pos.global_step == self.fail_at[0]:
+                _fail(self.fail_at[1], pos.global_step)
             on_log = pos.global_step % p.cfg.log_every == 0
             on_ckpt = p.cfg.checkpoint_every and pos.global_step % p.cfg.checkpoint_every == 0
             if (on_log or on_ckpt) and step + 1 < self.steps_per_epoch:
@@ -280,10 +280,17 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def _injected_failure(rank: int) -> int | None:
-    """DDPTRAIN_FAIL_AT_STEP=RANK:STEP raises on that rank at that step: the test hook for one rank failing."""
-    spec = os.environ.get("DDPTRAIN_FAIL_AT_STEP", "")
-    if ":" not in spec:
+def _injected_failure(rank: int) -> tuple[int, str] | None:
+    """DDPTRAIN_FAIL_AT_STEP=RANK:STEP[:hang] makes that rank raise (or hang) at that step: the test hook for
+    one rank failing or getting stuck, with real processes and a real process group."""
+    parts = os.environ.get("DDPTRAIN_FAIL_AT_STEP", "").split(":")
+    if len(parts) < 2 or int(parts[0]) != rank:
         return None
-    fail_rank, step = spec.split(":", 1)
-    return int(step) if int(fail_rank) == rank else None
+    return int(parts[1]), parts[2] if len(parts) > 2 else "raise"
+
+
+def _fail(mode: str, step: int) -> None:
+    if mode == "hang":
+        while True:
+            time.sleep(1)
+    raise RuntimeError(f"injected failure at step {step} (DDPTRAIN_FAIL_AT_STEP)")

@@ -93,3 +93,21 @@ def test_bad_input_under_torchrun_is_reported_once(tmp_path):
     assert result.returncode != 0
     assert error_lines(result.stderr) == ["error: data file missing.csv does not exist; check the path"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_resume_at_another_world_size(tmp_path):
+    first = cli("fit", *COMMON, "--out", "run", "--quiet", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    more = list(COMMON)
+    more[more.index("--epochs") + 1] = "5"
+    resumed = torchrun(2, "fit", *more, "--out", "run", "--resume", "auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    notes = [line for line in resumed.stdout.splitlines() if "world-size-1 checkpoint at world size 2" in line]
+    assert len(notes) == 1
+    straight = cli("fit", *more, "--out", "straight", "--quiet", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    a = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    b = load_checkpoint(tmp_path / "straight/checkpoints/last.pt")
+    assert a["position"]["epoch"] == 5 and a["world_size"] == 2
+    assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-4) for k in a["model"])
+    assert [r["epoch"] for r in epoch_rows(tmp_path / "run")] == [0, 1, 2, 3, 4]

@@ -144,3 +144,53 @@ def test_two_agents_on_loopback_train_like_one_agent_with_two_processes(tmp_path
         assert agent.returncode == 0, err[-3000:]
     a, b = weights(tmp_path / "one/checkpoints/last.pt"), weights(tmp_path / "two/checkpoints/last.pt")
     assert same_weights(a, b)
+
+
+def test_stuck_peer_becomes_an_error_within_the_timeout(tmp_path):
+    env = clean_env(DDPTRAIN_FAIL_AT_STEP="1:4:hang")  # rank 1 stops answering at step 4
+    start_time = time.monotonic()
+    result = subprocess.run(torchrun_cmd(2, *LONG, "--out", "run", "--timeout", "5"), cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start_time
+    assert result.returncode != 0
+    assert elapsed < 60, elapsed
+    assert error_lines(result.stderr) == [
+        "error: a collective timed out: another rank is stuck or gone (the limit is --timeout); check the other "
+        "ranks' logs"], result.stderr[-3000:]
+
+
+SINGLE = ["-m", "ddptrain", *LONG]
+
+
+def test_ctrl_c_once_checkpoints_and_exits_75(tmp_path):
+    proc = start([sys.executable, *SINGLE, "--out", "run"], tmp_path)
+    wait_for_steps(tmp_path / "run", 6, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert error_lines(err) and "preempted by SIGINT" in error_lines(err)[0]
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["position"]["global_step"] >= 6
+
+
+def replaced(args: list[str], **values: str) -> list[str]:
+    out = list(args)
+    for flag, value in values.items():
+        out[out.index("--" + flag.replace("_", "-")) + 1] = value
+    return out
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path):
+    # long epochs and a long --log-every: the first Ctrl-C waits for the next sync point, the second must not
+    slow = replaced(SINGLE, n_samples="60000", batch_size="8", log_every="100000", checkpoint_every="100000")
+    proc = start([sys.executable, *slow, "--out", "run"], tmp_path)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "run" / "config.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 5
+    assert proc.returncode == 130
