@@ -87,7 +87,7 @@ class FitConfig:
     backend: str = "auto"
     device: str = "auto"
     timeout: float | None = None
-    bucket_cap_mb: float = 25.0
+    bucket_cap_mb: float | None = None  # None: torch's default (25 MB, and a 1 MB first bucket)
     static_graph: bool = False
     comm_hook: str = "none"
     # run folder, logging, checkpoints
@@ -151,7 +151,7 @@ def _coerce(name: str, value: Any) -> Any:
     default = getattr(FitConfig, name)
     kind = type(default) if default is not None else None
     optional_types = {"target": str, "val_data": str, "n_features": int, "n_classes": int, "noise": float,
-                      "lr_step_size": int, "clip_grad": float, "timeout": float, "out": str, "resume": str}
+                      "lr_step_size": int, "clip_grad": float, "bucket_cap_mb": float, "timeout": float, "out": str, "resume": str}
     kind = optional_types.get(name, kind)
     if value is None:
         return None
@@ -225,7 +225,7 @@ def validate(cfg: FitConfig) -> FitConfig:
     _check(cfg.momentum >= 0 and math.isfinite(cfg.momentum), f"--momentum {cfg.momentum} must be >= 0")
     _check(cfg.clip_grad is None or cfg.clip_grad > 0, f"--clip-grad {cfg.clip_grad} must be > 0")
     _check(cfg.timeout is None or cfg.timeout > 0, f"--timeout {cfg.timeout} must be > 0 seconds")
-    _check(cfg.bucket_cap_mb > 0, f"--bucket-cap-mb {cfg.bucket_cap_mb} must be > 0")
+    _check(cfg.bucket_cap_mb is None or cfg.bucket_cap_mb > 0, f"--bucket-cap-mb {cfg.bucket_cap_mb} must be > 0")
     _check(cfg.lr_step_size is None or cfg.lr_step_size >= 1, f"--lr-step-size {cfg.lr_step_size} must be >= 1")
     _check(cfg.n_features is None or cfg.n_features >= 1, f"--n-features {cfg.n_features} must be >= 1")
     _check(cfg.n_classes is None or cfg.n_classes >= 2, f"--n-classes {cfg.n_classes} must be >= 2")
