@@ -102,7 +102,7 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
                                   bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=True,
                                   static_graph=cfg.static_graph)
     register_comm_hook(ddp, cfg.comm_hook, dist.backend)
-    forward = compile_model(ddp) if cfg.compile else ddp
+    forward = compile_model(ddp, dist.device) if cfg.compile else ddp
     optimizer = build_optimizer(model.parameters(), cfg)
     steps_per_epoch = len(data.train) // cfg.batch_size
     constant = cfg.scheduler == "constant" and cfg.warmup_steps == 0
@@ -131,10 +131,18 @@ def register_comm_hook(ddp: DistributedDataParallel, name: str, backend: str) ->
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
 
 
-def compile_model(ddp: nn.Module) -> nn.Module:
+def compile_model(ddp: nn.Module, device: torch.device) -> nn.Module:
+    """torch.compile of the DDP module (DDP-aware: Dynamo splits graphs at bucket boundaries)."""
+    import shutil
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise UsageError("--compile: torch.compile does not support this Python/platform; run without --compile")
+    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise UsageError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or run "
+                         "without --compile")
     try:
         return torch.compile(ddp)
-    except Exception as exc:  # e.g. a Python version Dynamo does not support yet
+    except Exception as exc:
         raise UsageError(f"--compile is not supported here ({str(exc).splitlines()[0]}); run without --compile") from None
 
 

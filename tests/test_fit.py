@@ -104,7 +104,7 @@ def test_keep_last_prunes_step_copies(tmp_path):
     dict(precision="bf16"), dict(precision="fp16"), dict(grad_accum=4), dict(clip_grad=0.5),
     dict(comm_hook="fp16"), dict(comm_hook="powersgd"), dict(static_graph=True),
     dict(bucket_cap_mb=1.0), dict(norm="batch"), dict(norm="layer", activation="gelu"),
-    dict(deterministic=True), dict(nan_policy="skip"),
+    dict(deterministic=True), dict(nan_policy="skip"), dict(compile=True),
 ])
 def test_speed_and_model_flags_train_correctly(tmp_path, flags):
     fit(small(tmp_path, epochs=4, **flags))
