@@ -73,8 +73,11 @@ def run_program(name: str, world: int, batch: int, args: argparse.Namespace, wor
         if proc.returncode == 0:
             break
         # Seen rarely on these shared machines: a Gloo worker aborting at exit. One retry, said out loud.
-        console.print(f"warning: {name} at world size {world} failed (attempt {attempt}): "
-                      f"{(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+        log = workdir.parent / f"failed-{name}-{world}-{attempt}-{os.getpid()}.log"
+        log.write_text(proc.stdout + proc.stderr)
+        said = [line for line in proc.stderr.splitlines() if line.startswith("error:") or "Error" in line]
+        console.print(f"warning: {name} at world size {world} failed (attempt {attempt}; log {log}): "
+                      f"{(said or ['?'])[0][:300]}")
     else:
         raise SystemExit(f"error: {name} at world size {world} failed twice:\n{proc.stderr[-2000:]}")
     if name == "ddptrain":

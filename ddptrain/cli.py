@@ -219,6 +219,9 @@ def main() -> None:
             code = EXIT_RUNTIME  # another rank failed first and reported its own error
             if _debug_requested():
                 traceback.print_exc()
+            if console.is_main:
+                console.err.print(f"note: rank 0 stopped because another rank went away ({str(exc).splitlines()[0][-80:]}); "
+                                  "that rank's own error, if it could print one, is above")
         elif _is_timeout(exc):
             code = EXIT_RUNTIME
             if _debug_requested():
