@@ -90,7 +90,13 @@ def process_group(device_name: str = "auto", backend_name: str = "auto",
     if timeout_s is not None:
         kwargs["timeout"] = timedelta(seconds=timeout_s)
     if env.launched:
-        torch_dist.init_process_group(backend, **kwargs)
+        # torch's own env:// rendezvous, with this attempt's keys under their own prefix: after an elastic
+        # restart the store still holds the dead workers' Gloo addresses, and a new worker that read one would
+        # wait on a peer that is gone.
+        store, _, _ = next(torch_dist.rendezvous("env://", env.rank, env.world_size, **kwargs))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        torch_dist.init_process_group(backend, store=torch_dist.PrefixStore(f"ddptrain/attempt-{attempt}", store),
+                                      rank=env.rank, world_size=env.world_size, **kwargs)
     else:
         torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1, **kwargs)
     console.rank = env.rank

@@ -80,6 +80,7 @@ class Trainer:
         self.last_metrics: dict[str, Any] = {}
         self.fail_at = _injected_failure(dist.rank)
         self.regression = parts.data.spec.task == "regression"
+        self.time_to_first_step: float | None = None
         self.reported_start = False
 
     # -- one optimizer step -------------------------------------------------------------------------------
@@ -160,16 +161,7 @@ class Trainer:
                 if stop:
                     self.preempted()
         stop = self.flush(log=pos.global_step % p.cfg.log_every == 0)
-        steps_done = self.steps_per_epoch - first_step
-        elapsed = time.perf_counter() - t0
-        row = {"kind": "epoch", "epoch": pos.epoch, "step": pos.global_step,
-               "train_loss": pos.epoch_loss_sum / max(pos.epoch_loss_steps, 1),
-               "samples_per_s": steps_done * p.cfg.batch_size / elapsed, "epoch_time_s": elapsed}
-        if pos.skipped_steps:
-            row["skipped_steps"] = pos.skipped_steps
-        if first_step == 0 and hasattr(self, "time_to_first_step") and not self.reported_start:
-            row["time_to_first_step_s"] = self.time_to_first_step  # process start to the first step's end
-            self.reported_start = True
+        row = self.epoch_row(self.steps_per_epoch - first_step, time.perf_counter() - t0)
         row.update(self.validate())
         improved, early_stop = self.track_best(row)
         pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
@@ -180,6 +172,18 @@ class Trainer:
         if stop:
             self.preempted()
         return early_stop
+
+    def epoch_row(self, steps_done: int, elapsed: float) -> dict[str, Any]:
+        pos = self.pos
+        row = {"kind": "epoch", "epoch": pos.epoch, "step": pos.global_step,
+               "train_loss": pos.epoch_loss_sum / max(pos.epoch_loss_steps, 1),
+               "samples_per_s": steps_done * self.p.cfg.batch_size / elapsed, "epoch_time_s": elapsed}
+        if pos.skipped_steps:
+            row["skipped_steps"] = pos.skipped_steps
+        if self.time_to_first_step is not None and not self.reported_start:
+            row["time_to_first_step_s"] = self.time_to_first_step  # from the command's start to the first step's end
+            self.reported_start = True
+        return row
 
     def flush(self, log: bool) -> bool:
         """All-reduce the window's per-step losses with the stop flag; write a step row. Returns 'stop'."""
@@ -264,7 +268,7 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         pos = self.pos
         return {"epochs": pos.epoch, "steps": pos.global_step, "best": pos.best, "best_epoch": pos.best_epoch + 1,
-                "time_to_first_step_s": getattr(self, "time_to_first_step", None), "last": self.last_metrics,
+                "time_to_first_step_s": self.time_to_first_step, "last": self.last_metrics,
                 "skipped_steps": pos.skipped_steps}
 
 
