@@ -161,3 +161,28 @@ def test_inspect(trained):
     info = json.loads(result.stdout)
     assert info["architecture"].startswith("MLP 3-16-2") and info["parameters"] == 3 * 16 + 16 + 16 * 2 + 2
     assert info["classes"] == ["benign", "malignant"] and info["epoch"] == 6 and info["world_size"] == 1
+
+
+def test_regression_eval_and_predict_in_target_units(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(500, 2))
+    y = 1000 + 80 * x[:, 0] - 30 * x[:, 1] + rng.normal(0, 5, size=500)
+    rows = ["a,b,price"] + [f"{p:.5f},{q:.5f},{t:.4f}" for (p, q), t in zip(x, y)]
+    (tmp_path / "train.csv").write_text("\n".join(rows[:401]) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join([rows[0]] + rows[401:]) + "\n")
+    fit(FitConfig(data=str(tmp_path / "train.csv"), epochs=40, hidden=(32,), batch_size=32, lr=0.01, quiet=True,
+                  out=str(tmp_path / "run")))
+    result = cli("eval", "run/checkpoints/best.pt", "--data", "test.csv", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert {"loss", "mse", "rmse", "mae", "r2"} <= metrics.keys() and metrics["rows"] == 100
+    out = tmp_path / "pred.csv"
+    predicted = cli("predict", "run/checkpoints/best.pt", "--data", "test.csv", "--out", str(out), cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr
+    pred = np.array([float(r["prediction"]) for r in csv.DictReader(out.open())])
+    truth = y[400:]
+    rmse = float(np.sqrt(np.mean((pred - truth) ** 2)))
+    assert metrics["rmse"] == pytest.approx(rmse, rel=1e-3)  # eval's RMSE is in the target's units
+    assert rmse < 20 and metrics["r2"] > 0.95  # noise is 5; a mean predictor would be ~85
