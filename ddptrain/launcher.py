@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 from ddptrain.console import console
@@ -30,6 +31,8 @@ def launch_local(nproc: int, fit_argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    # torchrun's own default for several workers, set here so it does not print a warning about it
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "ddptrain", "fit", *fit_argv])
     try:
         run(args)
