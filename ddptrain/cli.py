@@ -196,46 +196,45 @@ def main() -> None:
     """Entry point: every failure becomes one `error:` line and an exit code (tracebacks with --debug)."""
     try:
         code = app(standalone_mode=False)
-    except DDPTrainError as exc:
-        if _debug_requested():
-            traceback.print_exc()
-        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        console.error(str(exc), any_rank=exc.local, prefix_rank=exc.local and several)
-        code = exc.exit_code
     except KeyboardInterrupt:
         console.error("interrupted", any_rank=True)
         code = 130
-    except Exception as exc:  # a failure on this rank: this rank reports it, once
-        if _is_a(exc, "NoArgsIsHelpError"):
-            code = 0  # typer has printed the help
-        elif _is_a(exc, "UsageError"):  # a flag typer could not parse
-            where = exc.ctx.command_path if getattr(exc, "ctx", None) else "ddptrain"
-            console.error(f"{exc.format_message()} (see '{where} --help')")
-            code = exc.exit_code
-        elif _is_a(exc, "Abort"):
-            console.error("interrupted", any_rank=True)
-            code = 130
-        elif _is_peer_failure(exc):
-            code = EXIT_RUNTIME  # another rank failed first and reported its own error
-            if _debug_requested():
-                traceback.print_exc()
-            if console.is_main:
-                console.err.print(f"note: rank 0 stopped because another rank went away ({str(exc).splitlines()[0][-80:]}); "
-                                  "that rank's own error, if it could print one, is above")
-        elif _is_timeout(exc):
-            code = EXIT_RUNTIME
-            if _debug_requested():
-                traceback.print_exc()
-            console.error("a collective timed out: another rank is stuck or gone (the limit is --timeout); "
-                          "check the other ranks' logs")
-        else:
-            if _debug_requested():
-                traceback.print_exc()
-            console.error(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                          "(rerun with --debug for the traceback)", any_rank=True,
-                          prefix_rank=int(os.environ.get("WORLD_SIZE", "1")) > 1)
-            code = EXIT_RUNTIME
+    except Exception as exc:
+        code = report_failure(exc)
     sys.exit(code or 0)
+
+
+def report_failure(exc: Exception) -> int:
+    """Say what went wrong, once, from the rank that knows, and return the exit code."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if _is_a(exc, "NoArgsIsHelpError"):
+        return 0  # typer has printed the help
+    if _is_a(exc, "UsageError") and not isinstance(exc, DDPTrainError):  # a flag typer could not parse
+        where = exc.ctx.command_path if getattr(exc, "ctx", None) else "ddptrain"
+        console.error(f"{exc.format_message()} (see '{where} --help')")
+        return exc.exit_code
+    if _debug_requested():
+        traceback.print_exc()
+    if isinstance(exc, DDPTrainError):
+        console.error(str(exc), any_rank=exc.local, prefix_rank=exc.local and several)
+        return exc.exit_code
+    if _is_a(exc, "Abort"):
+        console.error("interrupted", any_rank=True)
+        return 130
+    if _is_peer_failure(exc):  # another rank failed first and reported its own error
+        if console.is_main:
+            console.err.print(f"note: rank 0 stopped because another rank went away "
+                              f"({str(exc).splitlines()[0][-80:]}); that rank's own error, if it could print one, "
+                              "is above")
+        return EXIT_RUNTIME
+    if _is_timeout(exc):
+        console.error("a collective timed out: another rank is stuck or gone (the limit is --timeout); "
+                      "check the other ranks' logs")
+        return EXIT_RUNTIME
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    console.error(f"{type(exc).__name__}: {first_line} (rerun with --debug for the traceback)", any_rank=True,
+                  prefix_rank=several)
+    return EXIT_RUNTIME
 
 
 PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "communicator was aborted")
