@@ -70,10 +70,8 @@ class RunDir(SilentRunDir):
         self.metrics_path = path / "metrics.jsonl"
         self._metrics = None
         self._events = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._events = SummaryWriter(log_dir=str(path / "tensorboard"))
+        self._tensorboard = tensorboard
+        self._resumed_at: int | None = None
 
     def write_config(self, config: dict[str, Any]) -> None:
         tmp = self.path / ".config.json.tmp"
@@ -84,6 +82,12 @@ class RunDir(SilentRunDir):
         if self._metrics is None:
             self._metrics = open(self.metrics_path, "a", buffering=1)  # line-buffered: tail -f works
         self._metrics.write(json.dumps(row) + "\n")
+        if self._tensorboard and self._events is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: TensorBoard hides what an earlier, interrupted attempt logged after the resumed step
+            purge = None if self._resumed_at is None else self._resumed_at + 1
+            self._events = SummaryWriter(log_dir=str(self.path / "tensorboard"), purge_step=purge)
         if self._events is not None:  # the same scalars, tagged by row kind: step/train_loss, epoch/val_loss, ...
             for key, value in row.items():
                 if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
@@ -91,6 +95,7 @@ class RunDir(SilentRunDir):
 
     def rewind(self, step: int) -> None:
         """On resume, drop rows written after the checkpoint's step, so the log has no duplicates."""
+        self._resumed_at = step if step > 0 else None
         if not self.metrics_path.exists():
             return
         rows = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]

@@ -91,6 +91,13 @@ def test_tensorboard_events_hold_the_metrics(tmp_path):
     assert {"step/train_loss", "step/lr", "epoch/train_loss", "epoch/val_loss", "epoch/val_accuracy"} <= tags
     rows = epoch_rows(tmp_path / "run")
     assert [e.value for e in events.Scalars("epoch/val_loss")] == pytest.approx([r["val_loss"] for r in rows])
+    # a resume continues the same scalars without a second copy of any step
+    fit(FitConfig(data="moons", n_samples=600, epochs=3, hidden=(16,), out=str(tmp_path / "run"), quiet=True,
+                  tensorboard=True, log_every=3, resume="auto"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("epoch/val_loss")]
+    assert steps == sorted(set(steps)) and len(steps) == 3
 
 
 def test_env_report(tmp_path):
