@@ -17,7 +17,7 @@ import typer
 from ddptrain import __version__
 from ddptrain.config import FIELD_NAMES, FitConfig, merge, read_config_file, to_toml
 from ddptrain.console import console
-from ddptrain.errors import EXIT_RUNTIME, DDPTrainError
+from ddptrain.errors import EXIT_RUNTIME, DDPTrainError, UsageError
 
 app = typer.Typer(help="Train an MLP on your table with PyTorch DistributedDataParallel, on 1 process, 1 machine "
                        "or many.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -108,7 +108,7 @@ def fit(
         from ddptrain.launcher import launch_local, strip_option
 
         if nproc_per_node < 1:
-            raise DDPTrainError("--nproc-per-node must be at least 1")
+            raise UsageError(f"--nproc-per-node {nproc_per_node} must be at least 1")
         argv = strip_option(sys.argv[sys.argv.index("fit") + 1:], "--nproc-per-node")
         if cfg.out is None:
             from ddptrain.rundir import default_out

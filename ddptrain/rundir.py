@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -54,10 +55,8 @@ class SilentRunDir:
 
 
 def check_tensorboard() -> None:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        raise DDPTrainError("--tensorboard needs the tensorboard package: pip install 'ddptrain[tensorboard]'") from None
+    if importlib.util.find_spec("tensorboard") is None:
+        raise DDPTrainError("--tensorboard needs the tensorboard package: pip install 'ddptrain[tensorboard]'")
 
 
 class RunDir(SilentRunDir):

@@ -20,7 +20,7 @@ from torch import nn
 
 from ddptrain import __version__, checkpoint
 from ddptrain.config import FitConfig, monitor_metric, monitor_mode
-from ddptrain.console import EpochProgress, console
+from ddptrain.console import EpochProgress
 from ddptrain.data import FitData, epoch_indices
 from ddptrain.dist import DistInfo, all_reduce_sum, gather_objects
 from ddptrain.errors import DDPTrainError, Preempted

@@ -116,7 +116,7 @@ def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
 
 def test_eval_json_and_direct_computation_agree(trained):
     result = cli("eval", "run/checkpoints/last.pt", "--data", "test.csv", "--json", cwd=trained)
-    # eval ignores an id column? no: the model's features must match; the test file has one extra column
+    # the test file has an id column the model never saw as a feature: eval refuses it by name
     assert result.returncode == 1 and "unexpected id" in result.stderr
     lines = (trained / "test.csv").read_text().splitlines()
     (trained / "test_noid.csv").write_text("\n".join(",".join(l.split(",")[1:]) for l in lines) + "\n")

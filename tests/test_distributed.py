@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from conftest import clean_env, cli, epoch_rows, error_lines, read_metrics, torchrun, torchrun_cmd
+from conftest import clean_env, cli, epoch_rows, error_lines, read_metrics, torchrun
 from ddptrain.checkpoint import load_checkpoint
 
 COMMON = ["--data", "blobs", "--n-samples", "1000", "--n-features", "6", "--n-classes", "3", "--hidden", "32,32",
@@ -56,7 +56,6 @@ def test_eval_under_torchrun_equals_one_process(tmp_path):
     assert fit.returncode == 0, fit.stderr
     ckpt = "run/checkpoints/last.pt"
     # 1001 rows do not divide by 2: each row must still count once
-    args = ["eval", ckpt, "--data", "blobs", "--json"]
     import numpy as np
     rng = np.random.default_rng(7)
     x = rng.normal(size=(1001, 6))
@@ -72,7 +71,6 @@ def test_eval_under_torchrun_equals_one_process(tmp_path):
         assert a["rows"] == b["rows"] == (1001 if data == "test.csv" else 1000)
         assert a["confusion"] == b["confusion"]
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6) and a["accuracy"] == b["accuracy"]
-        assert double.stdout.count("{") == a["per_class"].__len__() + 2 - 1 or True  # printed by rank 0 only
         assert len([l for l in double.stdout.splitlines() if l.startswith("{")]) == 1
 
 
@@ -85,7 +83,7 @@ def test_one_rank_raising_ends_the_job_with_its_message_once(tmp_path):
     errors = error_lines(result.stderr)
     assert errors == ["error: [rank 1] RuntimeError: injected failure at step 7 (DDPTRAIN_FAIL_AT_STEP) "
                       "(rerun with --debug for the traceback)"], result.stderr[-3000:]
-    assert "Traceback" not in result.stderr.split("error:")[0] or True
+    assert "ddptrain/train.py" not in result.stderr  # no worker traceback (torchrun's own summary aside)
 
 
 def test_bad_input_under_torchrun_is_reported_once(tmp_path):
