@@ -1,12 +1,15 @@
 """Compare world sizes, and ddptrain against hand-written loops on the same work, in one run.
 
     python benchmarks/compare.py --world-sizes 1,2 --repeats 3
+    python benchmarks/compare.py --device cuda --world-sizes 1 --hidden 8192,8192,8192,8192 --precision bf16 ...
 
 Every program runs under torchrun with one thread per process, alternately, and reports its own rank-0
 samples/s per epoch; epochs 2..E count (the first pays warm-up). Figures are ratios taken side by side:
 ddptrain / plain loop, and each program's speedup and efficiency against world size 1. Strong scaling keeps the
-global batch fixed; weak scaling keeps the per-rank batch fixed. Output: a Rich table, a JSON file, a PNG plot
-(with the `plot` extra).
+global batch fixed; weak scaling keeps the per-rank batch fixed. With --device cuda every program runs over NCCL
+with one GPU per rank and its data on the GPU (the DataLoader loop copies each batch from pinned memory), and the
+FLOP rate is compared with the same GPU's measured matmul rate in the run's precision. Output: a Rich table, a
+JSON file, a PNG plot (with the `plot` extra).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--hidden", default="256,256")
     p.add_argument("--batch-size", type=int, default=256, help="global batch at world size 1")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--programs", default=",".join(PROGRAMS))
     p.add_argument("--ddptrain-args", default="", help="extra fit flags, e.g. '--comm-hook fp16'")
     p.add_argument("--out", default="benchmarks/out", help="folder for results.json and scaling.png")
@@ -61,11 +66,13 @@ def run_program(name: str, world: int, batch: int, args: argparse.Namespace, wor
                                  "--hidden", args.hidden, "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9",
                                  "--batch-size", str(batch), "--val-fraction", "0",
                                  "--epochs", str(args.epochs), "--out", str(out / "run"), "--quiet",
+                                 "--device", args.device, "--precision", args.precision,
                                  *args.ddptrain_args.split()]
     else:
         cmd = torchrun(world) + [str(HERE / f"{name}_loop.py"), "--rows", str(args.rows), "--features",
                                  str(args.features), "--classes", str(args.classes), "--hidden", args.hidden,
-                                 "--batch-size", str(batch), "--epochs", str(args.epochs), "--out", str(result_file)]
+                                 "--batch-size", str(batch), "--epochs", str(args.epochs), "--out", str(result_file),
+                                 "--device", args.device, "--precision", args.precision]
         if name == "plain":
             cmd += ["--breakdown-steps", "30"]
     for attempt in (1, 2):
@@ -111,19 +118,31 @@ def measure(args: argparse.Namespace, workdir: Path) -> list[dict]:
     return records
 
 
-def matmul_rate() -> float:
-    """This CPU's single-thread float32 matmul rate in FLOP/s (the ceiling for one process of an MLP)."""
-    code = ("import time, torch; torch.set_num_threads(1); a = torch.randn(1024, 1024); b = torch.randn(1024, 1024)\n"
-            "for _ in range(3): a @ b\n"
-            "best = min((lambda t: (a @ b, time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(20))\n"
-            "print(2 * 1024 ** 3 / best)")
+def matmul_rate(device: str, precision: str) -> float:
+    """The ceiling for one process of an MLP, in FLOP/s: this CPU's single-thread float32 matmul rate, or the GPU's
+    matmul rate in the run's precision (8192-square bf16, or float32 without TF32), timed with CUDA events."""
+    if device == "cuda":
+        code = ("import torch; n = 8192; dt = torch.bfloat16 if %r == 'bf16' else torch.float32\n"
+                "torch.backends.cuda.matmul.allow_tf32 = False\n"
+                "a, b = (torch.randn(n, n, device='cuda', dtype=dt) for _ in range(2))\n"
+                "for _ in range(5): a @ b\n"
+                "times = []\n"
+                "for _ in range(20):\n"
+                "    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)\n"
+                "    s.record(); a @ b; e.record(); e.synchronize(); times.append(s.elapsed_time(e) / 1000)\n"
+                "print(2 * n ** 3 / sorted(times)[len(times) // 2])" % precision)
+    else:
+        code = ("import time, torch; torch.set_num_threads(1); a = torch.randn(1024, 1024); b = torch.randn(1024, 1024)\n"
+                "for _ in range(3): a @ b\n"
+                "best = min((lambda t: (a @ b, time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(20))\n"
+                "print(2 * 1024 ** 3 / best)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout)
 
 
 def flop_fraction(row: dict, args: argparse.Namespace, peak: float) -> float:
     """Training FLOP rate per process (6 FLOPs per weight per sample: forward, input and weight gradients) as a
-    fraction of the single-thread matmul rate."""
+    fraction of the matmul rate."""
     widths = [args.features, *map(int, args.hidden.split(",")), args.classes]
     macs = sum(a * b for a, b in zip(widths, widths[1:]))
     return 6 * macs * row["samples_per_s"] / row["world_size"] / peak
@@ -202,11 +221,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         records = measure(args, Path(tmp))
     rows = summarize(records)
-    peak = matmul_rate()
+    peak = matmul_rate(args.device, args.precision)
     for row in rows:
         row["matmul_fraction"] = flop_fraction(row, args, peak)
     print_table(rows)
-    console.print(f"single-thread float32 matmul rate of this CPU: {peak / 1e9:.1f} GFLOP/s")
+    what = f"{args.precision} matmul rate of this GPU" if args.device == "cuda" else \
+        "single-thread float32 matmul rate of this CPU"
+    console.print(f"{what}: " + (f"{peak / 1e12:.0f} TFLOP/s" if args.device == "cuda" else f"{peak / 1e9:.1f} GFLOP/s"))
     (out / "results.json").write_text(json.dumps({"args": vars(args), "matmul_flops": peak, "summary": rows,
                                                   "runs": records}, indent=2))
     console.print(f"results: {out / 'results.json'}")

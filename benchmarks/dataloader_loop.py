@@ -1,4 +1,5 @@
-"""The textbook loop: TensorDataset + DataLoader + DistributedSampler. A second reference point."""
+"""The textbook loop: TensorDataset + DataLoader + DistributedSampler. A second reference point.
+On a GPU the data stays in pinned host memory and each batch is copied over, as the textbook does."""
 
 from __future__ import annotations
 
@@ -12,23 +13,28 @@ from workload import reference_args, report, setup
 
 def main() -> None:
     args = reference_args()
-    rank, world, x, y, ddp, opt = setup(args)
-    dataset = TensorDataset(x, y)
+    w = setup(args, data_on_device=False)
+    dataset = TensorDataset(w.x, w.y)
     sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler, drop_last=True)
+    loader = DataLoader(dataset, batch_size=args.batch_size // w.world, sampler=sampler, drop_last=True,
+                        pin_memory=w.device.type == "cuda")
     loss_fn = nn.CrossEntropyLoss()
     rates = []
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
+        w.sync()
         start, seen = time.perf_counter(), 0
         for xb, yb in loader:
-            loss = loss_fn(ddp(xb), yb)
+            xb, yb = xb.to(w.device, non_blocking=True), yb.to(w.device, non_blocking=True)
+            with w.autocast(args.precision):
+                loss = loss_fn(w.ddp(xb), yb)
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            seen += len(xb) * world
+            w.opt.step()
+            w.opt.zero_grad(set_to_none=True)
+            seen += len(xb) * w.world
+        w.sync()
         rates.append(seen / (time.perf_counter() - start))
-    report(args, rank, rates)
+    report(args, w.rank, rates)
 
 
 if __name__ == "__main__":

@@ -13,25 +13,28 @@ from workload import breakdown, reference_args, report, setup
 
 def main() -> None:
     args = reference_args()
-    rank, world, x, y, ddp, opt = setup(args)
-    per_rank = args.batch_size // world
-    steps = len(x) // args.batch_size
+    w = setup(args)
+    per_rank = args.batch_size // w.world
+    steps = len(w.x) // args.batch_size
     loss_fn = nn.CrossEntropyLoss()
     rates = []
     for epoch in range(args.epochs):
+        w.sync()
         start = time.perf_counter()
         g = torch.Generator().manual_seed(args.seed + epoch)
-        perm = torch.randperm(len(x), generator=g)
+        perm = torch.randperm(len(w.x), generator=g).to(w.device)
         for step in range(steps):
-            idx = perm[step * args.batch_size + rank * per_rank: step * args.batch_size + (rank + 1) * per_rank]
-            loss = loss_fn(ddp(x[idx]), y[idx])
+            idx = perm[step * args.batch_size + w.rank * per_rank: step * args.batch_size + (w.rank + 1) * per_rank]
+            with w.autocast(args.precision):
+                loss = loss_fn(w.ddp(w.x[idx]), w.y[idx])
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            w.opt.step()
+            w.opt.zero_grad(set_to_none=True)
+        w.sync()
         rates.append(steps * args.batch_size / (time.perf_counter() - start))
-    extra = {"breakdown_s": breakdown(ddp, opt, x, y, rank, world, per_rank, args.breakdown_steps)} \
+    extra = {"breakdown_s": breakdown(w, per_rank, args.breakdown_steps, args.precision)} \
         if args.breakdown_steps else {}
-    report(args, rank, rates, extra)
+    report(args, w.rank, rates, extra)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,11 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def synchronize(self) -> None:
+        """Wait for this rank's queued GPU work (before reading a clock); CPU work is already done."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
 
 def launch_env() -> LaunchEnv:
     """Read torchrun's variables; a partial set is a usage error, not a hang."""

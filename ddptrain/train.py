@@ -161,6 +161,7 @@ class Trainer:
                 if stop:
                     self.preempted()
         stop = self.flush(log=pos.global_step % p.cfg.log_every == 0)
+        p.dist.synchronize()  # the epoch's time includes its last optimizer step on a GPU
         row = self.epoch_row(self.steps_per_epoch - first_step, time.perf_counter() - t0)
         row.update(self.validate())
         improved, early_stop = self.track_best(row)

@@ -1,22 +1,82 @@
-"""GPU checks (NCCL, bf16): skipped where no CUDA device is present."""
+"""GPU checks (NCCL, bf16, fp16 with a GradScaler, compile, exact resume with CUDA RNG, GPU checkpoints on CPU):
+skipped where no CUDA device is present."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
-from conftest import epoch_rows, torchrun
+from conftest import cli, epoch_rows, torchrun
+from ddptrain.checkpoint import load_checkpoint
+from ddptrain.config import FitConfig
+from ddptrain.run import fit
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_nccl_bf16_fit_on_gpu(tmp_path):
-    from ddptrain.config import FitConfig
-    from ddptrain.run import fit
+def on_gpu(tmp_path, name="run", **overrides) -> FitConfig:
+    values = dict(data="spirals", n_samples=2048, epochs=5, batch_size=64, hidden=(64, 64), device="cuda",
+                  out=str(tmp_path / name), log_every=5, quiet=True)
+    values.update(overrides)
+    return FitConfig(**values)
 
-    fit(FitConfig(data="spirals", epochs=5, precision="bf16", device="cuda", out=str(tmp_path / "run"), quiet=True))
+
+def final_weights(run_dir):
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def test_nccl_bf16_fit_on_gpu(tmp_path):
+    fit(on_gpu(tmp_path, precision="bf16"))
     rows = epoch_rows(tmp_path / "run")
     assert rows[-1]["val_accuracy"] > 0.9
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_fp16_with_grad_scaler_on_gpu(tmp_path):
+    fit(on_gpu(tmp_path, precision="fp16"))
+    assert epoch_rows(tmp_path / "run")[-1]["val_accuracy"] > 0.9
+    scaler = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["scaler"]
+    assert scaler is not None and scaler["scale"] > 0
+
+
+def test_bf16_comm_hook_over_nccl(tmp_path):
+    fit(on_gpu(tmp_path, comm_hook="bf16"))
+    assert epoch_rows(tmp_path / "run")[-1]["val_accuracy"] > 0.9
+
+
+def test_compile_on_gpu(tmp_path):
+    fit(on_gpu(tmp_path, compile=True, epochs=3))
+    rows = epoch_rows(tmp_path / "run")
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["val_accuracy"] > 0.8
+
+
+def test_resume_mid_epoch_is_exact_on_gpu(tmp_path):
+    # dropout draws from the CUDA generator, so its state must come back from the checkpoint too
+    opts = dict(epochs=3, dropout=0.2, checkpoint_every=7, keep_last=100, scheduler="cosine")
+    fit(on_gpu(tmp_path, "straight", **opts))
+    mid = tmp_path / "straight" / "checkpoints" / "step-00000035.pt"  # 25 steps an epoch: inside epoch 2
+    assert load_checkpoint(mid)["position"]["step_in_epoch"] == 10
+    fit(on_gpu(tmp_path, "resumed", resume=str(mid), **opts))
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_gpu_checkpoint_evaluates_on_cpu(tmp_path):
+    result = torchrun(1, "fit", "--data", "blobs", "--n-classes", "4", "--n-features", "8", "--epochs", "3",
+                      "--device", "cuda", "--out", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "nccl" in result.stdout
+    scores = {}
+    for device in ("cpu", "cuda"):
+        out = cli("eval", "run/checkpoints/best.pt", "--data", "blobs", "--json", "--device", device, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        scores[device] = json.loads(out.stdout)
+    assert scores["cpu"]["accuracy"] == pytest.approx(scores["cuda"]["accuracy"], abs=1e-3)
+    assert scores["cpu"]["loss"] == pytest.approx(scores["cuda"]["loss"], rel=1e-3)
+    assert scores["cpu"]["accuracy"] > 0.9
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
