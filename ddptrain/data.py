@@ -67,11 +67,12 @@ class FitData:
 
 
 def load_table(source: str, seed: int, n_samples: int, n_features: int | None = None,
-               n_classes: int | None = None, noise: float | None = None) -> Table:
-    """A file path, or the name of a built-in dataset generated from `seed`."""
+               n_classes: int | None = None, noise: float | None = None, problem_seed: int | None = None) -> Table:
+    """A file path, or the name of a built-in dataset: rows drawn with `seed` from the problem that
+    `problem_seed` (the training seed) poses."""
     if looks_like_path(source):
         return read_table(source)
-    x, y = datasets.generate(source, n_samples, seed, n_features, n_classes, noise)
+    x, y = datasets.generate(source, n_samples, seed, n_features, n_classes, noise, problem_seed)
     names = [f"x{j}" for j in range(x.shape[1])] + ["y"]
     return Table(source, names, [x[:, j] for j in range(x.shape[1])] + [y], False)
 
@@ -165,7 +166,7 @@ def prepare_fit_data(cfg: FitConfig) -> FitData:
     train = _to_split(spec, x[train_rows], y[train_rows])
     if cfg.val_data:
         val: Split | None = labelled_split(spec, load_table(cfg.val_data, cfg.seed + 1, cfg.n_samples, cfg.n_features,
-                                                            cfg.n_classes, cfg.noise))
+                                                            cfg.n_classes, cfg.noise, problem_seed=cfg.seed))
     else:
         val = _to_split(spec, x[val_rows], y[val_rows]) if len(val_rows) else None
     return FitData(spec, train, val)

@@ -35,9 +35,10 @@ def load_model(state: dict[str, Any], device: torch.device) -> tuple[nn.Module, 
 
 
 def _table_for(cfg: FitConfig, source: str, seed: int | None):
-    """A file, or a built-in dataset drawn afresh (seed + 1 by default, so it is not the training sample)."""
+    """A file, or fresh rows of the built-in problem the model was trained on (seed + 1 by default, so they are not
+    the training sample)."""
     return load_table(source, cfg.seed + 1 if seed is None else seed, cfg.n_samples, cfg.n_features,
-                      cfg.n_classes, cfg.noise)
+                      cfg.n_classes, cfg.noise, problem_seed=cfg.seed)
 
 
 def evaluate_checkpoint(path: Path, source: str, seed: int | None, as_json: bool, device_name: str) -> dict[str, Any]:

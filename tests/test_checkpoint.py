@@ -186,3 +186,20 @@ def test_regression_eval_and_predict_in_target_units(tmp_path):
     rmse = float(np.sqrt(np.mean((pred - truth) ** 2)))
     assert metrics["rmse"] == pytest.approx(rmse, rel=1e-3)  # eval's RMSE is in the target's units
     assert rmse < 20 and metrics["r2"] > 0.95  # noise is 5; a mean predictor would be ~85
+
+
+@pytest.mark.parametrize("data, extra, metric", [
+    ("blobs", ("--n-classes", "4", "--n-features", "8"), "accuracy"),
+    ("regression", ("--n-features", "4"), "r2"),
+])
+def test_eval_on_a_builtin_draws_fresh_rows_of_the_same_problem(tmp_path, data, extra, metric):
+    # blobs' centres and the regression's weights come from the training seed; eval's rows from seed + 1
+    trained = cli("fit", "--data", data, *extra, "--epochs", "6", "--hidden", "32", "--out", "run", "--quiet",
+                  cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    val = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    result = cli("eval", "run/checkpoints/best.pt", "--data", data, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    fresh = json.loads(result.stdout)
+    assert fresh[metric] > (0.95 if metric == "accuracy" else 0.8)
+    assert fresh[metric] == pytest.approx(val[f"val_{metric}"], abs=0.05)

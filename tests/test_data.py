@@ -107,3 +107,16 @@ def test_eval_shards_cover_every_row_once():
     for n in (10, 11, 1):
         rows = [i for r in range(3) for i in range(n)[eval_shard(n, r, 3)]]
         assert rows == list(range(n))
+
+
+def test_builtin_problem_is_fixed_by_the_problem_seed_and_rows_by_the_seed():
+    from ddptrain.datasets import generate
+
+    x0, y0 = generate("blobs", 2000, seed=0, n_features=5, n_classes=3)
+    x1, y1 = generate("blobs", 2000, seed=1, n_features=5, n_classes=3, problem_seed=0)
+    assert not np.array_equal(x0, x1)  # other rows
+    centres0 = np.stack([x0[y0 == k].mean(0) for k in range(3)])
+    centres1 = np.stack([x1[y1 == k].mean(0) for k in range(3)])
+    assert np.allclose(centres0, centres1, atol=0.2)  # the same problem
+    x2, y2 = generate("blobs", 2000, seed=1, n_features=5, n_classes=3)
+    assert not np.allclose(np.stack([x2[y2 == k].mean(0) for k in range(3)]), centres0, atol=0.2)
