@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -148,6 +149,18 @@ def flop_fraction(row: dict, args: argparse.Namespace, peak: float) -> float:
     return 6 * macs * row["samples_per_s"] / row["world_size"] / peak
 
 
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median: the order statistics x(k) and x(n+1-k) with the
+    largest k for which P(Binomial(n, 1/2) < k) <= (1 - level) / 2. With fewer than 6 values it is the full range
+    (and covers less than `level`)."""
+    xs, n = sorted(values), len(values)
+    k, tail = 1, 0.5 ** n  # tail = P(X < k) for the next k
+    while k < n // 2 and tail + math.comb(n, k) * 0.5 ** n <= (1 - level) / 2:
+        tail += math.comb(n, k) * 0.5 ** n
+        k += 1
+    return xs[k - 1], xs[n - k]
+
+
 def summarize(records: list[dict]) -> list[dict]:
     rows = []
     keys = sorted({(r["mode"], r["world_size"], r["program"]) for r in records})
@@ -160,7 +173,8 @@ def summarize(records: list[dict]) -> list[dict]:
                   if p["program"] == "plain" and (p["mode"], p["world_size"], p["repeat"]) == (mode, world, r["repeat"])]
         row = {"mode": mode, "world_size": world, "program": program, "samples_per_s": rate, "speedup": speedup,
                "efficiency": speedup / (world / min(x["world_size"] for x in records)),
-               "vs_plain_median": statistics.median(ratios) if ratios else None, "vs_plain_all": ratios}
+               "vs_plain_median": statistics.median(ratios) if ratios else None, "vs_plain_all": ratios,
+               "vs_plain_ci95": median_ci(ratios) if ratios else None}
         breakdown = [r["breakdown_s"] for r in mine if "breakdown_s" in r]
         if breakdown:
             row["breakdown_ms"] = {k: 1000 * statistics.median(b[k] for b in breakdown) for k in breakdown[0]}
@@ -170,14 +184,16 @@ def summarize(records: list[dict]) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     table = Table(title="ddptrain benchmark (rank-0 samples/s over epochs 2..E, median over repeats)")
-    for column in ("scaling", "world", "program", "samples/s", "speedup", "efficiency", "vs plain loop",
+    for column in ("scaling", "world", "program", "samples/s", "speedup", "efficiency",
+                   "vs plain loop: median (95% CI)",
                    "of matmul peak", "step split ms (data / fwd+bwd / all-reduce / optim)"):
         table.add_column(column)
     for r in rows:
         split = r.get("breakdown_ms")
         table.add_row(r["mode"], str(r["world_size"]), r["program"], f"{r['samples_per_s']:,.0f}",
                       f"{r['speedup']:.2f}x", f"{r['efficiency']:.0%}",
-                      f"{r['vs_plain_median']:.3f}x" if r["vs_plain_median"] is not None else "-",
+                      f"{r['vs_plain_median']:.3f}x ({r['vs_plain_ci95'][0]:.2f}–{r['vs_plain_ci95'][1]:.2f})"
+                      if r["vs_plain_median"] is not None and r["program"] != "plain" else "-",
                       f"{r['matmul_fraction']:.0%}",
                       " / ".join(f"{v:.2f}" for v in split.values()) if split else "")
     console.print(table)

@@ -80,34 +80,43 @@ class Trainer:
         self.last_metrics: dict[str, Any] = {}
         self.fail_at = _injected_failure(dist.rank)
         self.regression = parts.data.spec.task == "regression"
+        self.checks_grad_norm = cfg.clip_grad is not None or cfg.nan_policy == "skip"
         self.time_to_first_step: float | None = None
         self.reported_start = False
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        p, accum = self.p, self.p.cfg.grad_accum
-        losses = []
-        for k in range(accum):
-            xs, ys = (x, y) if accum == 1 else (x[k * self.micro_batch:(k + 1) * self.micro_batch],
-                                                y[k * self.micro_batch:(k + 1) * self.micro_batch])
-            # Gradients are all-reduced only on the last micro-step (no_sync on the others).
-            with p.ddp.no_sync() if k < accum - 1 else nullcontext():
-                with self.autocast:
-                    out = p.forward(xs)
-                    loss = p.loss_fn(out.squeeze(1) if self.regression else out, ys)
-                if accum > 1:
-                    loss = loss / accum
-                (p.scaler.scale(loss) if p.scaler else loss).backward()
-            losses.append(loss.detach())
+        """One optimizer step on this rank's batch; returns its loss, detached, still on the device."""
+        accum = self.p.cfg.grad_accum
+        if accum == 1:
+            loss = self._forward_backward(x, y, 1)
+        else:
+            losses = []
+            for k in range(accum):
+                micro = slice(k * self.micro_batch, (k + 1) * self.micro_batch)
+                # Gradients are all-reduced only on the last micro-step (no_sync on the others).
+                with self.p.ddp.no_sync() if k < accum - 1 else nullcontext():
+                    losses.append(self._forward_backward(x[micro], y[micro], accum))
+            loss = torch.stack(losses).sum()
         if not self._finish_step():
             self.pos.skipped_steps += 1
-        return losses[0] if accum == 1 else torch.stack(losses).sum()
+        return loss
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, accum: int) -> torch.Tensor:
+        p = self.p
+        with self.autocast:
+            out = p.forward(x)
+            loss = p.loss_fn(out.squeeze(1) if self.regression else out, y)
+        if accum > 1:
+            loss = loss / accum
+        (p.scaler.scale(loss) if p.scaler else loss).backward()
+        return loss.detach()
 
     def _finish_step(self) -> bool:
         p = self.p
         if p.scaler:
             p.scaler.unscale_(p.optimizer)
-        if p.cfg.clip_grad is not None or p.cfg.nan_policy == "skip":
+        if self.checks_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), p.cfg.clip_grad or math.inf)
             # Gradients are already all-reduced, so every rank sees the same norm and skips alike.
             if p.cfg.nan_policy == "skip" and not p.scaler and not torch.isfinite(norm).item():
@@ -137,12 +146,13 @@ class Trainer:
 
     def run_epoch(self) -> bool:
         p, pos = self.p, self.pos
+        t0 = self.window_start = time.perf_counter()  # the epoch's time counts everything in it, its order too
+        cpu0 = time.process_time()
         train = p.data.train
         order = epoch_indices(len(train), p.cfg.seed, pos.epoch, p.dist.rank, p.dist.world_size).to(train.x.device)
         if pos.step_in_epoch == 0:
             pos.epoch_loss_sum, pos.epoch_loss_steps = 0.0, 0
-        first_step, t0 = pos.step_in_epoch, time.perf_counter()
-        self.window_start = t0
+        first_step = pos.step_in_epoch
         self.progress.start_epoch(pos.epoch, self.steps_per_epoch, first_step)
         for step in range(first_step, self.steps_per_epoch):
             idx = order[step * self.rank_batch:(step + 1) * self.rank_batch]
@@ -162,7 +172,7 @@ class Trainer:
                     self.preempted()
         stop = self.flush(log=pos.global_step % p.cfg.log_every == 0)
         p.dist.synchronize()  # the epoch's time includes its last optimizer step on a GPU
-        row = self.epoch_row(self.steps_per_epoch - first_step, time.perf_counter() - t0)
+        row = self.epoch_row(self.steps_per_epoch - first_step, time.perf_counter() - t0, time.process_time() - cpu0)
         row.update(self.validate())
         improved, early_stop = self.track_best(row)
         pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
@@ -174,11 +184,12 @@ class Trainer:
             self.preempted()
         return early_stop
 
-    def epoch_row(self, steps_done: int, elapsed: float) -> dict[str, Any]:
+    def epoch_row(self, steps_done: int, elapsed: float, cpu: float) -> dict[str, Any]:
         pos = self.pos
         row = {"kind": "epoch", "epoch": pos.epoch, "step": pos.global_step,
                "train_loss": pos.epoch_loss_sum / max(pos.epoch_loss_steps, 1),
-               "samples_per_s": steps_done * self.p.cfg.batch_size / elapsed, "epoch_time_s": elapsed}
+               "samples_per_s": steps_done * self.p.cfg.batch_size / elapsed, "epoch_time_s": elapsed,
+               "epoch_cpu_s": cpu}  # this process's CPU time, all threads: far below wall time means starved
         if pos.skipped_steps:
             row["skipped_steps"] = pos.skipped_steps
         if self.time_to_first_step is not None and not self.reported_start:

@@ -41,7 +41,8 @@ def test_fit_writes_run_folder(tmp_path):
     steps = [r for r in rows if r["kind"] == "step"]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
     for row in epochs:
-        assert {"train_loss", "samples_per_s", "epoch_time_s", "val_loss", "val_accuracy", "step"} <= row.keys()
+        assert {"train_loss", "samples_per_s", "epoch_time_s", "epoch_cpu_s", "val_loss", "val_accuracy", "step"} <= row.keys()
+        assert 0 < row["epoch_cpu_s"] and 0 < row["epoch_time_s"]
     assert all({"step", "epoch", "train_loss", "lr", "samples_per_s"} <= r.keys() for r in steps)
     assert [r["step"] for r in steps] == list(range(5, 3 * (409 // 32) + 1, 5))
     assert summary["epochs"] == 3 and epochs[-1]["val_accuracy"] > 0.8
