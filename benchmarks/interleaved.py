@@ -42,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--hidden", default="256,256")
     p.add_argument("--batch-size", type=int, default=256, help="global batch")
+    p.add_argument("--log-every", type=int, default=20, help="ddptrain's --log-every (its loss all-reduce)")
     p.add_argument("--out", default="benchmarks/out/interleaved.json")
     return p.parse_args()
 
@@ -75,7 +76,8 @@ def main() -> None:
     console.quiet = True
     cfg = FitConfig(data="blobs", n_samples=args.rows, n_features=args.features, n_classes=args.classes,
                     hidden=tuple(int(h) for h in args.hidden.split(",")), optimizer="sgd", lr=0.05, momentum=0.9,
-                    batch_size=args.batch_size, val_fraction=0.0, epochs=args.rounds, quiet=True)
+                    batch_size=args.batch_size, val_fraction=0.0, epochs=args.rounds, log_every=args.log_every,
+                    quiet=True)
     data = prepare_fit_data(cfg)
     with tempfile.TemporaryDirectory() as tmp, process_group("cpu", "gloo") as dist:
         run = RunDir(Path(tmp) / "run") if dist.is_main else SilentRunDir(Path(tmp) / "run")

@@ -248,4 +248,6 @@ def _is_peer_failure(exc: BaseException) -> bool:
 
 def _is_timeout(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return "timed out" in text or "timeout" in text and ("gloo" in text or "nccl" in text or "wait" in text)
+    # Gloo says "Application timeout caused pair closure" when a background (async) collective times out.
+    return ("timed out" in text or "timeout caused pair closure" in text
+            or "timeout" in text and ("gloo" in text or "nccl" in text or "wait" in text))

@@ -118,6 +118,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def start_all_reduce_sum(tensor: torch.Tensor) -> torch_dist.Work:
+    """The same, in the background: `.wait()` on the result, then read `tensor`."""
+    return torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, async_op=True)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     torch_dist.broadcast_object_list(box, src=src)

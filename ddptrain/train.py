@@ -1,8 +1,9 @@
 """The training loop over built objects: train_step, run_epoch, validate, save.
 
-Losses stay on the device between sync points: every `--log-every` steps (and at checkpoints and epoch ends)
-one all-reduce carries the window's per-step losses and the stop flag, so ranks agree on preemption and
-non-finite losses at the same step without a per-step sync.
+Losses stay on the device between sync points: every `--log-every` steps one all-reduce carries the window's
+per-step losses and the stop flag, so ranks agree on preemption and non-finite losses at the same step without a
+per-step sync. It runs in the background while the next window trains and is read at the next flush (a window
+late); checkpoints and epoch ends wait for all of them, so what is saved and logged per epoch is complete.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ddptrain import __version__, checkpoint
 from ddptrain.config import FitConfig, monitor_metric, monitor_mode
 from ddptrain.console import EpochProgress
 from ddptrain.data import FitData, epoch_indices
-from ddptrain.dist import DistInfo, all_reduce_sum, gather_objects
+from ddptrain.dist import DistInfo, gather_objects, start_all_reduce_sum
 from ddptrain.errors import DDPTrainError, Preempted
 from ddptrain.metrics import evaluation_sums, metrics_from_sums, validation_row
 from ddptrain.model import ModelSpec
@@ -64,6 +65,20 @@ class Parts:
     stop: StopRequest = field(default_factory=StopRequest)
 
 
+@dataclass
+class WindowReduce:
+    """A window's losses and stop flag, being all-reduced in the background."""
+
+    work: Any  # torch.distributed.Work
+    values: torch.Tensor
+    last_step: int
+    epoch: int
+    step_in_epoch: int
+    log: bool
+    lr: float
+    samples_per_s: float
+
+
 class Trainer:
     def __init__(self, parts: Parts, position: Position, started_at: float) -> None:
         self.p = parts
@@ -76,6 +91,7 @@ class Trainer:
         self.autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
                          if cfg.precision != "fp32" else nullcontext())
         self.window: list[torch.Tensor] = []
+        self.reducing: list[WindowReduce] = []  # started all-reduces, oldest first (at most two)
         self.progress = EpochProgress(cfg.epochs)
         self.last_metrics: dict[str, Any] = {}
         self.fail_at = _injected_failure(dist.rank)
@@ -165,12 +181,14 @@ class Trainer:
             on_log = pos.global_step % p.cfg.log_every == 0
             on_ckpt = p.cfg.checkpoint_every and pos.global_step % p.cfg.checkpoint_every == 0
             if (on_log or on_ckpt) and step + 1 < self.steps_per_epoch:
-                stop = self.flush(log=on_log)
+                stop = self.flush(log=on_log, wait=on_ckpt)
+                if stop:
+                    self.flush(log=False, wait=True)  # a checkpoint holds every loss so far
                 if on_ckpt or stop:
                     self.save()
                 if stop:
                     self.preempted()
-        stop = self.flush(log=pos.global_step % p.cfg.log_every == 0)
+        stop = self.flush(log=pos.global_step % p.cfg.log_every == 0, wait=True)
         p.dist.synchronize()  # the epoch's time includes its last optimizer step on a GPU
         row = self.epoch_row(self.steps_per_epoch - first_step, time.perf_counter() - t0, time.process_time() - cpu0)
         row.update(self.validate())
@@ -197,31 +215,42 @@ class Trainer:
             self.reported_start = True
         return row
 
-    def flush(self, log: bool) -> bool:
-        """All-reduce the window's per-step losses with the stop flag; write a step row. Returns 'stop'."""
+    def flush(self, log: bool, wait: bool = False) -> bool:
+        """Start the all-reduce of the window's per-step losses and the stop flag; finish the one started at the
+        previous flush (its latency hidden behind a window of training) or, with `wait`, every one. Returns
+        whether any rank asked to stop, as of the finished ones: every rank gets the same answer at the same step."""
+        if self.window:
+            p, pos = self.p, self.pos
+            flag = torch.tensor([1.0 if p.stop.requested else 0.0], device=self.window[0].device)
+            values = torch.cat([torch.stack(self.window).float(), flag])
+            now = time.perf_counter()
+            rate = len(self.window) * p.cfg.batch_size / max(now - self.window_start, 1e-9)
+            self.reducing.append(WindowReduce(start_all_reduce_sum(values), values, pos.global_step, pos.epoch,
+                                              pos.step_in_epoch, log, p.optimizer.param_groups[0]["lr"], rate))
+            self.window, self.window_start = [], now
+        stop = False
+        while len(self.reducing) > (0 if wait else 1):
+            stop |= self._finish_reduce(self.reducing.pop(0))
+        return stop
+
+    def _finish_reduce(self, reduce: WindowReduce) -> bool:
         p, pos = self.p, self.pos
-        if not self.window:
-            return False
-        flag = torch.tensor([1.0 if p.stop.requested else 0.0], device=self.window[0].device)
-        values = all_reduce_sum(torch.cat([torch.stack(self.window).float(), flag])).tolist()
+        reduce.work.wait()
+        values = reduce.values.tolist()
         losses, stop = values[:-1], values[-1] > 0
-        first_step = pos.global_step - len(losses) + 1
-        self.window = []
         finite = [v / p.dist.world_size for v in losses if math.isfinite(v)]
         if len(finite) < len(losses) and p.cfg.nan_policy == "stop":
-            bad = first_step + next(i for i, v in enumerate(losses) if not math.isfinite(v))
-            raise DDPTrainError(f"non-finite loss at step {bad} (epoch {pos.epoch + 1}); the last good checkpoint "
+            bad = reduce.last_step - len(losses) + 1 + next(i for i, v in enumerate(losses) if not math.isfinite(v))
+            raise DDPTrainError(f"non-finite loss at step {bad} (epoch {reduce.epoch + 1}); the last good checkpoint "
                                 "is kept; lower --lr, add --clip-grad, or use --nan-policy skip")
         pos.epoch_loss_sum += sum(finite)
         pos.epoch_loss_steps += len(finite)
-        now = time.perf_counter()
-        if log:
-            row = {"kind": "step", "step": pos.global_step, "epoch": pos.epoch,
-                   "train_loss": sum(finite) / max(len(finite), 1), "lr": p.optimizer.param_groups[0]["lr"],
-                   "samples_per_s": len(losses) * p.cfg.batch_size / max(now - self.window_start, 1e-9)}
+        if reduce.log:
+            row = {"kind": "step", "step": reduce.last_step, "epoch": reduce.epoch,
+                   "train_loss": sum(finite) / max(len(finite), 1), "lr": reduce.lr,
+                   "samples_per_s": reduce.samples_per_s}
             p.run.append(row)
-            self.progress.update(row, pos.step_in_epoch, self.steps_per_epoch)
-        self.window_start = now
+            self.progress.update(row, reduce.step_in_epoch, self.steps_per_epoch)
         return stop
 
     def validate(self) -> dict[str, float]:
