@@ -19,11 +19,11 @@ def main() -> None:
     loader = DataLoader(dataset, batch_size=args.batch_size // w.world, sampler=sampler, drop_last=True,
                         pin_memory=w.device.type == "cuda")
     loss_fn = nn.CrossEntropyLoss()
-    rates = []
+    rates, cpu_rates = [], []
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         w.sync()
-        start, seen = time.perf_counter(), 0
+        start, cpu_start, seen = time.perf_counter(), time.process_time(), 0
         for xb, yb in loader:
             xb, yb = xb.to(w.device, non_blocking=True), yb.to(w.device, non_blocking=True)
             with w.autocast(args.precision):
@@ -34,7 +34,8 @@ def main() -> None:
             seen += len(xb) * w.world
         w.sync()
         rates.append(seen / (time.perf_counter() - start))
-    report(args, w.rank, rates)
+        cpu_rates.append(seen / (time.process_time() - cpu_start))
+    report(args, w.rank, rates, {"cpu_samples_per_s": cpu_rates})
 
 
 if __name__ == "__main__":

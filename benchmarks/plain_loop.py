@@ -17,10 +17,10 @@ def main() -> None:
     per_rank = args.batch_size // w.world
     steps = len(w.x) // args.batch_size
     loss_fn = nn.CrossEntropyLoss()
-    rates = []
+    rates, cpu_rates = [], []
     for epoch in range(args.epochs):
         w.sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         g = torch.Generator().manual_seed(args.seed + epoch)
         perm = torch.randperm(len(w.x), generator=g).to(w.device)
         for step in range(steps):
@@ -32,8 +32,10 @@ def main() -> None:
             w.opt.zero_grad(set_to_none=True)
         w.sync()
         rates.append(steps * args.batch_size / (time.perf_counter() - start))
-    extra = {"breakdown_s": breakdown(w, per_rank, args.breakdown_steps, args.precision)} \
-        if args.breakdown_steps else {}
+        cpu_rates.append(steps * args.batch_size / (time.process_time() - cpu_start))
+    extra = {"cpu_samples_per_s": cpu_rates}
+    if args.breakdown_steps:
+        extra["breakdown_s"] = breakdown(w, per_rank, args.breakdown_steps, args.precision)
     report(args, w.rank, rates, extra)
 
 
