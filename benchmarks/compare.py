@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -80,7 +81,10 @@ def run_program(name: str, world: int, batch: int, args: argparse.Namespace, wor
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=workdir)
         if proc.returncode == 0:
             break
-        # Seen rarely on these shared machines: a Gloo worker aborting at exit. One retry, said out loud.
+        if name == "ddptrain":  # the retry writes a fresh run folder (ddptrain never overwrites one)
+            shutil.rmtree(out / "run", ignore_errors=True)
+        # Seen rarely on these shared machines: a Gloo worker aborting at exit ("terminate called without an
+        # active exception", SIGABRT) after the work is done. One retry, said out loud.
         log = workdir.parent / f"failed-{name}-{world}-{attempt}-{os.getpid()}.log"
         log.write_text(proc.stdout + proc.stderr)
         said = [line for line in proc.stderr.splitlines() if line.startswith("error:") or "Error" in line]
