@@ -140,3 +140,13 @@ def test_nan_skip_counts_skipped_steps(tmp_path):
 def test_early_stop(tmp_path):
     summary = fit(small(tmp_path, epochs=30, early_stop=1, monitor="val_accuracy", lr=0.05))
     assert summary["epochs"] < 30
+
+
+def test_step_rows_carry_the_lr_of_their_own_step(tmp_path):
+    # the loss all-reduce is read a window late; the row must still say the rate at its own step
+    fit(small(tmp_path, epochs=2, scheduler="linear", optimizer="sgd", lr=0.1))
+    total = 2 * (409 // 32)
+    steps = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(5, total + 1, 5))
+    for row in steps:
+        assert row["lr"] == pytest.approx(0.1 * (1 - row["step"] / total)), row
