@@ -102,12 +102,14 @@ def run_program(name: str, world: int, batch: int, args: argparse.Namespace, wor
         data = json.loads(result_file.read_text())
         rates, cpu_rates = data.pop("samples_per_s"), data.pop("cpu_samples_per_s")
         extra = data
-    measured = rates[1:] if len(rates) > 1 else rates
-    cpu_measured = cpu_rates[1:] if len(cpu_rates) > 1 else cpu_rates
-    # all samples of epochs 2..E over their total time (the harmonic mean of equal-sized epochs); the same over
-    # rank 0's process CPU time, which does not count time the machine's other tenants held the core
-    extra["cpu_samples_per_s"] = statistics.harmonic_mean(cpu_measured)
-    return {"samples_per_s": statistics.harmonic_mean(measured), **extra}
+    # the same over rank 0's process CPU time, which does not count time the machine's other tenants held the core
+    extra["cpu_samples_per_s"] = after_warmup(cpu_rates)
+    return {"samples_per_s": after_warmup(rates), **extra}
+
+
+def after_warmup(epoch_rates: list[float]) -> float:
+    """All samples of epochs 2..E over their total time: the harmonic mean of equal-sized epochs' rates."""
+    return statistics.harmonic_mean(epoch_rates[1:] if len(epoch_rates) > 1 else epoch_rates)
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> list[dict]:

@@ -21,9 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from compare import median_ci
 from ddptrain.config import FitConfig
 from ddptrain.console import console
@@ -32,6 +29,7 @@ from ddptrain.dist import process_group
 from ddptrain.rundir import RunDir, SilentRunDir
 from ddptrain.run import build_parts
 from ddptrain.train import Position, Trainer
+from plain_loop import plain_epoch
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,21 +45,11 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def plain_epoch(parts, epoch: int) -> tuple[float, float]:
+def timed_plain_epoch(parts, epoch: int) -> tuple[float, float]:
     """plain_loop.py's epoch on ddptrain's model, optimizer and tensors: (wall s, CPU s)."""
-    x, y, ddp, opt = parts.data.train.x, parts.data.train.y, parts.ddp, parts.optimizer
-    rank, world, batch = parts.dist.rank, parts.dist.world_size, parts.cfg.batch_size
-    per_rank, steps = batch // world, len(x) // batch
-    loss_fn = nn.CrossEntropyLoss()
     wall, cpu = time.perf_counter(), time.process_time()
-    g = torch.Generator().manual_seed(1000 + epoch)
-    perm = torch.randperm(len(x), generator=g)
-    for step in range(steps):
-        idx = perm[step * batch + rank * per_rank: step * batch + (rank + 1) * per_rank]
-        loss = loss_fn(ddp(x[idx]), y[idx])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    plain_epoch(parts.ddp, parts.optimizer, parts.data.train.x, parts.data.train.y, parts.dist.rank,
+                parts.dist.world_size, parts.cfg.batch_size, 1000 + epoch)
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -87,7 +75,7 @@ def main() -> None:
         for r in range(args.rounds):
             sides = {}
             for name in (("ddptrain", "plain") if r % 2 == 0 else ("plain", "ddptrain")):
-                sides[name] = ddptrain_epoch(trainer) if name == "ddptrain" else plain_epoch(parts, r)
+                sides[name] = ddptrain_epoch(trainer) if name == "ddptrain" else timed_plain_epoch(parts, r)
             rounds.append(sides)
         run.close()
     if not dist.is_main:

@@ -182,8 +182,6 @@ class Trainer:
             on_ckpt = p.cfg.checkpoint_every and pos.global_step % p.cfg.checkpoint_every == 0
             if (on_log or on_ckpt) and step + 1 < self.steps_per_epoch:
                 stop = self.flush(log=on_log, wait=on_ckpt)
-                if stop:
-                    self.flush(log=False, wait=True)  # a checkpoint holds every loss so far
                 if on_ckpt or stop:
                     self.save()
                 if stop:
@@ -217,8 +215,9 @@ class Trainer:
 
     def flush(self, log: bool, wait: bool = False) -> bool:
         """Start the all-reduce of the window's per-step losses and the stop flag; finish the one started at the
-        previous flush (its latency hidden behind a window of training) or, with `wait`, every one. Returns
-        whether any rank asked to stop, as of the finished ones: every rank gets the same answer at the same step."""
+        previous flush (its latency hidden behind a window of training) or, with `wait` or once a rank has asked to
+        stop, every one, so the checkpoint that follows holds every loss. Returns whether any rank asked to stop:
+        every rank gets the same answer at the same step."""
         if self.window:
             p, pos = self.p, self.pos
             flag = torch.tensor([1.0 if p.stop.requested else 0.0], device=self.window[0].device)
@@ -229,7 +228,7 @@ class Trainer:
                                               pos.step_in_epoch, log, p.optimizer.param_groups[0]["lr"], rate))
             self.window, self.window_start = [], now
         stop = False
-        while len(self.reducing) > (0 if wait else 1):
+        while len(self.reducing) > (0 if wait or stop else 1):
             stop |= self._finish_reduce(self.reducing.pop(0))
         return stop
 
