@@ -3,8 +3,9 @@
     python -m torch.distributed.run --standalone --nproc-per-node=2 benchmarks/interleaved.py --rounds 20
 
 compare.py runs the programs as separate processes, one after the other, as issue 5 prescribes; on a shared machine
-the load changes between two runs and a single ratio swings by +-15%. Here both loops train the same DDP model with
-the same optimizer on the same tensors, inside one process per rank, taking turns one epoch at a time (the order
+the load changes between two runs and a single ratio swings by +-15%. Here both loops train the same model (the
+DDP module at world size 2 and up; at world size 1 ddptrain's bare module, so the figure is the loops' own cost and
+not DDP's, which compare.py's plain loop pays at world size 1) with the same optimizer on the same tensors, inside one process per rank, taking turns one epoch at a time (the order
 flips every round), so the two sides of each ratio are measured a second apart. ddptrain's side is its own
 `Trainer.run_epoch` (logging, the loss all-reduce, its epoch row; the checkpoint after the epoch is not timed, as in
 metrics.jsonl); the plain side is plain_loop.py's epoch. Both wall-clock and process CPU time are reported: CPU
@@ -48,7 +49,7 @@ def parse_args() -> argparse.Namespace:
 def timed_plain_epoch(parts, epoch: int) -> tuple[float, float]:
     """plain_loop.py's epoch on ddptrain's model, optimizer and tensors: (wall s, CPU s)."""
     wall, cpu = time.perf_counter(), time.process_time()
-    plain_epoch(parts.ddp, parts.optimizer, parts.data.train.x, parts.data.train.y, parts.dist.rank,
+    plain_epoch(parts.forward, parts.optimizer, parts.data.train.x, parts.data.train.y, parts.dist.rank,
                 parts.dist.world_size, parts.cfg.batch_size, 1000 + epoch)
     return time.perf_counter() - wall, time.process_time() - cpu
 

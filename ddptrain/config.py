@@ -221,6 +221,11 @@ def validate(cfg: FitConfig) -> FitConfig:
         _check(getattr(cfg, name) >= 0, f"{flag(name)} {getattr(cfg, name)} must be 0 or more")
     _check(cfg.batch_size % cfg.grad_accum == 0,
            f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}; pick a multiple")
+    # torch's DDP crashes (an internal assert) on no_sync() under static_graph, and once past that stops all-reducing:
+    # pytorch/pytorch#143580, fix pending in #187732.
+    _check(not (cfg.static_graph and cfg.grad_accum > 1),
+           "--static-graph cannot be combined with --grad-accum (torch's DDP breaks on no_sync under static_graph, "
+           "pytorch/pytorch#143580); drop one of them")
     _check(cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay), f"--weight-decay {cfg.weight_decay} must be >= 0")
     _check(cfg.momentum >= 0 and math.isfinite(cfg.momentum), f"--momentum {cfg.momentum} must be >= 0")
     _check(cfg.clip_grad is None or cfg.clip_grad > 0, f"--clip-grad {cfg.clip_grad} must be > 0")

@@ -98,11 +98,8 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
             console.warn("--norm batch on CPU: torch's SyncBatchNorm needs GPUs, so each rank normalizes with its "
                          "own batch's statistics")
     model = model.to(dist.device)
-    ddp = DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None,
-                                  bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=True,
-                                  static_graph=cfg.static_graph)
-    register_comm_hook(ddp, cfg.comm_hook, dist.backend)
-    forward = compile_model(ddp, dist.device) if cfg.compile else ddp
+    ddp = wrap_ddp(model, cfg, dist)
+    forward = compile_model(ddp or model, dist.device) if cfg.compile else ddp or model
     optimizer = build_optimizer(model.parameters(), cfg)
     steps_per_epoch = len(data.train) // cfg.batch_size
     constant = cfg.scheduler == "constant" and cfg.warmup_steps == 0
@@ -113,6 +110,21 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
     random.seed(cfg.seed + dist.rank)
     return Parts(cfg, dist, ddp, forward, model, spec, optimizer, scheduler, scaler, build_loss(cfg, data.spec.task),
                  data.to_device(dist.device), run)
+
+
+def wrap_ddp(model: nn.Module, cfg: FitConfig, dist: DistInfo) -> DistributedDataParallel | None:
+    """DistributedDataParallel whenever there is more than one process. A world of one has nothing to all-reduce,
+    and DDP's hooks and its one-rank all-reduce cost ~15-20% a step on a small MLP (benchmarks/RESULTS.md), so it
+    trains the bare module, as Lightning and Accelerate do, with the same results; unless a DDP option is given
+    (--comm-hook, --static-graph, --bucket-cap-mb), which asks for DDP, e.g. to try a hook before scaling out."""
+    wants_ddp = cfg.comm_hook != "none" or cfg.static_graph or cfg.bucket_cap_mb is not None
+    if dist.world_size == 1 and not wants_ddp:
+        return None
+    ddp = DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None,
+                                  bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=True,
+                                  static_graph=cfg.static_graph)
+    register_comm_hook(ddp, cfg.comm_hook, dist.backend)
+    return ddp
 
 
 def register_comm_hook(ddp: DistributedDataParallel, name: str, backend: str) -> None:
@@ -131,8 +143,8 @@ def register_comm_hook(ddp: DistributedDataParallel, name: str, backend: str) ->
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
 
 
-def compile_model(ddp: nn.Module, device: torch.device) -> nn.Module:
-    """torch.compile of the DDP module (DDP-aware: Dynamo splits graphs at bucket boundaries)."""
+def compile_model(module: nn.Module, device: torch.device) -> nn.Module:
+    """torch.compile of the DDP module (DDP-aware: Dynamo splits graphs at bucket boundaries) or the bare one."""
     import shutil
 
     if not torch._dynamo.is_dynamo_supported():
@@ -141,7 +153,7 @@ def compile_model(ddp: nn.Module, device: torch.device) -> nn.Module:
         raise UsageError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or run "
                          "without --compile")
     try:
-        return torch.compile(ddp)
+        return torch.compile(module)
     except Exception as exc:
         raise UsageError(f"--compile is not supported here ({str(exc).splitlines()[0]}); run without --compile") from None
 
@@ -171,7 +183,8 @@ def announce(parts: Parts, out: Path) -> None:
     widths = "-".join(str(w) for w in (parts.model_spec.in_features, *cfg.hidden, parts.model_spec.out_features))
     val = f" / {len(parts.data.val):,} val" if parts.data.val is not None else ""
     target = f"{len(spec.classes)} classes" if spec.task == "classification" else "regression"
-    console.line(f"ddptrain fit: world size {dist.world_size} ({dist.backend}, {dist.device.type}); "
+    wrapper = "DDP" if parts.ddp is not None else "no DDP wrapper: one process"
+    console.line(f"ddptrain fit: world size {dist.world_size} ({dist.backend}, {dist.device.type}, {wrapper}); "
                  f"{len(parts.data.train):,} train{val} rows, {len(spec.feature_names)} features -> {target}; "
                  f"MLP {widths} ({parameter_count(parts.model):,} parameters); global batch {cfg.batch_size} "
                  f"({cfg.batch_size // dist.world_size} per rank); out {out}")

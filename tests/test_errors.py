@@ -94,6 +94,8 @@ FLAG_CASES = {
                                  ["--val-fraction", "empty"]),
     "unknown-builtin-dataset": (["--data", "circles"], ["circles", "xor, spirals, moons, blobs, regression"]),
     "nccl-on-cpu": (["--backend", "nccl", "--device", "cpu"], ["--backend nccl", "gloo"]),
+    "static-graph-with-grad-accum": (["--static-graph", "--grad-accum", "2"], ["--static-graph", "--grad-accum",
+                                                                               "143580"]),
 }
 
 

@@ -52,6 +52,19 @@ def test_fit_writes_run_folder(tmp_path):
     assert (run / "checkpoints" / "best.pt").exists()
 
 
+def test_world_size_one_trains_the_bare_module_with_ddps_results(tmp_path, capsys):
+    # A world of one has nothing to all-reduce: no DDP wrapper (it costs ~15% a step), unless a DDP option asks for
+    # one. The two give the same weights, bit for bit, with gradient accumulation and dropout in play.
+    opts = dict(grad_accum=2, dropout=0.1, quiet=False, epochs=2)
+    fit(small(tmp_path, "bare", **opts))
+    bare_said = capsys.readouterr()
+    fit(small(tmp_path, "ddp", bucket_cap_mb=25.0, **opts))  # a DDP option: DDP at world size 1
+    ddp_said = capsys.readouterr()
+    assert "no DDP wrapper" in bare_said.out + bare_said.err
+    assert "DDP)" in ddp_said.out + ddp_said.err and "no DDP wrapper" not in ddp_said.out + ddp_said.err
+    assert_same_weights(weights(tmp_path / "bare"), weights(tmp_path / "ddp"))
+
+
 def test_loss_decreases_and_regression_reports_rmse(tmp_path):
     fit(small(tmp_path, data="regression", epochs=8, hidden=(32, 32), lr=0.01))
     rows = epoch_rows(tmp_path / "run")
