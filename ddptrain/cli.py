@@ -80,7 +80,7 @@ def fit(
     device: Annotated[str, typer.Option(help="auto|cpu|cuda; on GPUs each process binds cuda:LOCAL_RANK.", rich_help_panel=DIST)] = D.device,
     timeout: Annotated[Optional[float], typer.Option(help="Collective timeout in seconds (torch's defaults: 30 min Gloo, 10 min NCCL).", rich_help_panel=DIST)] = None,
     bucket_cap_mb: Annotated[Optional[float], typer.Option(help="DDP gradient bucket size in MB (default: torch's 25, with a small first bucket that starts the all-reduce early).", rich_help_panel=DIST)] = None,
-    static_graph: Annotated[bool, typer.Option("--static-graph/--no-static-graph", help="DDP static_graph.", rich_help_panel=DIST)] = D.static_graph,
+    static_graph: Annotated[bool, typer.Option("--static-graph/--no-static-graph", help="DDP static_graph (not with --grad-accum). Like --comm-hook and --bucket-cap-mb, it makes a 1-process run use DDP too.", rich_help_panel=DIST)] = D.static_graph,
     comm_hook: Annotated[str, typer.Option(help="none|fp16|bf16|powersgd gradient compression (torch's hooks).", rich_help_panel=DIST)] = D.comm_hook,
     nproc_per_node: Annotated[Optional[int], typer.Option(help="Start N local workers through torch's launcher (free port).", rich_help_panel=DIST)] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder (default: a new one under runs/).", rich_help_panel=RUN)] = None,
