@@ -57,7 +57,7 @@ def fit(
     activation: Annotated[str, typer.Option(help="relu|gelu|silu|tanh.", rich_help_panel=MODEL)] = D.activation,
     dropout: Annotated[float, typer.Option(help="Dropout probability after each hidden layer.", rich_help_panel=MODEL)] = D.dropout,
     norm: Annotated[str, typer.Option(help="none|layer|batch (batch becomes SyncBatchNorm on GPUs).", rich_help_panel=MODEL)] = D.norm,
-    optimizer: Annotated[str, typer.Option(help="sgd|adam|adamw|rmsprop.", rich_help_panel=OPTIM)] = D.optimizer,
+    optimizer: Annotated[str, typer.Option(help="sgd|adam|adamw|rmsprop (sgd, adam, adamw use torch's fused kernels).", rich_help_panel=OPTIM)] = D.optimizer,
     lr: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=OPTIM)] = D.lr,
     momentum: Annotated[float, typer.Option(help="Momentum (sgd, rmsprop).", rich_help_panel=OPTIM)] = D.momentum,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.", rich_help_panel=OPTIM)] = D.weight_decay,

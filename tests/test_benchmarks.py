@@ -41,6 +41,19 @@ def test_interleaved_ab_smoke(tmp_path):
     assert "ddptrain / plain loop throughput" in result.stdout
 
 
+def test_micro_ab_smoke(tmp_path):
+    """The three in-process A/Bs behind ddptrain's step (gather, optimizer, bare module against DDP) run and print
+    every figure."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "micro.py"), "--rounds", "2"],
+                            capture_output=True, text=True, env=clean_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+                            timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = dict(line.rsplit(None, 1) for line in result.stdout.splitlines() if line.strip())
+    names = {name.strip() for name in figures}
+    assert {"x[idx] us", "index_select us", "SGD loop us", "SGD fused us", "bare / DDP throughput"} <= names
+    assert all(float(value) > 0 for value in figures.values())
+
+
 def test_median_ci_covers_the_median():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from compare import median_ci

@@ -47,6 +47,26 @@ def test_optimizer_from_flags(name, cls):
         assert tuple(group["betas"]) == (0.8, 0.9)
 
 
+@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+                                       ("adamw", torch.optim.AdamW)])
+def test_fused_optimizer_matches_the_per_parameter_loop(name, cls):
+    cfg = FitConfig(optimizer=name, lr=0.05, weight_decay=0.01, momentum=0.9)
+    fused_model, loop_model = build_model(ModelSpec(3, 2, (8,))), build_model(ModelSpec(3, 2, (8,)))
+    loop_model.load_state_dict(fused_model.state_dict())
+    fused = build_optimizer(fused_model.parameters(), cfg)
+    extra = dict(momentum=0.9) if name == "sgd" else {}
+    loop = cls(loop_model.parameters(), lr=0.05, weight_decay=0.01, foreach=False, **extra)
+    assert fused.param_groups[0]["fused"] is True
+    x, y = torch.randn(16, 3, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 2
+    for _ in range(10):
+        for model, opt in ((fused_model, fused), (loop_model, loop)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("scheduler", ["constant", "cosine", "linear", "step", "onecycle"])
 def test_schedules_with_warmup(scheduler):
     cfg = FitConfig(scheduler=scheduler, lr=0.1, warmup_steps=10)
