@@ -5,8 +5,9 @@
 compare.py runs the programs as separate processes, one after the other, as issue 5 prescribes; on a shared machine
 the load changes between two runs and a single ratio swings by +-15%. Here both loops train the same model (the
 DDP module at world size 2 and up; at world size 1 ddptrain's bare module, so the figure is the loops' own cost and
-not DDP's, which compare.py's plain loop pays at world size 1) with the same optimizer on the same tensors, inside one process per rank, taking turns one epoch at a time (the order
-flips every round), so the two sides of each ratio are measured a second apart. ddptrain's side is its own
+not DDP's, which compare.py's plain loop pays at world size 1) with the same optimizer on the same tensors, inside
+one process per rank, taking turns one epoch at a time (the order flips every round), so the two sides of each
+ratio are measured a second apart. ddptrain's side is its own
 `Trainer.run_epoch` (logging, the loss all-reduce, its epoch row; the checkpoint after the epoch is not timed, as in
 metrics.jsonl); the plain side is plain_loop.py's epoch. Both wall-clock and process CPU time are reported: CPU
 time does not count the time another tenant holds the core. Prints the median ratio with a 95% confidence interval

@@ -99,7 +99,8 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
                          "own batch's statistics")
     model = model.to(dist.device)
     ddp = wrap_ddp(model, cfg, dist)
-    forward = compile_model(ddp or model, dist.device) if cfg.compile else ddp or model
+    module = ddp if ddp is not None else model
+    forward = compile_model(module, dist.device) if cfg.compile else module
     optimizer = build_optimizer(model.parameters(), cfg)
     steps_per_epoch = len(data.train) // cfg.batch_size
     constant = cfg.scheduler == "constant" and cfg.warmup_steps == 0
@@ -114,7 +115,7 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
 
 def wrap_ddp(model: nn.Module, cfg: FitConfig, dist: DistInfo) -> DistributedDataParallel | None:
     """DistributedDataParallel whenever there is more than one process. A world of one has nothing to all-reduce,
-    and DDP's hooks and its one-rank all-reduce cost ~15-20% a step on a small MLP (benchmarks/RESULTS.md), so it
+    and DDP's hooks and its one-rank all-reduce cost 14-20% a step on a small MLP (benchmarks/RESULTS.md), so it
     trains the bare module, as Lightning and Accelerate do, with the same results; unless a DDP option is given
     (--comm-hook, --static-graph, --bucket-cap-mb), which asks for DDP, e.g. to try a hook before scaling out."""
     wants_ddp = cfg.comm_hook != "none" or cfg.static_graph or cfg.bucket_cap_mb is not None

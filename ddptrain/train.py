@@ -97,6 +97,7 @@ class Trainer:
         self.fail_at = _injected_failure(dist.rank)
         self.regression = parts.data.spec.task == "regression"
         self.checks_grad_norm = cfg.clip_grad is not None or cfg.nan_policy == "skip"
+        self.no_sync = parts.ddp.no_sync if parts.ddp is not None else nullcontext  # bare module: nothing to hold back
         self.time_to_first_step: float | None = None
         self.reported_start = False
 
@@ -111,7 +112,7 @@ class Trainer:
             for k in range(accum):
                 micro = slice(k * self.micro_batch, (k + 1) * self.micro_batch)
                 # Gradients are all-reduced only on the last micro-step (no_sync on the others).
-                with self.p.ddp.no_sync() if self.p.ddp is not None and k < accum - 1 else nullcontext():
+                with self.no_sync() if k < accum - 1 else nullcontext():
                     losses.append(self._forward_backward(x[micro], y[micro], accum))
             loss = torch.stack(losses).sum()
         if not self._finish_step():

@@ -53,7 +53,7 @@ def test_fit_writes_run_folder(tmp_path):
 
 
 def test_world_size_one_trains_the_bare_module_with_ddps_results(tmp_path, capsys):
-    # A world of one has nothing to all-reduce: no DDP wrapper (it costs ~15% a step), unless a DDP option asks for
+    # A world of one has nothing to all-reduce: no DDP wrapper (it costs 14-20% a step), unless a DDP option asks for
     # one. The two give the same weights, bit for bit, with gradient accumulation and dropout in play.
     opts = dict(grad_accum=2, dropout=0.1, quiet=False, epochs=2)
     fit(small(tmp_path, "bare", **opts))
