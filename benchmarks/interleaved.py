@@ -30,7 +30,8 @@ from ddptrain.data import prepare_fit_data
 from ddptrain.dist import process_group
 from ddptrain.rundir import RunDir, SilentRunDir
 from ddptrain.run import build_parts
-from ddptrain.train import Position, Trainer
+from ddptrain.checkpoint import Position
+from ddptrain.train import Trainer
 from plain_loop import plain_epoch
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,7 +16,7 @@ import typer
 from ddptrain import __version__
 from ddptrain.config import FIELD_NAMES, FitConfig, merge, read_config_file, to_toml
 from ddptrain.console import console
-from ddptrain.errors import EXIT_RUNTIME, DDPTrainError, UsageError
+from ddptrain.errors import UsageError
 
 app = typer.Typer(help="Train an MLP on your table with PyTorch DistributedDataParallel, on 1 process, 1 machine "
                        "or many.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -183,71 +182,12 @@ def _given_on_command_line(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name != "DEFAULT"
 
 
-def _is_a(exc: BaseException, class_name: str) -> bool:
-    """Typer raises click's exceptions (or, in newer releases, its vendored copies): match them by name."""
-    return any(cls.__name__ == class_name for cls in type(exc).__mro__)
-
-
-def _debug_requested() -> bool:
-    return os.environ.get("DDPTRAIN_DEBUG", "") not in ("", "0") or "--debug" in sys.argv
-
-
 def main() -> None:
     """Entry point: every failure becomes one `error:` line and an exit code (tracebacks with --debug)."""
     try:
         code = app(standalone_mode=False)
-    except KeyboardInterrupt:
-        console.error("interrupted", any_rank=True)
-        code = 130
-    except Exception as exc:
-        code = report_failure(exc)
+    except (Exception, KeyboardInterrupt) as exc:
+        from ddptrain.failures import report
+
+        code = report(exc)
     sys.exit(code or 0)
-
-
-def report_failure(exc: Exception) -> int:
-    """Say what went wrong, once, from the rank that knows, and return the exit code."""
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if _is_a(exc, "NoArgsIsHelpError"):
-        return 0  # typer has printed the help
-    if _is_a(exc, "UsageError") and not isinstance(exc, DDPTrainError):  # a flag typer could not parse
-        where = exc.ctx.command_path if getattr(exc, "ctx", None) else "ddptrain"
-        console.error(f"{exc.format_message()} (see '{where} --help')")
-        return exc.exit_code
-    if _debug_requested():
-        traceback.print_exc()
-    if isinstance(exc, DDPTrainError):
-        console.error(str(exc), any_rank=exc.local, prefix_rank=exc.local and several)
-        return exc.exit_code
-    if _is_a(exc, "Abort"):
-        console.error("interrupted", any_rank=True)
-        return 130
-    if _is_peer_failure(exc):  # another rank failed first and reported its own error
-        if console.is_main:
-            console.err.print(f"note: rank 0 stopped because another rank went away "
-                              f"({str(exc).splitlines()[0][-80:]}); that rank's own error, if it could print one, "
-                              "is above")
-        return EXIT_RUNTIME
-    if _is_timeout(exc):
-        console.error("a collective timed out: another rank is stuck or gone (the limit is --timeout); "
-                      "check the other ranks' logs")
-        return EXIT_RUNTIME
-    first_line = str(exc).splitlines()[0] if str(exc) else ""
-    console.error(f"{type(exc).__name__}: {first_line} (rerun with --debug for the traceback)", any_rank=True,
-                  prefix_rank=several)
-    return EXIT_RUNTIME
-
-
-PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "communicator was aborted")
-
-
-def _is_peer_failure(exc: BaseException) -> bool:
-    """A collective broken because another rank exited: that rank reports its own error."""
-    text = str(exc).lower()
-    return any(marker in text for marker in PEER_GONE)
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    # Gloo says "Application timeout caused pair closure" when a background (async) collective times out.
-    return ("timed out" in text or "timeout caused pair closure" in text
-            or "timeout" in text and ("gloo" in text or "nccl" in text or "wait" in text))

@@ -102,11 +102,19 @@ class FitConfig:
     quiet: bool = False
     tensorboard: bool = False
 
+    def __post_init__(self) -> None:
+        validate(self)
+
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 FIELD_NAMES = tuple(f.name for f in fields(FitConfig))
+FIELD_TYPES = {f.name: str(f.type) for f in fields(FitConfig)}  # annotations as text ("int", "float | None", ...)
+MAX_INT = 2**63 - 1  # what torch and numpy take as an integer
+MAX_SEED = MAX_INT
+MAX_WIDTH = 1_000_000
+MAX_BUILTIN_ROWS = 100_000_000
 
 
 def flag(name: str) -> str:
@@ -116,17 +124,17 @@ def flag(name: str) -> str:
 def parse_int_list(name: str, value: Any) -> tuple[int, ...]:
     """`--hidden 256,256` (or a TOML list): positive integers; an empty string means no hidden layer."""
     if isinstance(value, (list, tuple)):
-        items = [str(v) for v in value]
+        items = [v if isinstance(v, int) and not isinstance(v, bool) else "bad" for v in value]
     else:
         text = str(value).strip()
         items = [] if text == "" else text.split(",")
     try:
-        out = tuple(int(item.strip()) for item in items)
+        out = tuple(int(str(item).strip()) for item in items)
     except ValueError:
         out = ()
         items = ["bad"]
-    if len(out) != len(items) or any(v < 1 for v in out):
-        raise UsageError(f"{flag(name)} {value!r} is not a comma-separated list of positive integers; "
+    if len(out) != len(items) or any(not 1 <= v <= MAX_WIDTH for v in out):
+        raise UsageError(f"{flag(name)} {value!r} is not a comma-separated list of positive integers (at most {MAX_WIDTH:,}); "
                          f"try {flag(name)} 256,256 (or '' for a linear model)")
     return out
 
@@ -134,59 +142,80 @@ def parse_int_list(name: str, value: Any) -> tuple[int, ...]:
 def parse_betas(value: Any) -> tuple[float, float]:
     items = list(value) if isinstance(value, (list, tuple)) else str(value).split(",")
     try:
-        betas = tuple(float(v) for v in items)
-    except ValueError:
+        betas = tuple(float(v) for v in items if not isinstance(v, bool))
+    except (TypeError, ValueError):
         betas = ()
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+    if len(betas) != 2 or len(items) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise UsageError(f"--betas {value!r} must be two numbers in [0, 1), e.g. --betas 0.9,0.999")
     return betas  # type: ignore[return-value]
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Bring a value from TOML/JSON/CLI to the field's type, with a one-line error if it cannot be."""
+EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", object: "a value"}
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """(the field's base type, whether it may be None), read from FitConfig's own annotations."""
+    text = FIELD_TYPES[name].replace(" ", "")
+    optional = text.endswith("|None")
+    base = text.removesuffix("|None")
+    return {"str": str, "int": int, "float": float, "bool": bool}.get(base, object), optional
+
+
+def _coerce(name: str, value: Any, strict: bool) -> Any:
+    """Bring a value to the field's type, with a one-line error naming the key if it cannot be.
+
+    `strict` (config files): the value must already have the type (`lr = true` is not 1.0, `epochs = "3"` is not
+    3); command-line text has been parsed by Typer."""
     if name == "hidden":
         return parse_int_list(name, value)
     if name == "betas":
         return parse_betas(value)
-    default = getattr(FitConfig, name)
-    kind = type(default) if default is not None else None
-    optional_types = {"target": str, "val_data": str, "n_features": int, "n_classes": int, "noise": float,
-                      "lr_step_size": int, "clip_grad": float, "bucket_cap_mb": float, "timeout": float, "out": str, "resume": str}
-    kind = optional_types.get(name, kind)
+    kind, optional = field_type(name)
+    where = f"config key '{name}'" if strict else flag(name)
     if value is None:
-        return None
+        if optional:
+            return None
+        raise UsageError(f"{where} cannot be empty (null); give {EXPECTED[kind]} or leave the key out")
+    is_bool = isinstance(value, bool)
+    if kind is bool and (is_bool or not strict and str(value).lower() in ("true", "false")):
+        return value if is_bool else str(value).lower() == "true"
+    if kind is int and not is_bool and (isinstance(value, int) or not strict and _is_int_text(value)):
+        return int(value)
+    if kind is float and not is_bool and (isinstance(value, (int, float)) or not strict and _is_float_text(value)):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    raise UsageError(f"{where} is {value!r}, not {EXPECTED[kind]}")
+
+
+def _is_int_text(value: Any) -> bool:
     try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if kind is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{flag(name)} {value!r} is not a valid {kind.__name__}") from None
+        int(str(value))
+        return True
+    except ValueError:
+        return False
+
+
+def _is_float_text(value: Any) -> bool:
+    try:
+        float(str(value))
+        return True
+    except ValueError:
+        return False
 
 
 def merge(file_values: dict[str, Any], cli_values: dict[str, Any]) -> FitConfig:
     """Defaults < config file < command line. Keys may use '-' or '_'."""
     values: dict[str, Any] = {}
-    for source in (file_values, cli_values):
+    for source, strict in ((file_values, True), (cli_values, False)):
         for raw_key, value in source.items():
             key = raw_key.replace("-", "_")
             if key not in FIELD_NAMES:
                 close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(FIELD_NAMES)}"
                 raise UsageError(f"unknown config key '{raw_key}'{hint}")
-            values[key] = _coerce(key, value)
-    return validate(FitConfig(**values))
+            values[key] = _coerce(key, value, strict)
+    return FitConfig(**values)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -201,22 +230,44 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             table = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"--config {path}: cannot parse it ({exc}); fix the file's syntax") from None
+    if not isinstance(table, dict):
+        raise UsageError(f"--config {path}: the file holds a {type(table).__name__}, not a table of settings; "
+                         "write key = value lines (TOML) or one JSON object")
     if isinstance(table.get("fit"), dict):
         table = table["fit"]
     table.pop("ddptrain_version", None)
     return table
 
 
-def validate(cfg: FitConfig) -> FitConfig:
+def validate(cfg: FitConfig) -> None:
+    """Types and ranges of every setting, whoever built the config (CLI, file, checkpoint, test, benchmark)."""
+    for name in FIELD_NAMES:
+        value = getattr(cfg, name)
+        if name in ("hidden", "betas"):
+            if not isinstance(value, tuple):
+                raise UsageError(f"{flag(name)} {value!r} must be a tuple")
+            (parse_int_list if name == "hidden" else lambda _n, v: parse_betas(v))(name, value)
+            continue
+        kind, optional = field_type(name)
+        if value is None and optional:
+            continue
+        ok = isinstance(value, (int, float) if kind is float else kind) and (kind is bool or not isinstance(value, bool))
+        _check(ok, f"{flag(name)} {value!r} is not {EXPECTED[kind]}")
+        if kind is float:
+            _check(math.isfinite(value), f"{flag(name)} {value} must be a finite number")
+        if kind is int and name != "seed":
+            _check(-MAX_INT <= value <= MAX_INT, f"{flag(name)} {value} is out of range (at most {MAX_INT})")
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise UsageError(f"{flag(name)} {getattr(cfg, name)!r} is not one of: {', '.join(choices)}")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise UsageError(f"--lr {cfg.lr} must be a finite number > 0, e.g. --lr 0.001")
+    _check(cfg.lr > 0, f"--lr {cfg.lr} must be a finite number > 0, e.g. --lr 0.001")
+    _check(0 <= cfg.seed <= MAX_SEED, f"--seed {cfg.seed} must be an integer from 0 to {MAX_SEED} (2**63 - 1)")
     _check(0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)")
     _check(0.0 <= cfg.val_fraction < 1.0, f"--val-fraction {cfg.val_fraction} must be in [0, 1) (0 turns validation off)")
     for name in ("epochs", "batch_size", "grad_accum", "log_every", "n_samples"):
         _check(getattr(cfg, name) >= 1, f"{flag(name)} {getattr(cfg, name)} must be at least 1")
+    _check(cfg.n_samples <= MAX_BUILTIN_ROWS, f"--n-samples {cfg.n_samples} must be at most {MAX_BUILTIN_ROWS:,} "
+                                              "(built-in datasets are generated in memory)")
     for name in ("checkpoint_every", "keep_last", "early_stop", "warmup_steps"):
         _check(getattr(cfg, name) >= 0, f"{flag(name)} {getattr(cfg, name)} must be 0 or more")
     _check(cfg.batch_size % cfg.grad_accum == 0,
@@ -226,19 +277,22 @@ def validate(cfg: FitConfig) -> FitConfig:
     _check(not (cfg.static_graph and cfg.grad_accum > 1),
            "--static-graph cannot be combined with --grad-accum (torch's DDP breaks on no_sync under static_graph, "
            "pytorch/pytorch#143580); drop one of them")
-    _check(cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay), f"--weight-decay {cfg.weight_decay} must be >= 0")
-    _check(cfg.momentum >= 0 and math.isfinite(cfg.momentum), f"--momentum {cfg.momentum} must be >= 0")
+    _check(cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay} must be >= 0")
+    _check(0 <= cfg.momentum < 1, f"--momentum {cfg.momentum} must be in [0, 1)")
+    _check(0 < cfg.lr_gamma <= 1, f"--lr-gamma {cfg.lr_gamma} must be in (0, 1] (the factor each step decay "
+                                  "multiplies the learning rate by)")
     _check(cfg.clip_grad is None or cfg.clip_grad > 0, f"--clip-grad {cfg.clip_grad} must be > 0")
-    _check(cfg.timeout is None or cfg.timeout > 0, f"--timeout {cfg.timeout} must be > 0 seconds")
+    _check(cfg.timeout is None or cfg.timeout > 0, f"--timeout {cfg.timeout} must be a finite number > 0 (seconds)")
     _check(cfg.bucket_cap_mb is None or cfg.bucket_cap_mb > 0, f"--bucket-cap-mb {cfg.bucket_cap_mb} must be > 0")
     _check(cfg.lr_step_size is None or cfg.lr_step_size >= 1, f"--lr-step-size {cfg.lr_step_size} must be >= 1")
-    _check(cfg.n_features is None or cfg.n_features >= 1, f"--n-features {cfg.n_features} must be >= 1")
-    _check(cfg.n_classes is None or cfg.n_classes >= 2, f"--n-classes {cfg.n_classes} must be >= 2")
-    _check(cfg.noise is None or cfg.noise >= 0, f"--noise {cfg.noise} must be >= 0")
+    _check(cfg.n_features is None or 1 <= cfg.n_features <= MAX_WIDTH,
+           f"--n-features {cfg.n_features} must be from 1 to {MAX_WIDTH}")
+    _check(cfg.n_classes is None or 2 <= cfg.n_classes <= MAX_WIDTH,
+           f"--n-classes {cfg.n_classes} must be from 2 to {MAX_WIDTH}")
+    _check(cfg.noise is None or cfg.noise >= 0, f"--noise {cfg.noise} must be a finite number >= 0")
     _check(cfg.monitor in MONITORS, f"--monitor {cfg.monitor!r} is not one of: {', '.join(MONITORS)}")
     _check(not (cfg.backend == "nccl" and cfg.device == "cpu"),
            "--backend nccl needs GPUs; use --backend gloo with --device cpu")
-    return cfg
 
 
 def _check(ok: bool, message: str) -> None:

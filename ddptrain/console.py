@@ -26,7 +26,8 @@ class RankZeroConsole:
     def __init__(self) -> None:
         self.rank = env_rank()
         self.quiet = False
-        self.out = Console(highlight=False, soft_wrap=True)
+        # markup off: user text (column names, paths, labels) is always shown literally, "[m/s]" included
+        self.out = Console(highlight=False, soft_wrap=True, markup=False)
         self.err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
     @property
@@ -96,15 +97,17 @@ class EpochProgress:
         if not self.enabled:
             return
         if self._progress is not None:
-            self._progress.update(self._task, completed=step_in_epoch, loss=f"{row['train_loss']:.4f}",
+            self._progress.update(self._task, completed=step_in_epoch, loss=_number(row["train_loss"]),
                                   lr=f"{row['lr']:.2e}", speed=f"{row['samples_per_s']:,.0f}")
         elif not self.live:
             console.line(f"epoch {row['epoch'] + 1}/{self.epochs} step {step_in_epoch}/{total_steps} "
-                         f"loss {row['train_loss']:.4f} lr {row['lr']:.2e} {row['samples_per_s']:,.0f} samples/s")
+                         f"loss {_number(row['train_loss'])} lr {row['lr']:.2e} {row['samples_per_s']:,.0f} samples/s")
 
     def end_epoch(self, row: dict[str, Any]) -> None:
         self.close()
-        parts = [f"epoch {row['epoch'] + 1}/{self.epochs}", f"train_loss {row['train_loss']:.4f}"]
+        parts = [f"epoch {row['epoch'] + 1}/{self.epochs}", f"train_loss {_number(row['train_loss'])}"]
+        if row.get("epoch_skipped_steps"):
+            parts.append(f"({row['epoch_skipped_steps']} steps skipped)")
         for key in ("val_loss", "val_accuracy", "val_rmse"):
             if key in row:
                 parts.append(f"{key} {row[key]:.4f}")
@@ -116,3 +119,7 @@ class EpochProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

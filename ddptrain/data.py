@@ -6,6 +6,7 @@ predict apply exactly what training applied.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,6 +42,28 @@ class DataSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataSpec:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def check(self) -> None:
+        """Raise ValueError if this spec (e.g. read from an edited checkpoint) is not self-consistent."""
+        if self.task not in ("classification", "regression"):
+            raise ValueError(f"task {self.task!r} is not classification or regression")
+        names = (*self.feature_names, self.target_name, *self.classes)
+        if not all(isinstance(v, str) for v in names):
+            raise ValueError("feature names, target and classes must be strings")
+        if len(set(self.feature_names)) != len(self.feature_names):
+            raise ValueError("feature names repeat")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("class labels repeat")
+        if self.task == "classification" and len(self.classes) < 2:
+            raise ValueError(f"a classification spec needs two or more classes, not {len(self.classes)}")
+        n = len(self.feature_names)
+        if len(self.x_mean) != n or len(self.x_std) != n:
+            raise ValueError(f"{n} features but {len(self.x_mean)} means and {len(self.x_std)} deviations")
+        numbers = (*self.x_mean, *self.x_std, self.y_mean, self.y_std)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+            raise ValueError("the standardization statistics must be finite numbers")
+        if not all(v > 0 for v in (*self.x_std, self.y_std)):
+            raise ValueError("the standard deviations must be > 0")
 
 
 @dataclass(frozen=True)

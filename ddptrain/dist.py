@@ -19,6 +19,7 @@ from ddptrain.console import console
 from ddptrain.errors import DDPTrainError, UsageError
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+DEFAULT_TIMEOUT_S = 1800.0  # torch's default for Gloo collectives and the env:// rendezvous
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def process_group(device_name: str = "auto", backend_name: str = "auto",
         # torch's own env:// rendezvous, with this attempt's keys under their own prefix: after an elastic
         # restart the store still holds the dead workers' Gloo addresses, and a new worker that read one would
         # wait on a peer that is gone.
-        store, _, _ = next(torch_dist.rendezvous("env://", env.rank, env.world_size, **kwargs))
+        store = connect_store(env, timeout_s)
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         torch_dist.init_process_group(backend, store=torch_dist.PrefixStore(f"ddptrain/attempt-{attempt}", store),
                                       rank=env.rank, world_size=env.world_size, **kwargs)
@@ -111,6 +112,37 @@ def process_group(device_name: str = "auto", backend_name: str = "auto",
             torch_dist.barrier()  # leave together: a rank that exits first can abort a peer's Gloo teardown
     finally:
         torch_dist.destroy_process_group()
+
+
+def connect_store(env: LaunchEnv, timeout_s: float | None) -> torch_dist.Store:
+    """torch's env:// rendezvous (a TCPStore at MASTER_ADDR:MASTER_PORT), within the timeout.
+
+    torch's TCPStore client waits forever on a peer that accepts the connection but never answers, whatever its
+    timeout says; so the connection is made in a helper thread (it releases the GIL) and abandoned at the deadline.
+    """
+    import threading
+
+    limit = timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S
+    result: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            result["store"] = next(torch_dist.rendezvous("env://", env.rank, env.world_size,
+                                                         timeout=timedelta(seconds=limit)))[0]
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=connect, name="ddptrain-rendezvous", daemon=True)
+    thread.start()
+    thread.join(limit + 2)  # torch's own timeout, where it works, reports first
+    if "error" in result:
+        raise result["error"]
+    if "store" not in result:
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise DDPTrainError(f"could not join the job's rendezvous at {where} within {limit:g} s "
+                            "(--timeout): the peer there accepted the connection but never answered; check "
+                            "MASTER_ADDR/MASTER_PORT and that the launcher on the first node is alive", local=True)
+    return result["store"]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 # EX_TEMPFAIL from sysexits.h: "try again later", which is what a preempted run should do (--resume auto).
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 class DDPTrainError(Exception):
@@ -30,3 +31,12 @@ class Preempted(DDPTrainError):
     """SIGTERM/SIGINT arrived; a checkpoint was written and the run can be resumed."""
 
     exit_code = EXIT_PREEMPTED
+
+
+class Interrupted(DDPTrainError):
+    """Ctrl-C during a command that writes a file: the partial file is removed and the message says so."""
+
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, local=True)

@@ -17,7 +17,8 @@ from ddptrain.config import FitConfig
 from ddptrain.console import console
 from ddptrain.data import DataSpec, Split, labelled_split, load_table
 from ddptrain.dist import process_group
-from ddptrain.errors import DDPTrainError
+from ddptrain import atomic
+from ddptrain.errors import DDPTrainError, Interrupted, UsageError
 from ddptrain.metrics import evaluation_sums, metrics_from_sums
 from ddptrain.model import ModelSpec, build_model, parameter_count
 from ddptrain.optim import build_loss
@@ -25,13 +26,19 @@ from ddptrain.optim import build_loss
 PREDICT_CHUNK = 65536
 
 
-def load_model(state: dict[str, Any], device: torch.device) -> tuple[nn.Module, DataSpec, FitConfig]:
+def load_model(state: dict[str, Any], device: torch.device, path: Path) -> tuple[nn.Module, DataSpec, FitConfig]:
+    """The model, data spec and training config of a checkpoint that `load_checkpoint` has checked."""
     spec = DataSpec.from_dict(state["data_spec"])
     model = build_model(ModelSpec.from_dict(state["model_spec"]))
     model.load_state_dict(state["model"])
     cfg_values = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()
                   if k in FitConfig.__dataclass_fields__}
-    return model.to(device).eval(), spec, FitConfig(**cfg_values)
+    try:
+        cfg = FitConfig(**cfg_values)
+    except UsageError as exc:
+        raise DDPTrainError(f"checkpoint {path} is inconsistent: its training config is invalid ({exc}); the file "
+                            "was edited or damaged; use another checkpoint") from None
+    return model.to(device).eval(), spec, cfg
 
 
 def _table_for(cfg: FitConfig, source: str, seed: int | None):
@@ -44,7 +51,7 @@ def _table_for(cfg: FitConfig, source: str, seed: int | None):
 def evaluate_checkpoint(path: Path, source: str, seed: int | None, as_json: bool, device_name: str) -> dict[str, Any]:
     state = load_checkpoint(path)
     with process_group(device_name, "auto", None) as dist:
-        model, spec, cfg = load_model(state, dist.device)
+        model, spec, cfg = load_model(state, dist.device, path)
         split = labelled_split(spec, _table_for(cfg, source, seed))
         sums = evaluation_sums(model, split, spec, build_loss(cfg, spec.task), dist.rank, dist.world_size)
     metrics = metrics_from_sums(sums, spec)
@@ -89,6 +96,8 @@ def predict_rows(model: nn.Module, split: Split, spec: DataSpec) -> torch.Tensor
 
 
 def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, overwrite: bool) -> None:
+    if out.is_dir():
+        raise DDPTrainError(f"--out {out} is a folder; pass a file path such as {out / 'predictions.csv'}")
     if not out.parent.is_dir():
         raise DDPTrainError(f"--out {out}: folder {out.parent} does not exist; create it or pick another path")
     if not os.access(out.parent, os.W_OK):
@@ -96,30 +105,37 @@ def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, ov
     if out.exists() and not overwrite:
         raise DDPTrainError(f"--out {out} already exists; pass --overwrite or pick another path")
     state = load_checkpoint(path)
-    model, spec, cfg = load_model(state, torch.device("cpu"))
+    model, spec, cfg = load_model(state, torch.device("cpu"), path)
     table = _table_for(cfg, source, None)
     if id_column is not None and id_column not in table.names:
         raise DDPTrainError(f"--id-column '{id_column}' is not a column of {table.path}; its columns: "
                             f"{', '.join(table.names)}")
     split = labelled_split(spec, table, require_target=False, allowed_extra=(id_column,) if id_column else ())
     result = predict_rows(model, split, spec)
-    header = ([id_column] if id_column else []) + ["prediction"]
-    if spec.task == "classification":
-        header += [f"prob_{label}" for label in spec.classes]
     ids = table.column(id_column).tolist() if id_column else None
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for i, row in enumerate(result.tolist()):
-            lead = [ids[i]] if ids is not None else []
-            if spec.task == "classification":
-                best = max(range(len(row)), key=row.__getitem__)
-                writer.writerow(lead + [spec.classes[best]] + [f"{p:.6f}" for p in row])
-            else:
-                writer.writerow(lead + [f"{row:.6g}"])
-    os.replace(tmp, out)
+    try:
+        with atomic.replacing(out, "w", newline="") as handle:
+            write_predictions(handle, result, spec, id_column, ids)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; --out {out} was not written (the partial file was removed)") from None
+    except OSError as exc:
+        raise DDPTrainError(f"could not write --out {out} ({exc.strerror}); free space or pick another path; "
+                            "the partial file was removed") from None
     console.line(f"wrote {len(split):,} predictions to {out}", force=True)
+
+
+def write_predictions(handle: Any, result: torch.Tensor, spec: DataSpec, id_column: str | None,
+                      ids: list[Any] | None) -> None:
+    writer = csv.writer(handle)
+    writer.writerow(([id_column] if ids is not None else []) + ["prediction"]
+                    + ([f"prob_{label}" for label in spec.classes] if spec.task == "classification" else []))
+    for i, row in enumerate(result.tolist()):
+        lead = [ids[i]] if ids is not None else []
+        if spec.task == "classification":
+            best = max(range(len(row)), key=row.__getitem__)
+            writer.writerow(lead + [spec.classes[best]] + [f"{p:.6f}" for p in row])
+        else:
+            writer.writerow(lead + [f"{row:.6g}"])
 
 
 def describe(state: dict[str, Any]) -> dict[str, Any]:

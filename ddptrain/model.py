@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+NORMS = ("none", "layer", "batch")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,21 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         return cls(**{**d, "hidden": tuple(d["hidden"])})
+
+    def check(self) -> None:
+        """Raise ValueError if this spec (e.g. read from an edited checkpoint) cannot describe an MLP."""
+        def positive_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        if not all(positive_int(v) for v in (self.in_features, self.out_features, *self.hidden)):
+            raise ValueError(f"widths {self.in_features}, {list(self.hidden)}, {self.out_features} must be positive "
+                             "integers")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm {self.norm!r} is not one of {', '.join(NORMS)}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout {self.dropout!r} is not in [0, 1)")
 
 
 def build_model(spec: ModelSpec) -> nn.Sequential:

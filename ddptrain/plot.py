@@ -17,11 +17,20 @@ def read_rows(run: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DDPTrainError(f"{run}: no metrics.jsonl there; pass a run folder written by ddptrain fit")
     rows = []
-    for line in path.read_text().splitlines():
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DDPTrainError(f"{run}: cannot read {path} ({exc}); pass a run folder written by ddptrain fit") from None
+    for line in lines:
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line of a killed run
+        if isinstance(row, dict) and row.get("kind") in ("step", "epoch") and isinstance(row.get("step"), int):
+            rows.append(row)
+    if not rows:
+        raise DDPTrainError(f"{run}: {path} holds no ddptrain metric rows; pass a run folder written by ddptrain "
+                            "fit (or its metrics.jsonl)")
     return rows
 
 
@@ -44,8 +53,8 @@ def plot_runs(runs: list[Path], out: Path) -> None:
         color = f"C{i}"
         steps = [r for r in rows if r.get("kind") == "step"]
         epochs = [r for r in rows if r.get("kind") == "epoch"]
-        ax_loss.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], color=color, alpha=0.35, lw=1)
-        ax_loss.plot([r["step"] for r in epochs], [r["train_loss"] for r in epochs], color=color, marker="o", ms=3,
+        ax_loss.plot([r["step"] for r in steps], _values(steps, "train_loss"), color=color, alpha=0.35, lw=1)
+        ax_loss.plot([r["step"] for r in epochs], _values(epochs, "train_loss"), color=color, marker="o", ms=3,
                      label=f"{name} train (epoch mean)")
         val = [r for r in epochs if "val_loss" in r]
         if val:
@@ -73,3 +82,8 @@ def _name(run: Path, runs: list[Path]) -> str:
     """The run folder's name, or its path where two runs share a name."""
     names = [r.resolve().name for r in runs]
     return run.resolve().name if names.count(run.resolve().name) == 1 else str(run)
+
+
+def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
+    """A metric per row; NaN (a gap in the line) where a row has none, e.g. an epoch whose every step was skipped."""
+    return [float("nan") if row.get(key) is None else row[key] for row in rows]

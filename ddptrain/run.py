@@ -18,60 +18,88 @@ from ddptrain.console import console
 from ddptrain.data import FitData, prepare_fit_data
 from ddptrain.dist import DistInfo, launch_env, process_group
 from ddptrain.errors import UsageError
+from ddptrain.faults import injected_fault
 from ddptrain.model import ModelSpec, build_model, parameter_count
 from ddptrain.optim import build_loss, build_optimizer, build_scheduler
-from ddptrain.rundir import RunDir, SilentRunDir, check_out_dir, check_tensorboard, default_out
-from ddptrain.train import Parts, Position, Trainer, set_rng_state
+from ddptrain.rundir import RunDir, SilentRunDir, check_out_dir, check_tensorboard, claim_run_folder, default_out
+from ddptrain.checkpoint import Position
+from ddptrain.train import Parts, Trainer, set_rng_state
 
 
 def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     started_at = started_at or time.perf_counter()
     console.quiet = cfg.quiet
     env = launch_env()
+    fault = injected_fault(env.rank)
+    if fault is not None:
+        fault.maybe_fire(0)
     if cfg.batch_size % (env.world_size * cfg.grad_accum):
         raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by world size "
                          f"{env.world_size} x --grad-accum {cfg.grad_accum}; use a multiple of "
                          f"{env.world_size * cfg.grad_accum}")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must precede CUDA's first cuBLAS call
+    out = Path(cfg.out) if cfg.out else default_out()
+    resume_path = resume_checkpoint_path(cfg, out)
+    continues = cfg.resume == "auto" or elastic_restart()
+    if env.rank == 0:  # the rank that owns the run folder decides; the others never touch it
+        check_out_dir(out, resume_path, continues)
     data = prepare_fit_data(cfg)
     if cfg.batch_size > len(data.train):
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train)} training rows; "
                          "lower it or add data")
-    if cfg.monitor.startswith("val_") and data.val is None:
-        raise UsageError(f"--monitor {cfg.monitor} needs validation data; set --val-fraction or --val-data, "
-                         "or use --monitor train_loss (or auto)")
+    check_monitor(cfg, data)
     if cfg.tensorboard:
         check_tensorboard()
-    out = Path(cfg.out) if cfg.out else default_out()
-    resume_path = resume_checkpoint_path(cfg, out)
-    check_out_dir(out, resuming=resume_path is not None or cfg.resume == "auto")
     resumed = checkpoint.load_checkpoint(resume_path) if resume_path else None
     if resumed:
         check_resume_compatible(cfg, resumed, resume_path)
-    with process_group(cfg.device, cfg.backend, cfg.timeout) as dist:
-        run = RunDir(out, cfg.tensorboard) if dist.is_main else SilentRunDir(out)
-        try:
-            parts = build_parts(cfg, dist, data, run)
-            position = restore(parts, resumed, resume_path) if resumed else Position()
-            run.rewind(position.global_step)
-            run.write_config(cfg.to_dict())
-            announce(parts, out)
-            summary = Trainer(parts, position, started_at).fit()
-        finally:
-            run.close()
+    lock = claim_run_folder(out, resume_path, continues) if env.rank == 0 else None
+    try:
+        with process_group(cfg.device, cfg.backend, cfg.timeout) as dist:
+            run = RunDir(out, lock, cfg.tensorboard) if lock is not None else SilentRunDir(out)
+            try:
+                parts = build_parts(cfg, dist, data, run)
+                position = restore(parts, resumed, resume_path) if resumed else Position()
+                run.rewind(position.global_step)
+                run.write_config(cfg.to_dict())
+                announce(parts, out)
+                summary = Trainer(parts, position, started_at).fit()
+            finally:
+                run.close()
+    finally:
+        if lock is not None:
+            lock.release()
     summary["out"] = str(out)
     print_summary(summary, out, time.perf_counter() - started_at)
     return summary
 
 
+def elastic_restart() -> bool:
+    """torchrun restarted this job's workers: they continue the run folder without being asked."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
 def resume_checkpoint_path(cfg: FitConfig, out: Path) -> Path | None:
-    """--resume PATH, --resume auto (the run folder's last.pt if any), and torchrun's elastic restarts, which
-    resume from the run folder without being asked."""
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-    if cfg.resume == "auto" or (cfg.resume is None and restarted):
+    """--resume PATH, --resume auto (the run folder's last.pt if any), and elastic restarts (like auto)."""
+    if cfg.resume == "auto" or (cfg.resume is None and elastic_restart()):
         return checkpoint.find_resume_checkpoint(out)
     return Path(cfg.resume) if cfg.resume else None
+
+
+TASK_MONITORS = {"classification": ("val_accuracy",), "regression": ("val_rmse", "val_mae", "val_r2")}
+
+
+def check_monitor(cfg: FitConfig, data: FitData) -> None:
+    """The monitored metric must exist in this run's rows, or best.pt and early stopping would never act."""
+    task = data.spec.task
+    other = "regression" if task == "classification" else "classification"
+    if cfg.monitor in TASK_MONITORS[other]:
+        raise UsageError(f"--monitor {cfg.monitor} is a {other} metric but this run is {task} (target "
+                         f"'{data.spec.target_name}'); use val_loss, train_loss or {', '.join(TASK_MONITORS[task])}")
+    if cfg.monitor.startswith("val_") and data.val is None:
+        raise UsageError(f"--monitor {cfg.monitor} needs validation data; set --val-fraction or --val-data, "
+                         "or use --monitor train_loss (or auto)")
 
 
 def check_resume_compatible(cfg: FitConfig, state: dict[str, Any], path: Path) -> None:
@@ -167,7 +195,7 @@ def restore(parts: Parts, state: dict[str, Any], path: Path) -> Position:
         parts.scheduler.load_state_dict(state["scheduler"])
     if parts.scaler is not None and state.get("scaler"):
         parts.scaler.load_state_dict(state["scaler"])
-    position = Position(**state["position"])
+    position = Position.from_dict(state["position"])
     saved_world = int(state.get("world_size", dist.world_size))
     if saved_world == dist.world_size:
         set_rng_state(state["rng"][dist.rank], dist.device)

@@ -9,7 +9,6 @@ late); checkpoints and epoch ends wait for all of them, so what is saved and log
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -20,30 +19,17 @@ import torch
 from torch import nn
 
 from ddptrain import __version__, checkpoint
+from ddptrain.checkpoint import Position
 from ddptrain.config import FitConfig, monitor_metric, monitor_mode
 from ddptrain.console import EpochProgress
 from ddptrain.data import FitData, epoch_indices
 from ddptrain.dist import DistInfo, gather_objects, start_all_reduce_sum
 from ddptrain.errors import DDPTrainError, Preempted
+from ddptrain.faults import injected_fault
 from ddptrain.metrics import evaluation_sums, metrics_from_sums, validation_row
 from ddptrain.model import ModelSpec
 from ddptrain.rundir import SilentRunDir
 from ddptrain.signals import StopRequest
-
-
-@dataclass
-class Position:
-    """Where training stands; saved in every checkpoint so a resume continues mid-epoch exactly."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    epoch_loss_sum: float = 0.0
-    epoch_loss_steps: int = 0
-    best: float | None = None
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    skipped_steps: int = 0
 
 
 @dataclass
@@ -94,7 +80,7 @@ class Trainer:
         self.reducing: list[WindowReduce] = []  # started all-reduces, oldest first (at most two)
         self.progress = EpochProgress(cfg.epochs)
         self.last_metrics: dict[str, Any] = {}
-        self.fail_at = _injected_failure(dist.rank)
+        self.fault = injected_fault(dist.rank)  # None unless a test asks for one
         self.regression = parts.data.spec.task == "regression"
         self.checks_grad_norm = cfg.clip_grad is not None or cfg.nan_policy == "skip"
         self.no_sync = parts.ddp.no_sync if parts.ddp is not None else nullcontext  # bare module: nothing to hold back
@@ -117,6 +103,7 @@ class Trainer:
             loss = torch.stack(losses).sum()
         if not self._finish_step():
             self.pos.skipped_steps += 1
+            self.pos.epoch_skipped_steps += 1
         return loss
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, accum: int) -> torch.Tensor:
@@ -168,7 +155,7 @@ class Trainer:
         train = p.data.train
         order = epoch_indices(len(train), p.cfg.seed, pos.epoch, p.dist.rank, p.dist.world_size).to(train.x.device)
         if pos.step_in_epoch == 0:
-            pos.epoch_loss_sum, pos.epoch_loss_steps = 0.0, 0
+            pos.epoch_loss_sum, pos.epoch_loss_steps, pos.epoch_skipped_steps = 0.0, 0, 0
         first_step = pos.step_in_epoch
         self.progress.start_epoch(pos.epoch, self.steps_per_epoch, first_step)
         for step in range(first_step, self.steps_per_epoch):
@@ -178,8 +165,8 @@ class Trainer:
             pos.step_in_epoch, pos.global_step = step + 1, pos.global_step + 1
             if pos.global_step == 1:
                 self.time_to_first_step = time.perf_counter() - self.started_at
-            if self.fail_at is not None and pos.global_step == self.fail_at[0]:
-                _fail(self.fail_at[1], pos.global_step)
+            if self.fault is not None:
+                self.fault.maybe_fire(pos.global_step)
             on_log = pos.global_step % p.cfg.log_every == 0
             on_ckpt = p.cfg.checkpoint_every and pos.global_step % p.cfg.checkpoint_every == 0
             if (on_log or on_ckpt) and step + 1 < self.steps_per_epoch:
@@ -204,12 +191,14 @@ class Trainer:
 
     def epoch_row(self, steps_done: int, elapsed: float, cpu: float) -> dict[str, Any]:
         pos = self.pos
-        row = {"kind": "epoch", "epoch": pos.epoch, "step": pos.global_step,
-               "train_loss": pos.epoch_loss_sum / max(pos.epoch_loss_steps, 1),
+        # None (JSON null) when no step of the epoch had a finite loss: there is no mean to report
+        train_loss = pos.epoch_loss_sum / pos.epoch_loss_steps if pos.epoch_loss_steps else None
+        row = {"kind": "epoch", "epoch": pos.epoch, "step": pos.global_step, "train_loss": train_loss,
                "samples_per_s": steps_done * self.p.cfg.batch_size / elapsed, "epoch_time_s": elapsed,
                "epoch_cpu_s": cpu}  # this process's CPU time, all threads: far below wall time means starved
         if pos.skipped_steps:
             row["skipped_steps"] = pos.skipped_steps
+            row["epoch_skipped_steps"] = pos.epoch_skipped_steps
         if self.time_to_first_step is not None and not self.reported_start:
             row["time_to_first_step_s"] = self.time_to_first_step  # from the command's start to the first step's end
             self.reported_start = True
@@ -248,7 +237,7 @@ class Trainer:
         pos.epoch_loss_steps += len(finite)
         if reduce.log:
             row = {"kind": "step", "step": reduce.last_step, "epoch": reduce.epoch,
-                   "train_loss": sum(finite) / max(len(finite), 1), "lr": reduce.lr,
+                   "train_loss": sum(finite) / len(finite) if finite else None, "lr": reduce.lr,
                    "samples_per_s": reduce.samples_per_s}
             p.run.append(row)
             self.progress.update(row, reduce.step_in_epoch, self.steps_per_epoch)
@@ -265,8 +254,11 @@ class Trainer:
         """Decided from all-reduced metrics, hence identically on every rank."""
         cfg, pos = self.p.cfg, self.pos
         value = row.get(monitor_metric(cfg, self.p.data.val is not None))
+        if pos.epoch_skipped_steps == self.steps_per_epoch:  # nothing was learned: never the best epoch
+            value = None
         if value is None or not math.isfinite(value):
-            return False, False
+            pos.bad_epochs += 1
+            return False, bool(cfg.early_stop) and pos.bad_epochs >= cfg.early_stop
         better = pos.best is None or (value < pos.best if monitor_mode(cfg) == "min" else value > pos.best)
         if better:
             pos.best, pos.best_epoch, pos.bad_epochs = value, pos.epoch, 0
@@ -324,19 +316,3 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-def _injected_failure(rank: int) -> tuple[int, str] | None:
-    """DDPTRAIN_FAIL_AT_STEP=RANK:STEP[:hang] makes that rank raise (or hang) at that step: the test hook for
-    one rank failing or getting stuck, with real processes and a real process group."""
-    parts = os.environ.get("DDPTRAIN_FAIL_AT_STEP", "").split(":")
-    if len(parts) < 2 or int(parts[0]) != rank:
-        return None
-    return int(parts[1]), parts[2] if len(parts) > 2 else "raise"
-
-
-def _fail(mode: str, step: int) -> None:
-    if mode == "hang":
-        while True:
-            time.sleep(1)
-    raise RuntimeError(f"injected failure at step {step} (DDPTRAIN_FAIL_AT_STEP)")
