@@ -96,6 +96,18 @@ FLAG_CASES = {
     "nccl-on-cpu": (["--backend", "nccl", "--device", "cpu"], ["--backend nccl", "gloo"]),
     "static-graph-with-grad-accum": (["--static-graph", "--grad-accum", "2"], ["--static-graph", "--grad-accum",
                                                                                "143580"]),
+    "seed-negative": (["--seed", "-1"], ["--seed -1", "from 0 to"]),
+    "seed-2**64": (["--seed", str(2**64)], ["--seed", "from 0 to"]),
+    "timeout-inf": (["--timeout", "inf"], ["--timeout", "finite"]),
+    "noise-inf": (["--noise", "inf"], ["--noise", "finite"]),
+    "lr-gamma-nan": (["--lr-gamma", "nan"], ["--lr-gamma", "finite"]),
+    "lr-gamma-negative": (["--lr-gamma", "-1"], ["--lr-gamma", "(0, 1]"]),
+    "momentum-one": (["--momentum", "1"], ["--momentum", "[0, 1)"]),
+    "weight-decay-inf": (["--weight-decay", "inf"], ["--weight-decay", "finite"]),
+    "monitor-accuracy-on-regression": (["--data", "regression", "--monitor-metric", "val_accuracy"],
+                                       ["--monitor val_accuracy", "regression", "val_rmse"]),
+    "monitor-r2-on-classification": (["--data", "xor", "--monitor-metric", "val_r2"],
+                                     ["--monitor val_r2", "classification", "val_accuracy"]),
 }
 
 
@@ -162,9 +174,92 @@ def test_batch_not_divisible_by_world_size(workdir, monkeypatch, capsys):
     check(FIT + ["--batch-size", "33"], 2, ["--batch-size 33", "world size 2"], workdir, monkeypatch, capsys)
 
 
+CONFIG_CASES = {
+    "toml-bool-for-a-number": ("c.toml", "lr = true\n", ["'lr'", "true", "not a number"]),
+    "toml-text-for-an-integer": ("c.toml", 'epochs = "3"\n', ["'epochs'", "not an integer"]),
+    "toml-float-for-an-integer": ("c.toml", "epochs = 2.5\n", ["'epochs'", "not an integer"]),
+    "toml-out-of-range": ("c.toml", "lr_gamma = 3.0\n", ["--lr-gamma", "(0, 1]"]),
+    "json-list": ("c.json", "[1, 2]", ["c.json", "list", "not a table"]),
+    "json-null-for-a-required-key": ("c.json", '{"epochs": null}', ["'epochs'", "null"]),
+    "json-number-for-a-text": ("c.json", '{"optimizer": 3}', ["'optimizer'", "not a string"]),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=str)
+def test_bad_config_files_exit_2(case, workdir, monkeypatch, capsys):
+    name, text, words = CONFIG_CASES[case]
+    (workdir / name).write_text(text)
+    check(["fit", "--config", name, "--out", "new"], 2, words, workdir, monkeypatch, capsys)
+
+
+def test_a_runs_own_config_json_with_nulls_is_accepted(workdir):
+    """A run's config.json holds null for unset optional settings: that is "unset", not an error."""
+    from ddptrain.config import merge, read_config_file
+
+    cfg = merge(read_config_file(workdir / "old/config.json"), {})
+    assert cfg.target is None and cfg.hidden == (8,)
+
+
+# -- the run folder is never damaged ---------------------------------------------------------------------------
 def test_out_holding_a_run(workdir, monkeypatch, capsys):
-    check(["fit", "--data", "xor", "--out", "old"], 1, ["already holds a run", "--resume auto"], workdir, monkeypatch,
+    check(["fit", "--data", "xor", "--out", "old"], 2, ["already holds a run", "--resume auto"], workdir, monkeypatch,
           capsys)
+
+
+def test_a_run_without_its_last_checkpoint_is_still_a_run(workdir, monkeypatch, capsys):
+    (workdir / "old/checkpoints/last.pt").unlink()
+    check(["fit", "--data", "xor", "--out", "old"], 2, ["already holds a run"], workdir, monkeypatch, capsys)
+    check(["fit", "--data", "xor", "--n-samples", "200", "--batch-size", "32", "--hidden", "8", "--out", "old",
+           "--resume", "auto"], 2, ["no last.pt", "--resume old/checkpoints/best.pt"], workdir, monkeypatch, capsys)
+
+
+def test_a_run_written_before_run_markers_is_recognised(workdir, monkeypatch, capsys):
+    (workdir / "old/ddptrain-run.json").unlink()
+    check(["fit", "--data", "xor", "--out", "old"], 2, ["already holds a run"], workdir, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("own", [["config.json", "metrics.jsonl"], ["notes.txt"]])
+def test_out_at_a_folder_that_is_not_a_run_is_refused(own, workdir, monkeypatch, capsys):
+    (workdir / "mine").mkdir()
+    for name in own:
+        (workdir / "mine" / name).write_text('{"mine": true}\n')
+    check(["fit", "--data", "xor", "--out", "mine"], 2, ["--out mine", "not a ddptrain run", own[0]], workdir,
+          monkeypatch, capsys)
+    check(["fit", "--data", "xor", "--out", "mine", "--resume", "auto"], 2, ["not a ddptrain run"], workdir,
+          monkeypatch, capsys)
+
+
+def test_resume_into_another_existing_run_is_refused(workdir, monkeypatch, capsys):
+    import shutil
+
+    shutil.copytree(workdir / "old", workdir / "other")
+    check(["fit", "--data", "xor", "--n-samples", "200", "--batch-size", "32", "--hidden", "8", "--out", "other",
+           "--resume", "old/checkpoints/last.pt"], 2, ["--out other holds another run", "old/checkpoints/last.pt"],
+          workdir, monkeypatch, capsys)
+
+
+def test_resume_another_runs_checkpoint_into_a_new_folder(workdir, monkeypatch, capsys):
+    before = files(workdir / "old")
+    code, err = run_cli(["fit", "--data", "xor", "--n-samples", "200", "--batch-size", "32", "--hidden", "8",
+                         "--epochs", "2", "--out", "branch", "--resume", "old/checkpoints/last.pt", "--quiet"],
+                        monkeypatch, capsys)
+    assert code == 0, err
+    assert files(workdir / "old") == before
+    assert (workdir / "branch/ddptrain-run.json").is_file() and (workdir / "branch/checkpoints/last.pt").is_file()
+
+
+def test_a_held_run_folder_is_refused_naming_the_holder(workdir, monkeypatch, capsys):
+    import socket
+
+    from ddptrain.rundir import RunLock
+
+    lock = RunLock(workdir / "old")  # another job (here: this process, on another open file) holds it
+    try:
+        check(["fit", "--data", "xor", "--n-samples", "200", "--batch-size", "32", "--hidden", "8", "--out", "old",
+               "--resume", "auto", "--epochs", "2"], 1,
+              ["--out old is in use", f"pid {os.getpid()}", socket.gethostname()], workdir, monkeypatch, capsys)
+    finally:
+        lock.release()
 
 
 def test_out_not_writable(workdir, monkeypatch, capsys):
@@ -177,13 +272,38 @@ def test_resume_with_other_architecture(workdir, monkeypatch, capsys):
            "--hidden", "16,16"], 2, ["hidden", "[8]", "[16, 16]"], workdir, monkeypatch, capsys)
 
 
+def edited(change):
+    """A copy of a good checkpoint with its contents edited by `change(state)`."""
+    def make(path: Path, good: Path) -> None:
+        state = torch.load(good, weights_only=True)
+        change(state)
+        torch.save(state, path)
+    return make
+
+
+def _more_classes(state):
+    state["data_spec"]["classes"] = [*state["data_spec"]["classes"], "extra"]
+
+
+def _wrong_shape(state):
+    name = next(iter(state["model"]))
+    state["model"][name] = torch.zeros(3, 3)
+
+
 CKPT_CASES = {
     "missing": (None, ["does not exist"]),
     "truncated": (lambda p, good: p.write_bytes(good.read_bytes()[:1000]), ["not a readable torch checkpoint"]),
     "not-torch": (lambda p, good: p.write_text("plain text"), ["not a readable torch checkpoint"]),
     "foreign": (lambda p, good: torch.save({"state_dict": {}}, p), ["not a ddptrain checkpoint"]),
-    "newer": (lambda p, good: torch.save({**torch.load(good, weights_only=True), "format_version": 7}, p),
-              ["format version 7", "upgrade"]),
+    "newer": (edited(lambda s: s.update(format_version=7)), ["format version 7", "upgrade"]),
+    "version-text": (edited(lambda s: s.update(format_version="abc")), ["format_version 'abc'", "bad.pt"]),
+    "no-model-spec": (edited(lambda s: s.pop("model_spec")), ["bad.pt", "'model_spec'", "missing"]),
+    "classes-vs-outputs": (edited(_more_classes), ["bad.pt", "2 outputs", "3 classes"]),
+    "weights-vs-spec": (edited(_wrong_shape), ["bad.pt", "shape (3, 3)"]),
+    "features-vs-inputs": (edited(lambda s: s["data_spec"].update(feature_names=["x0"], x_mean=[0.0], x_std=[1.0])),
+                           ["bad.pt", "2 inputs", "1 features"]),
+    "position-text": (edited(lambda s: s["position"].update(epoch="one")), ["bad.pt", "position.epoch"]),
+    "spec-type": (edited(lambda s: s["model_spec"].update(hidden=["8"])), ["bad.pt", "model_spec", "widths"]),
 }
 
 
@@ -210,6 +330,51 @@ def test_eval_data_that_does_not_fit_the_checkpoint(text, words, workdir, monkey
                                         ("data.csv", ["already exists", "--overwrite"])])
 def test_predict_output_problems(out, words, workdir, monkeypatch, capsys):
     check(["predict", "old/checkpoints/last.pt", "--data", "xor", "--out", out], 1, words, workdir, monkeypatch, capsys)
+
+
+def test_predict_to_a_folder_with_overwrite(workdir, monkeypatch, capsys):
+    (workdir / "preds").mkdir()
+    check(["predict", "old/checkpoints/last.pt", "--data", "xor", "--out", "preds", "--overwrite"], 1,
+          ["--out preds is a folder"], workdir, monkeypatch, capsys)
+    assert list((workdir / "preds").iterdir()) == [] and not list(workdir.glob(".preds*"))
+
+
+def test_a_config_in_a_checkpoint_that_does_not_validate(workdir, monkeypatch, capsys):
+    edited(lambda s: s["config"].update(lr=-1.0))(workdir / "bad.pt", workdir / "old/checkpoints/last.pt")
+    check(["eval", "bad.pt", "--data", "xor"], 1, ["bad.pt", "training config is invalid", "--lr"], workdir,
+          monkeypatch, capsys)
+
+
+def test_plot_of_a_data_file_is_an_error(workdir, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    check(["plot", "data.csv", "--out", "c.png"], 1, ["data.csv", "no ddptrain metric rows"], workdir, monkeypatch,
+          capsys)
+    assert not (workdir / "c.png").exists()
+
+
+def test_user_text_with_rich_markup_is_shown_literally(workdir, monkeypatch, capsys):
+    """Column names and paths like `speed [m/s]` or `[/x]` are printed as they are, never read as markup."""
+    (workdir / "m.csv").write_text("speed [m/s],[bold]x[/bold],label\n" +
+                                   "".join(f"{i % 7},{i % 3},{'[red]a' if i % 2 else 'b[/]'}\n" for i in range(64)))
+    code, err = run_cli(["fit", "--data", "m.csv", "--epochs", "1", "--batch-size", "16", "--out", "[/odd]run"],
+                        monkeypatch, capsys)
+    assert code == 0, err
+    for command in (["inspect"], ["eval", "--data", "m.csv"]):
+        monkeypatch.setattr(sys, "argv", ["ddptrain", command[0], "[/odd]run/checkpoints/last.pt", *command[1:]])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        shown = capsys.readouterr()
+        assert exited.value.code == 0, shown.err
+        assert "[/odd]run" in shown.out
+        assert ("speed [m/s]" in shown.out) if command[0] == "inspect" else ("[red]a" in shown.out)
+
+
+def test_user_text_in_tables_is_literal(capsys):
+    from ddptrain.console import console
+
+    console.table("[/odd]", [("speed [m/s]", "[bold]x[/bold]")], force=True)
+    out = capsys.readouterr().out
+    assert "[/odd]" in out and "speed [m/s]" in out and "[bold]x[/bold]" in out
 
 
 def test_traceback_with_debug(workdir, monkeypatch, capsys):
