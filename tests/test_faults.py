@@ -211,3 +211,110 @@ def test_second_ctrl_c_aborts_at_once(tmp_path):
     proc.communicate(timeout=30)
     assert time.monotonic() - sent < 5
     assert proc.returncode == 130
+
+
+# -- one error line per job, from whichever rank knows -----------------------------------------------------------
+def stderr_until_error(args: list[str], cwd: Path, env: dict, settle: float = 3.0, timeout: float = 120) -> str:
+    """Run a job until its first `error:` line, give the other ranks `settle` seconds to print theirs, then end it.
+
+    (torchrun waits 30 s before it SIGKILLs a worker frozen by SIGSTOP; the test need not.)"""
+    log = cwd / "stderr.txt"
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=handle,
+                                start_new_session=True)
+    STARTED.append(proc)
+    deadline = time.monotonic() + timeout
+    while "error:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        proc.wait(timeout=settle)
+    except subprocess.TimeoutExpired:
+        pass
+    return log.read_text()
+
+
+def test_rank_0_stopped_at_start_rank_1_reports_the_bad_input_once(tmp_path):
+    """Rank 0 is frozen (a real SIGSTOP) before it reads anything; rank 1 meets the bad --data and must say so."""
+    err = stderr_until_error(torchrun_cmd(2, "fit", "--data", "nope.csv", "--out", "run"), tmp_path,
+                             clean_env(DDPTRAIN_FAIL_AT_STEP="0:0:stop"))
+    assert error_lines(err) == ["error: data file nope.csv does not exist; check the path"], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_rank_0_stopped_mid_run_rank_1_reports_the_timeout(tmp_path):
+    err = stderr_until_error(torchrun_cmd(2, *LONG, "--out", "run", "--timeout", "5"), tmp_path,
+                             clean_env(DDPTRAIN_FAIL_AT_STEP="0:4:stop"))
+    assert error_lines(err) == [
+        "error: a collective timed out: another rank is stuck or gone (the limit is --timeout); check the other "
+        "ranks' logs"], err[-3000:]
+
+
+def test_all_ranks_failing_alike_print_one_line_and_torchrun_names_the_cause(tmp_path):
+    result = subprocess.run(torchrun_cmd(2, "fit", "--data", "xor", "--hidden", "abc", "--out", "run"), cwd=tmp_path,
+                            env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1  # torchrun's own code for a failed worker
+    assert len(error_lines(result.stderr)) == 1 and "--hidden 'abc'" in error_lines(result.stderr)[0]
+    assert "error_file: <N/A>" not in result.stderr  # the workers' error files reached torchrun's summary
+
+
+def test_a_silent_rendezvous_peer_is_an_error_within_the_timeout(tmp_path):
+    """A MASTER_ADDR:MASTER_PORT that accepts connections and never answers (torch's TCPStore would wait forever)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    env = clean_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    started = time.monotonic()
+    try:
+        result = subprocess.run([sys.executable, "-m", "ddptrain", "fit", "--data", "xor", "--timeout", "3", "--out",
+                                 "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        server.close()
+    assert time.monotonic() - started < 60
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [
+        f"error: [rank 1] could not join the job's rendezvous at 127.0.0.1:{port} within 3 s (--timeout): the peer "
+        "there accepted the connection but never answered; check MASTER_ADDR/MASTER_PORT and that the launcher on "
+        "the first node is alive"], result.stderr
+
+
+# -- the run folder is locked for the job's life -------------------------------------------------------------------
+def test_a_second_job_on_a_held_folder_fails_at_once_and_sigkill_releases_it(tmp_path):
+    endless = replaced(SINGLE, epochs="100000")
+    first = start([sys.executable, *endless, "--out", "run"], tmp_path)
+    wait_for_steps(tmp_path / "run", 2, first)
+    for args in (["--out", "run"], ["--out", "run", "--resume", "auto"]):
+        second = subprocess.run([sys.executable, *endless, *args], cwd=tmp_path, env=clean_env(),
+                                capture_output=True, text=True, timeout=120)
+        lines = error_lines(second.stderr)
+        assert len(lines) == 1, second.stderr
+        if "--resume" in args:
+            assert second.returncode == 1
+            assert f"in use by another ddptrain job (host {socket.gethostname()}, pid {first.pid}," in lines[0]
+        else:
+            assert second.returncode == 2 and "already holds a run" in lines[0]
+    assert first.poll() is None
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    # the kernel released the dead job's lock: the run continues (to epoch 2, or it is there already)
+    resumed = subprocess.run([sys.executable, *replaced(endless, epochs="2"), "--out", "run", "--resume", "auto",
+                              "--quiet"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_two_jobs_started_at_once_on_one_folder_one_runs_one_is_refused(tmp_path):
+    endless = replaced(SINGLE, epochs="100000")
+    jobs = [start([sys.executable, *endless, "--out", "run", "--resume", "auto", "--quiet"], tmp_path)
+            for _ in range(2)]
+    deadline = time.monotonic() + 120
+    while all(job.poll() is None for job in jobs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    loser = next(job for job in jobs if job.poll() is not None)
+    winner = next(job for job in jobs if job is not loser)
+    err = loser.communicate()[1]
+    assert loser.returncode == 1 and error_lines(err) and "is in use by another ddptrain job" in err, err
+    wait_for_steps(tmp_path / "run", 30, winner)
+    winner.send_signal(signal.SIGKILL)
+    winner.wait()
+    steps = [row["step"] for row in read_metrics(tmp_path / "run") if row["kind"] == "step"]
+    assert steps == sorted(set(steps))  # one run's log, not two interleaved
