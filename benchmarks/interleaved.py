@@ -28,7 +28,7 @@ from ddptrain.config import FitConfig
 from ddptrain.console import console
 from ddptrain.data import prepare_fit_data
 from ddptrain.dist import process_group
-from ddptrain.rundir import RunDir, SilentRunDir
+from ddptrain.rundir import RunDir, SilentRunDir, claim_run_folder
 from ddptrain.run import build_parts
 from ddptrain.checkpoint import Position
 from ddptrain.train import Trainer
@@ -71,7 +71,8 @@ def main() -> None:
                     quiet=True)
     data = prepare_fit_data(cfg)
     with tempfile.TemporaryDirectory() as tmp, process_group("cpu", "gloo") as dist:
-        run = RunDir(Path(tmp) / "run") if dist.is_main else SilentRunDir(Path(tmp) / "run")
+        folder = Path(tmp) / "run"
+        run = RunDir(folder, claim_run_folder(folder, None, False)) if dist.is_main else SilentRunDir(folder)
         parts = build_parts(cfg, dist, data, run)
         trainer = Trainer(parts, Position(), time.perf_counter())
         rounds = []

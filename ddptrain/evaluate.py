@@ -26,7 +26,8 @@ from ddptrain.optim import build_loss
 PREDICT_CHUNK = 65536
 
 
-def load_model(state: dict[str, Any], device: torch.device, path: Path) -> tuple[nn.Module, DataSpec, FitConfig]:
+def load_model(state: dict[str, Any], device: torch.device,
+               path: Path | None = None) -> tuple[nn.Module, DataSpec, FitConfig]:
     """The model, data spec and training config of a checkpoint that `load_checkpoint` has checked."""
     spec = DataSpec.from_dict(state["data_spec"])
     model = build_model(ModelSpec.from_dict(state["model_spec"]))
@@ -36,7 +37,7 @@ def load_model(state: dict[str, Any], device: torch.device, path: Path) -> tuple
     try:
         cfg = FitConfig(**cfg_values)
     except UsageError as exc:
-        raise DDPTrainError(f"checkpoint {path} is inconsistent: its training config is invalid ({exc}); the file "
+        raise DDPTrainError(f"checkpoint {path or ''} is inconsistent: its training config is invalid ({exc}); the file "
                             "was edited or damaged; use another checkpoint") from None
     return model.to(device).eval(), spec, cfg
 

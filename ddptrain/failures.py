@@ -9,8 +9,10 @@ summary names the cause too.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 import traceback
 
 from ddptrain.console import console
@@ -71,7 +73,7 @@ def report(exc: BaseException) -> int:
 def say(text: str, exc: BaseException, local: bool = False, prefix: bool | None = None) -> None:
     """Print the job's one error line if this rank is the first to fail. `local`: a failure of this rank alone
     (its device, its disk, its own crash): shown with its rank when the job has several."""
-    record_error_file(exc)
+    record_error_file(exc, text)
     several = world_size() > 1
     first = claim_error_line() if several else True
     if first is None:  # no launcher store to ask: rank 0 speaks for shared errors, each rank for its own
@@ -109,16 +111,20 @@ def claim_error_line() -> bool | None:
         return None
 
 
-def record_error_file(exc: BaseException) -> None:
-    """torchrun's per-worker error file (TORCHELASTIC_ERROR_FILE), written by torch's own handler as `@record`
-    does, so torchrun's failure summary shows the cause instead of "<N/A>"."""
-    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+def record_error_file(exc: BaseException, text: str | None = None) -> None:
+    """torchrun's per-worker error file (TORCHELASTIC_ERROR_FILE), in the JSON that torch's `@record` writes, so
+    torchrun's failure summary shows the cause instead of `error_file: <N/A>`. Its "traceback" field holds the
+    one-line message (the Python traceback only with --debug): a user error is not a crash."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
         return
+    line = text or (str(exc).splitlines() or [type(exc).__name__])[0]
     try:
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-        ErrorHandler().record_exception(exc)
-    except Exception:
+        with open(path, "w") as handle:
+            json.dump({"message": {"message": line, "extraInfo": {
+                "py_callstack": traceback.format_exc() if debug_requested() else line,
+                "timestamp": str(int(time.time()))}}}, handle)
+    except OSError:
         pass  # the error line itself matters more than torchrun's summary
 
 

@@ -63,12 +63,42 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
 
     evil = tmp_path / "evil.pt"
     torch.save({"format": FORMAT_NAME, "format_version": 1, "x": Payload()}, evil)
-    for extra in ({}, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}):
-        result = cli("inspect", str(evil), cwd=tmp_path, env=clean_env(**extra))
-        assert result.returncode == 1
-        assert error_lines(result.stderr) and "refused" in result.stderr
-        assert "Traceback" not in result.stderr
-        assert not marker.exists()
+    for command in (["inspect"], ["eval", "--data", "xor"], ["predict", "--data", "xor", "--out", "p.csv"]):
+        for extra in ({}, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}):
+            result = cli(command[0], "evil.pt", *command[1:], cwd=tmp_path, env=clean_env(**extra))
+            assert result.returncode == 1
+            lines = error_lines(result.stderr)
+            assert len(lines) == 1 and "Traceback" not in result.stderr
+            # the verdict is in the message itself, not in a path that happens to hold the word
+            assert lines[0].startswith("error: checkpoint evil.pt was refused: it holds pickled objects"), lines
+            assert not marker.exists() and not (tmp_path / "p.csv").exists()
+
+
+def test_ctrl_c_during_predict_removes_the_partial_file_and_says_so(trained, tmp_path):
+    """A real SIGINT while predictions are being written: exit 130, one line, no temporary file, --out untouched."""
+    import numpy as np
+
+    rows = 400_000
+    x = np.random.default_rng(1).normal(size=(rows, 3))
+    big = tmp_path / "big.csv"
+    with open(big, "w") as handle:
+        handle.write("radius,texture,smooth\n")
+        np.savetxt(handle, x, fmt="%.5f", delimiter=",")
+    out = tmp_path / "preds.csv"
+    out.write_text("an earlier file the user keeps\n")
+    proc = subprocess.Popen([sys.executable, "-m", "ddptrain", "predict", str(trained / "run/checkpoints/last.pt"),
+                             "--data", str(big), "--out", str(out), "--overwrite"], cwd=tmp_path, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".preds.csv.tmp-*")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert error_lines(err) == [f"error: interrupted; --out {out} was not written (the partial file was removed)"]
+    assert out.read_text() == "an earlier file the user keeps\n"
+    assert not list(tmp_path.glob(".preds.csv.tmp-*"))
 
 
 @pytest.mark.parametrize("make, words", [

@@ -163,3 +163,16 @@ def test_step_rows_carry_the_lr_of_their_own_step(tmp_path):
     assert [r["step"] for r in steps] == list(range(5, total + 1, 5))
     for row in steps:
         assert row["lr"] == pytest.approx(0.1 * (1 - row["step"] / total)), row
+
+
+def test_epochs_whose_every_step_was_skipped_log_no_loss_and_never_become_best(tmp_path):
+    """A huge learning rate blows the weights up after the first step; with --nan-policy skip every later step is
+    skipped. Those epochs have no training loss (null, not 0.0) and cannot be the best epoch."""
+    fit(small(tmp_path, data="xor", optimizer="sgd", lr=1e38, nan_policy="skip", val_fraction=0.0, epochs=3))
+    rows = epoch_rows(tmp_path / "run")
+    steps_per_epoch = rows[0]["step"]
+    assert rows[0]["train_loss"] is not None
+    assert [r["epoch_skipped_steps"] for r in rows[1:]] == [steps_per_epoch, steps_per_epoch]
+    assert [r["train_loss"] for r in rows[1:]] == [None, None]
+    assert load_checkpoint(tmp_path / "run/checkpoints/best.pt")["position"]["best_epoch"] == 0
+    assert "NaN" not in (tmp_path / "run/metrics.jsonl").read_text()  # strict JSON
