@@ -105,6 +105,9 @@ def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, ov
         raise DDPTrainError(f"--out {out}: folder {out.parent} is not writable; pick another path")
     if out.exists() and not overwrite:
         raise DDPTrainError(f"--out {out} already exists; pass --overwrite or pick another path")
+    for name, given in (("checkpoint", path), ("--data file", Path(source))):
+        if out.exists() and given.exists() and out.resolve() == given.resolve():
+            raise DDPTrainError(f"--out {out} is the {name} itself; --overwrite would destroy it; pick another path")
     state = load_checkpoint(path)
     model, spec, cfg = load_model(state, torch.device("cpu"), path)
     table = _table_for(cfg, source, None)

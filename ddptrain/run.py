@@ -17,7 +17,7 @@ from ddptrain.config import RESUME_FIXED, FitConfig
 from ddptrain.console import console
 from ddptrain.data import FitData, prepare_fit_data
 from ddptrain.dist import DistInfo, launch_env, process_group
-from ddptrain.errors import UsageError
+from ddptrain.errors import DDPTrainError, UsageError
 from ddptrain.faults import injected_fault
 from ddptrain.model import ModelSpec, build_model, parameter_count
 from ddptrain.optim import build_loss, build_optimizer, build_scheduler
@@ -188,18 +188,31 @@ def compile_model(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def restore(parts: Parts, state: dict[str, Any], path: Path) -> Position:
+    """The checkpoint's training state into the built parts; a part that does not fit names itself."""
     dist = parts.dist
-    parts.model.load_state_dict(state["model"])
-    parts.optimizer.load_state_dict(state["optimizer"])
-    if parts.scheduler is not None and state.get("scheduler"):
-        parts.scheduler.load_state_dict(state["scheduler"])
-    if parts.scaler is not None and state.get("scaler"):
-        parts.scaler.load_state_dict(state["scaler"])
-    position = Position.from_dict(state["position"])
-    saved_world = int(state.get("world_size", dist.world_size))
-    if saved_world == dist.world_size:
-        set_rng_state(state["rng"][dist.rank], dist.device)
-    else:
+    part = "weights"
+    try:
+        parts.model.load_state_dict(state["model"])
+        part = "optimizer state"
+        parts.optimizer.load_state_dict(state["optimizer"])
+        part = "scheduler state"
+        if parts.scheduler is not None and state.get("scheduler"):
+            parts.scheduler.load_state_dict(state["scheduler"])
+        part = "GradScaler state"
+        if parts.scaler is not None and state.get("scaler"):
+            parts.scaler.load_state_dict(state["scaler"])
+        part = "position"
+        position = Position.from_dict(state["position"])
+        part = "world size"
+        saved_world = int(state.get("world_size", dist.world_size))
+        part = "random-number state"
+        if saved_world == dist.world_size:
+            set_rng_state(state["rng"][dist.rank], dist.device)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise DDPTrainError(f"cannot resume {path}: its {part} does not fit this run ({reason}); the file was edited "
+                            "or damaged; use another checkpoint") from None
+    if saved_world != dist.world_size:
         console.line(f"resuming a world-size-{saved_world} checkpoint at world size {dist.world_size}: same global "
                      f"batch and data order; dropout random streams are reseeded")
         torch.manual_seed(parts.cfg.seed + 1 + dist.rank + position.global_step)

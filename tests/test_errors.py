@@ -16,7 +16,9 @@ CSV = "a,b,label\n1,2,x\n3,4,y\n5,6,x\n7,8,y\n9,10,x\n11,12,y\n13,14,x\n15,16,y\
 
 
 def files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    """Every file's bytes, but the run folder's lock file: a job that takes the lock writes its host and PID there."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name != ".ddptrain.lock"}
 
 
 @pytest.fixture(scope="module")
@@ -337,6 +339,24 @@ def test_predict_to_a_folder_with_overwrite(workdir, monkeypatch, capsys):
     check(["predict", "old/checkpoints/last.pt", "--data", "xor", "--out", "preds", "--overwrite"], 1,
           ["--out preds is a folder"], workdir, monkeypatch, capsys)
     assert list((workdir / "preds").iterdir()) == [] and not list(workdir.glob(".preds*"))
+
+
+@pytest.mark.parametrize("target", ["old/checkpoints/last.pt", "data.csv"])
+def test_predict_never_overwrites_its_own_inputs(target, workdir, monkeypatch, capsys):
+    check(["predict", "old/checkpoints/last.pt", "--data", "data.csv", "--out", target, "--overwrite"], 1,
+          ["is the", "itself"], workdir, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda s: s.update(rng=[]), ["random-number state"]),
+    (lambda s: s["optimizer"]["param_groups"].append(dict(s["optimizer"]["param_groups"][0])), ["optimizer state"]),
+    (lambda s: s.update(world_size="two"), ["world size"]),
+])
+def test_resume_from_a_checkpoint_whose_state_does_not_fit(change, words, workdir, monkeypatch, capsys):
+    edited(change)(workdir / "old/checkpoints/last.pt", workdir / "old/checkpoints/last.pt")
+    check(["fit", "--data", "xor", "--n-samples", "200", "--batch-size", "32", "--hidden", "8", "--out", "old",
+           "--resume", "auto", "--epochs", "2"], 1, ["cannot resume old/checkpoints/last.pt", *words], workdir,
+          monkeypatch, capsys)
 
 
 def test_a_config_in_a_checkpoint_that_does_not_validate(workdir, monkeypatch, capsys):
