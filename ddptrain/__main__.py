@@ -1,4 +1,4 @@
-from ddptrain.cli import main
+from ddptrain.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

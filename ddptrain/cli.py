@@ -182,8 +182,20 @@ def _given_on_command_line(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name != "DEFAULT"
 
 
+def entry() -> None:
+    """The `ddptrain` command and `python -m ddptrain`: `main`, then the process ends through
+    `ddptrain.dist.exit_process` where it had a process group (see there why)."""
+    try:
+        main()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if "ddptrain.dist" in sys.modules:
+            sys.modules["ddptrain.dist"].exit_process(code)
+        raise
+
+
 def main() -> None:
-    """Entry point: every failure becomes one `error:` line and an exit code (tracebacks with --debug)."""
+    """Every failure becomes one `error:` line and an exit code (tracebacks with --debug)."""
     try:
         code = app(standalone_mode=False)
     except (Exception, KeyboardInterrupt) as exc:

@@ -6,6 +6,7 @@ Without torchrun the same code runs as a one-process group (a HashStore), so wor
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,6 +85,31 @@ def resolve_device(cfg_device: str, cfg_backend: str, local_rank: int) -> tuple[
     return device, backend
 
 
+# Set once this process has had a process group. torch 2.13's DDP constructor (its C++ Reducer) keeps a reference
+# to the Gloo process group that outlives destroy_process_group and the DDP object itself: the group's worker threads
+# (pt_gloo_runloop) and its transport loop (gloo_tcp_loop) keep running until the process ends. At interpreter
+# teardown, C++ static destructors then race those threads, and about one finished job in 70 died with
+# "terminate called without an active exception" (SIGABRT) after its work was done and saved
+# (benchmarks/exit_stress.py). Such a process leaves through `exit_process`, which skips that teardown.
+HAD_PROCESS_GROUP = False
+
+
+def exit_process(code: int) -> None:
+    """End this process with `code`: after a process group, without C++ teardown (os._exit, once every Python
+    stream is flushed); otherwise the normal way."""
+    if not HAD_PROCESS_GROUP:
+        sys.exit(code)
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 @contextmanager
 def process_group(device_name: str = "auto", backend_name: str = "auto",
                   timeout_s: float | None = None) -> Iterator[DistInfo]:
@@ -105,6 +131,8 @@ def process_group(device_name: str = "auto", backend_name: str = "auto",
                                       rank=env.rank, world_size=env.world_size, **kwargs)
     else:
         torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1, **kwargs)
+    global HAD_PROCESS_GROUP
+    HAD_PROCESS_GROUP = True
     console.rank = env.rank
     try:
         yield DistInfo(env.rank, env.local_rank, env.world_size, device, backend)

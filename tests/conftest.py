@@ -64,3 +64,22 @@ def tiny_csv(tmp_path: Path) -> Path:
     lines = ["radius,texture,smooth,diagnosis"] + [f"{a:.5f},{b:.5f},{c:.5f},{d}" for (a, b, c), d in zip(x, label)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+_EXIT_STATUS: list[int] = []
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """In-process tests that build DDP leave torch's leaked Gloo threads in pytest's own process; leave it the way
+    ddptrain's command does (`ddptrain.dist.exit_process`), so pytest cannot die of SIGABRT at teardown."""
+    import sys
+
+    dist = sys.modules.get("ddptrain.dist")
+    if dist is not None and dist.HAD_PROCESS_GROUP and _EXIT_STATUS:
+        dist.exit_process(_EXIT_STATUS[-1])
