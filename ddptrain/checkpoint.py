@@ -122,6 +122,8 @@ def check_contents(state: dict[str, Any], path: Path) -> None:
                       ("position", dict)):
         if not isinstance(state.get(key), kind):
             raise bad(f"its '{key}' entry is missing or not a {kind.__name__}")
+    if not isinstance(state.get("metrics", {}), dict):
+        raise bad("its 'metrics' entry is not a dict")
     from ddptrain.data import DataSpec
 
     try:

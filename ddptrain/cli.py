@@ -128,6 +128,12 @@ def eval_command(
     device: Annotated[str, typer.Option(help="auto|cpu|cuda.")] = "auto",
 ) -> None:
     """Score a checkpoint on labelled data (one process or under torchrun; rows are sharded, sums all-reduced)."""
+    from ddptrain.config import CHOICES, MAX_SEED
+
+    if device not in CHOICES["device"]:
+        raise UsageError(f"--device {device!r} is not one of: {', '.join(CHOICES['device'])}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed {seed} must be an integer from 0 to {MAX_SEED} (2**63 - 1)")
     from ddptrain.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(checkpoint, data, seed, json_out, device)

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ddptrain.console import console
-from ddptrain.errors import DDPTrainError
+from ddptrain import atomic
+from ddptrain.errors import DDPTrainError, Interrupted
 
 SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -74,7 +75,11 @@ def plot_runs(runs: list[Path], out: Path) -> None:
             ax.legend(fontsize=8)
     fig.suptitle("ddptrain: " + ", ".join(data))
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    try:
+        with atomic.replacing(out, "wb") as handle:
+            fig.savefig(handle, dpi=120, format=out.suffix.lower().lstrip("."))
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; --out {out} was not written (the partial file was removed)") from None
     console.line(f"wrote {out}", force=True)
 
 

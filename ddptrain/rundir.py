@@ -125,6 +125,9 @@ def claim_run_folder(out: Path, resume: Path | None, resume_auto: bool) -> RunLo
             atomic.write_text(out / MARKER, json.dumps({"format": "ddptrain.run", "format_version": 1,
                                                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                                         "ddptrain_version": __version__}, indent=2) + "\n")
+    except OSError as exc:
+        lock.release()
+        raise DDPTrainError(f"cannot write to --out {out} ({exc.strerror}); free space or pick another --out") from None
     except BaseException:
         lock.release()
         raise

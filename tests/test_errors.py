@@ -306,6 +306,8 @@ CKPT_CASES = {
                            ["bad.pt", "2 inputs", "1 features"]),
     "position-text": (edited(lambda s: s["position"].update(epoch="one")), ["bad.pt", "position.epoch"]),
     "spec-type": (edited(lambda s: s["model_spec"].update(hidden=["8"])), ["bad.pt", "model_spec", "widths"]),
+    "metrics-list": (edited(lambda s: s.update(metrics=[1, 2])), ["bad.pt", "'metrics'"]),
+    "zero-std": (edited(lambda s: s["data_spec"].update(x_std=[0.0, 1.0])), ["bad.pt", "deviations must be > 0"]),
 }
 
 
@@ -357,6 +359,12 @@ def test_resume_from_a_checkpoint_whose_state_does_not_fit(change, words, workdi
     check(["fit", "--data", "xor", "--n-samples", "200", "--batch-size", "32", "--hidden", "8", "--out", "old",
            "--resume", "auto", "--epochs", "2"], 1, ["cannot resume old/checkpoints/last.pt", *words], workdir,
           monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("args, words", [(["--device", "tpu"], ["--device 'tpu'", "auto, cpu, cuda"]),
+                                         (["--seed", "-3"], ["--seed -3", "from 0"])])
+def test_eval_flags_are_checked(args, words, workdir, monkeypatch, capsys):
+    check(["eval", "old/checkpoints/last.pt", "--data", "xor", *args], 2, words, workdir, monkeypatch, capsys)
 
 
 def test_a_config_in_a_checkpoint_that_does_not_validate(workdir, monkeypatch, capsys):
