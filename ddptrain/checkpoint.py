@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes, safe loads (`weights_only=True`, always), format checks, retention.
+"""Checkpoint files: atomic writes, safe loads (`weights_only=True`, always), format and consistency checks, the
+training `Position` they carry, retention.
 
 A checkpoint is a dict of tensors and plain values only; see `FORMAT_NAME` / `FORMAT_VERSION`.
 """

@@ -1,5 +1,6 @@
-"""The run folder: config.json, metrics.jsonl, checkpoints/. Rank 0 gets a `RunDir`; other ranks a
-`SilentRunDir` whose writes do nothing, so no other rank can write by mistake."""
+"""The run folder: its rules (whose folder it is, who may write it: marker and lock), config.json, metrics.jsonl,
+checkpoints/. Rank 0 gets a `RunDir`; other ranks a `SilentRunDir` whose writes do nothing, so no other rank can
+write by mistake."""
 
 from __future__ import annotations
 
