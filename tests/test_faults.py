@@ -58,6 +58,17 @@ def same_weights(a: dict, b: dict) -> bool:
 STARTED: list[subprocess.Popen] = []
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts its workers in sessions of their own, so killing
+    the launcher's process group does not reach them; SIGKILL also ends a worker frozen by SIGSTOP)."""
+    for child in children(pid):
+        kill_tree(child)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 @pytest.fixture(autouse=True)
 def kill_leftovers():
     """A failed test must not leave a job (and its workers) running into the next one."""
@@ -65,7 +76,7 @@ def kill_leftovers():
     while STARTED:
         proc = STARTED.pop()
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             proc.wait()
 
 
@@ -229,7 +240,8 @@ def stderr_until_error(args: list[str], cwd: Path, env: dict, settle: float = 3.
     try:
         proc.wait(timeout=settle)
     except subprocess.TimeoutExpired:
-        pass
+        kill_tree(proc.pid)  # the frozen rank 0 included
+        proc.wait()
     return log.read_text()
 
 
