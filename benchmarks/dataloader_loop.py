@@ -7,7 +7,6 @@ import time
 
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
 from workload import reference_args, report, setup
 
 

@@ -24,15 +24,16 @@ import time
 from pathlib import Path
 
 from compare import median_ci
+from plain_loop import plain_epoch
+
+from ddptrain.checkpoint import Position
 from ddptrain.config import FitConfig
 from ddptrain.console import console
 from ddptrain.data import prepare_fit_data
 from ddptrain.dist import process_group
-from ddptrain.rundir import RunDir, SilentRunDir, claim_run_folder
 from ddptrain.run import build_parts
-from ddptrain.checkpoint import Position
+from ddptrain.rundir import RunDir, SilentRunDir, claim_run_folder
 from ddptrain.train import Trainer
-from plain_loop import plain_epoch
 
 
 def parse_args() -> argparse.Namespace:

@@ -8,7 +8,6 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
-
 from workload import breakdown, reference_args, report, setup
 
 

@@ -1,5 +1,6 @@
-"""Checkpoint files: atomic writes, safe loads (`weights_only=True`, always), format and consistency checks, the
-training `Position` they carry, retention.
+"""The checkpoint, in one place: what it holds (built from the training parts), how it is written (atomically,
+with step copies and best.pt), loaded (`weights_only=True`, always) and checked for consistency, restored into a
+run, rebuilt into a model for eval/predict, and described for `inspect`. No other module names its keys.
 
 A checkpoint is a dict of tensors and plain values only; see `FORMAT_NAME` / `FORMAT_VERSION`.
 """
@@ -7,17 +8,26 @@ A checkpoint is a dict of tensors and plain values only; see `FORMAT_NAME` / `FO
 from __future__ import annotations
 
 import pickle
+import random
 import re
 import zipfile
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ddptrain import atomic
-from ddptrain.errors import DDPTrainError
-from ddptrain.model import ModelSpec, build_model
+from ddptrain import __version__, atomic
+from ddptrain.config import RESUME_FIXED, FitConfig
+from ddptrain.console import console
+from ddptrain.data import DataSpec
+from ddptrain.errors import DDPTrainError, UsageError
+from ddptrain.model import ModelSpec, build_model, parameter_count
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ddptrain.train import Parts
 
 FORMAT_NAME = "ddptrain.checkpoint"
 FORMAT_VERSION = 1
@@ -67,7 +77,7 @@ def prune_step_copies(folder: Path, keep: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and check a ddptrain checkpoint. Never unpickles code: weights_only=True is passed explicitly,
     which TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot override."""
     path = Path(path)
@@ -78,7 +88,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not zipfile.is_zipfile(path):  # torch.save's format (ddptrain writes no other) is a zip archive
         raise _unreadable(path, ValueError("not a zip archive"))
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # torch's safe unpickler raises this type for any object it will not build: code, or classes it
         # does not know. Nothing was executed.
@@ -125,8 +135,6 @@ def check_contents(state: dict[str, Any], path: Path) -> None:
             raise bad(f"its '{key}' entry is missing or not a {kind.__name__}")
     if not isinstance(state.get("metrics", {}), dict):
         raise bad("its 'metrics' entry is not a dict")
-    from ddptrain.data import DataSpec
-
     try:
         model_spec = ModelSpec.from_dict(state["model_spec"])
         model_spec.check()
@@ -162,3 +170,124 @@ def check_contents(state: dict[str, Any], path: Path) -> None:
             raise bad(f"position.{key} is {value!r}, not a non-negative integer")
         if known[key] != "int" and not (number or (value is None and key == "best")):
             raise bad(f"position.{key} is {value!r}, not a number")
+
+
+# -- writing ---------------------------------------------------------------------------------------------------
+def build_state(parts: Parts, position: Position, rng: list[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, Any]:
+    """Everything a resume, eval, predict or inspect needs: tensors and plain values only."""
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "model": parts.model.state_dict(), "model_spec": parts.model_spec.to_dict(),
+        "data_spec": parts.data.spec.to_dict(), "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else None,
+        "scaler": parts.scaler.state_dict() if parts.scaler else None,
+        "position": asdict(position), "rng": rng, "config": parts.cfg.to_dict(),
+        "world_size": parts.dist.world_size, "torch_version": str(torch.__version__), "ddptrain_version": __version__,
+        "metrics": metrics,
+    }
+
+
+def write(parts: Parts, position: Position, rng: list[dict[str, Any]], metrics: dict[str, Any],
+          improved: bool) -> None:
+    """Rank 0: last.pt, then a step-stamped copy (--keep-last) and best.pt as second names of the same file."""
+    folder = parts.run.checkpoints
+    last = folder / LAST
+    save_atomic(build_state(parts, position, rng, metrics), last)
+    if parts.cfg.keep_last:
+        copy_atomic(last, folder / f"step-{position.global_step:08d}.pt")
+        prune_step_copies(folder, parts.cfg.keep_last)
+    if improved:
+        copy_atomic(last, folder / BEST)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This rank's random streams (Python, torch CPU, CUDA): each rank saves its own."""
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+# -- resuming --------------------------------------------------------------------------------------------------
+def check_resumable(cfg: FitConfig, state: dict[str, Any], path: Path) -> None:
+    """A resume continues the same experiment: the settings that define it must match the checkpoint's."""
+    saved = state.get("config", {})
+    now = cfg.to_dict()
+    differing = [f"{key} (checkpoint {saved.get(key)!r}, now {now[key]!r})"
+                 for key in RESUME_FIXED if key in saved and saved[key] != now[key]]
+    if differing:
+        raise UsageError(f"cannot resume {path}: these settings differ from the checkpoint's: {'; '.join(differing)}; "
+                         "use the original values or start a new --out")
+
+
+def restore(parts: Parts, state: dict[str, Any], path: Path) -> Position:
+    """The checkpoint's training state into the built parts; a part that does not fit names itself."""
+    dist = parts.dist
+    part = "weights"
+    try:
+        parts.model.load_state_dict(state["model"])
+        part = "optimizer state"
+        parts.optimizer.load_state_dict(state["optimizer"])
+        part = "scheduler state"
+        if parts.scheduler is not None and state.get("scheduler"):
+            parts.scheduler.load_state_dict(state["scheduler"])
+        part = "GradScaler state"
+        if parts.scaler is not None and state.get("scaler"):
+            parts.scaler.load_state_dict(state["scaler"])
+        part = "position"
+        position = Position.from_dict(state["position"])
+        part = "world size"
+        saved_world = int(state.get("world_size", dist.world_size))
+        part = "random-number state"
+        if saved_world == dist.world_size:
+            set_rng_state(state["rng"][dist.rank], dist.device)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise DDPTrainError(f"cannot resume {path}: its {part} does not fit this run ({reason}); the file was edited "
+                            "or damaged; use another checkpoint") from None
+    if saved_world != dist.world_size:
+        console.line(f"resuming a world-size-{saved_world} checkpoint at world size {dist.world_size}: same global "
+                     f"batch and data order; dropout random streams are reseeded")
+        torch.manual_seed(parts.cfg.seed + 1 + dist.rank + position.global_step)
+    console.line(f"resumed from {path} at epoch {position.epoch + 1}, step {position.global_step}")
+    return position
+
+
+# -- reading for eval, predict, inspect ------------------------------------------------------------------------
+def inference_model(state: dict[str, Any], device: torch.device,
+                    path: Path | None = None) -> tuple[nn.Module, DataSpec, FitConfig]:
+    """The model (eval mode, on `device`), data spec and training config of a checked checkpoint."""
+    spec = DataSpec.from_dict(state["data_spec"])
+    model = build_model(ModelSpec.from_dict(state["model_spec"]))
+    model.load_state_dict(state["model"])
+    cfg_values = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()
+                  if k in FitConfig.__dataclass_fields__}
+    try:
+        cfg = FitConfig(**cfg_values)
+    except UsageError as exc:
+        raise DDPTrainError(f"checkpoint {path or ''} is inconsistent: its training config is invalid ({exc}); the "
+                            "file was edited or damaged; use another checkpoint") from None
+    return model.to(device).eval(), spec, cfg
+
+
+def describe(state: dict[str, Any]) -> dict[str, Any]:
+    """What `inspect` shows: architecture, parameters, data spec, position, metrics, versions."""
+    model_spec = ModelSpec.from_dict(state["model_spec"])
+    spec = DataSpec.from_dict(state["data_spec"])
+    widths = "-".join(str(w) for w in (model_spec.in_features, *model_spec.hidden, model_spec.out_features))
+    position = state.get("position", {})
+    return {
+        "format": f"{state['format']} v{state['format_version']}",
+        "architecture": f"MLP {widths}, {model_spec.activation}, norm {model_spec.norm}, dropout {model_spec.dropout}",
+        "parameters": parameter_count(build_model(model_spec)),
+        "task": spec.task, "target": spec.target_name, "features": list(spec.feature_names),
+        "classes": list(spec.classes), "epoch": position.get("epoch"), "step": position.get("global_step"),
+        "step_in_epoch": position.get("step_in_epoch"), "world_size": state.get("world_size"),
+        "metrics": state.get("metrics", {}), "torch_version": state.get("torch_version"),
+        "ddptrain_version": state.get("ddptrain_version"),
+    }

@@ -183,12 +183,6 @@ def start_all_reduce_sum(tensor: torch.Tensor) -> torch_dist.Work:
     return torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, async_op=True)
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    box = [obj]
-    torch_dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank."""
     out: list[Any] = [None] * torch_dist.get_world_size()

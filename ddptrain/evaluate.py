@@ -12,34 +12,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ddptrain.checkpoint import load_checkpoint
+from ddptrain import atomic
+from ddptrain.checkpoint import describe, inference_model, load_checkpoint
 from ddptrain.config import FitConfig
 from ddptrain.console import console
 from ddptrain.data import DataSpec, Split, labelled_split, load_table
 from ddptrain.dist import process_group
-from ddptrain import atomic
-from ddptrain.errors import DDPTrainError, Interrupted, UsageError
+from ddptrain.errors import DDPTrainError, Interrupted
 from ddptrain.metrics import evaluation_sums, metrics_from_sums
-from ddptrain.model import ModelSpec, build_model, parameter_count
 from ddptrain.optim import build_loss
 
 PREDICT_CHUNK = 65536
-
-
-def load_model(state: dict[str, Any], device: torch.device,
-               path: Path | None = None) -> tuple[nn.Module, DataSpec, FitConfig]:
-    """The model, data spec and training config of a checkpoint that `load_checkpoint` has checked."""
-    spec = DataSpec.from_dict(state["data_spec"])
-    model = build_model(ModelSpec.from_dict(state["model_spec"]))
-    model.load_state_dict(state["model"])
-    cfg_values = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()
-                  if k in FitConfig.__dataclass_fields__}
-    try:
-        cfg = FitConfig(**cfg_values)
-    except UsageError as exc:
-        raise DDPTrainError(f"checkpoint {path or ''} is inconsistent: its training config is invalid ({exc}); the file "
-                            "was edited or damaged; use another checkpoint") from None
-    return model.to(device).eval(), spec, cfg
 
 
 def _table_for(cfg: FitConfig, source: str, seed: int | None):
@@ -52,7 +35,7 @@ def _table_for(cfg: FitConfig, source: str, seed: int | None):
 def evaluate_checkpoint(path: Path, source: str, seed: int | None, as_json: bool, device_name: str) -> dict[str, Any]:
     state = load_checkpoint(path)
     with process_group(device_name, "auto", None) as dist:
-        model, spec, cfg = load_model(state, dist.device, path)
+        model, spec, cfg = inference_model(state, dist.device, path)
         split = labelled_split(spec, _table_for(cfg, source, seed))
         sums = evaluation_sums(model, split, spec, build_loss(cfg, spec.task), dist.rank, dist.world_size)
     metrics = metrics_from_sums(sums, spec)
@@ -109,7 +92,7 @@ def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, ov
         if out.exists() and given.exists() and out.resolve() == given.resolve():
             raise DDPTrainError(f"--out {out} is the {name} itself; --overwrite would destroy it; pick another path")
     state = load_checkpoint(path)
-    model, spec, cfg = load_model(state, torch.device("cpu"), path)
+    model, spec, cfg = inference_model(state, torch.device("cpu"), path)
     table = _table_for(cfg, source, None)
     if id_column is not None and id_column not in table.names:
         raise DDPTrainError(f"--id-column '{id_column}' is not a column of {table.path}; its columns: "
@@ -140,23 +123,6 @@ def write_predictions(handle: Any, result: torch.Tensor, spec: DataSpec, id_colu
             writer.writerow(lead + [spec.classes[best]] + [f"{p:.6f}" for p in row])
         else:
             writer.writerow(lead + [f"{row:.6g}"])
-
-
-def describe(state: dict[str, Any]) -> dict[str, Any]:
-    model_spec = ModelSpec.from_dict(state["model_spec"])
-    spec = DataSpec.from_dict(state["data_spec"])
-    widths = "-".join(str(w) for w in (model_spec.in_features, *model_spec.hidden, model_spec.out_features))
-    position = state.get("position", {})
-    return {
-        "format": f"{state['format']} v{state['format_version']}",
-        "architecture": f"MLP {widths}, {model_spec.activation}, norm {model_spec.norm}, dropout {model_spec.dropout}",
-        "parameters": parameter_count(build_model(model_spec)),
-        "task": spec.task, "target": spec.target_name, "features": list(spec.feature_names),
-        "classes": list(spec.classes), "epoch": position.get("epoch"), "step": position.get("global_step"),
-        "step_in_epoch": position.get("step_in_epoch"), "world_size": state.get("world_size"),
-        "metrics": state.get("metrics", {}), "torch_version": state.get("torch_version"),
-        "ddptrain_version": state.get("ddptrain_version"),
-    }
 
 
 def inspect_checkpoint(path: Path, as_json: bool) -> dict[str, Any]:

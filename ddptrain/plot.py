@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ddptrain.console import console
 from ddptrain import atomic
+from ddptrain.console import console
 from ddptrain.errors import DDPTrainError, Interrupted
 
 SUFFIXES = (".png", ".svg", ".pdf")

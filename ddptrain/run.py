@@ -13,17 +13,24 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ddptrain import checkpoint
-from ddptrain.config import RESUME_FIXED, FitConfig
+from ddptrain.checkpoint import Position
+from ddptrain.config import FitConfig
 from ddptrain.console import console
 from ddptrain.data import FitData, prepare_fit_data
 from ddptrain.dist import DistInfo, launch_env, process_group
-from ddptrain.errors import DDPTrainError, UsageError
+from ddptrain.errors import UsageError
 from ddptrain.faults import injected_fault
 from ddptrain.model import ModelSpec, build_model, parameter_count
 from ddptrain.optim import build_loss, build_optimizer, build_scheduler
-from ddptrain.rundir import RunDir, SilentRunDir, check_out_dir, check_tensorboard, claim_run_folder, default_out
-from ddptrain.checkpoint import Position
-from ddptrain.train import Parts, Trainer, set_rng_state
+from ddptrain.rundir import (
+    RunDir,
+    SilentRunDir,
+    check_out_dir,
+    check_tensorboard,
+    claim_run_folder,
+    default_out,
+)
+from ddptrain.train import Parts, Trainer
 
 
 def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
@@ -53,14 +60,14 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
         check_tensorboard()
     resumed = checkpoint.load_checkpoint(resume_path) if resume_path else None
     if resumed:
-        check_resume_compatible(cfg, resumed, resume_path)
+        checkpoint.check_resumable(cfg, resumed, resume_path)
     lock = claim_run_folder(out, resume_path, continues) if env.rank == 0 else None
     try:
         with process_group(cfg.device, cfg.backend, cfg.timeout) as dist:
             run = RunDir(out, lock, cfg.tensorboard) if lock is not None else SilentRunDir(out)
             try:
                 parts = build_parts(cfg, dist, data, run)
-                position = restore(parts, resumed, resume_path) if resumed else Position()
+                position = checkpoint.restore(parts, resumed, resume_path) if resumed else Position()
                 run.rewind(position.global_step)
                 run.write_config(cfg.to_dict())
                 announce(parts, out)
@@ -100,16 +107,6 @@ def check_monitor(cfg: FitConfig, data: FitData) -> None:
     if cfg.monitor.startswith("val_") and data.val is None:
         raise UsageError(f"--monitor {cfg.monitor} needs validation data; set --val-fraction or --val-data, "
                          "or use --monitor train_loss (or auto)")
-
-
-def check_resume_compatible(cfg: FitConfig, state: dict[str, Any], path: Path) -> None:
-    saved = state.get("config", {})
-    now = cfg.to_dict()
-    differing = [f"{key} (checkpoint {saved.get(key)!r}, now {now[key]!r})"
-                 for key in RESUME_FIXED if key in saved and saved[key] != now[key]]
-    if differing:
-        raise UsageError(f"cannot resume {path}: these settings differ from the checkpoint's: {'; '.join(differing)}; "
-                         "use the original values or start a new --out")
 
 
 def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir) -> Parts:
@@ -185,39 +182,6 @@ def compile_model(module: nn.Module, device: torch.device) -> nn.Module:
         return torch.compile(module)
     except Exception as exc:
         raise UsageError(f"--compile is not supported here ({str(exc).splitlines()[0]}); run without --compile") from None
-
-
-def restore(parts: Parts, state: dict[str, Any], path: Path) -> Position:
-    """The checkpoint's training state into the built parts; a part that does not fit names itself."""
-    dist = parts.dist
-    part = "weights"
-    try:
-        parts.model.load_state_dict(state["model"])
-        part = "optimizer state"
-        parts.optimizer.load_state_dict(state["optimizer"])
-        part = "scheduler state"
-        if parts.scheduler is not None and state.get("scheduler"):
-            parts.scheduler.load_state_dict(state["scheduler"])
-        part = "GradScaler state"
-        if parts.scaler is not None and state.get("scaler"):
-            parts.scaler.load_state_dict(state["scaler"])
-        part = "position"
-        position = Position.from_dict(state["position"])
-        part = "world size"
-        saved_world = int(state.get("world_size", dist.world_size))
-        part = "random-number state"
-        if saved_world == dist.world_size:
-            set_rng_state(state["rng"][dist.rank], dist.device)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
-        raise DDPTrainError(f"cannot resume {path}: its {part} does not fit this run ({reason}); the file was edited "
-                            "or damaged; use another checkpoint") from None
-    if saved_world != dist.world_size:
-        console.line(f"resuming a world-size-{saved_world} checkpoint at world size {dist.world_size}: same global "
-                     f"batch and data order; dropout random streams are reseeded")
-        torch.manual_seed(parts.cfg.seed + 1 + dist.rank + position.global_step)
-    console.line(f"resumed from {path} at epoch {position.epoch + 1}, step {position.global_step}")
-    return position
 
 
 def announce(parts: Parts, out: Path) -> None:

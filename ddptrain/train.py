@@ -9,16 +9,15 @@ late); checkpoints and epoch ends wait for all of them, so what is saved and log
 from __future__ import annotations
 
 import math
-import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ddptrain import __version__, checkpoint
+from ddptrain import checkpoint
 from ddptrain.checkpoint import Position
 from ddptrain.config import FitConfig, monitor_metric, monitor_mode
 from ddptrain.console import EpochProgress
@@ -277,42 +276,13 @@ class Trainer:
         if not all(torch.isfinite(t).all() for t in self.p.model.parameters()):
             raise DDPTrainError(f"non-finite weights after step {self.pos.global_step}; the last good checkpoint is "
                                 "kept; lower --lr, add --clip-grad, or use --nan-policy skip")
-        rng = gather_objects(rng_state(self.p.dist.device))  # a collective: every rank calls save
+        rng = gather_objects(checkpoint.rng_state(self.p.dist.device))  # a collective: every rank calls save
         if not self.p.dist.is_main:
             return
-        p, folder = self.p, self.p.run.checkpoints
-        state = {
-            "format": checkpoint.FORMAT_NAME, "format_version": checkpoint.FORMAT_VERSION,
-            "model": p.model.state_dict(), "model_spec": p.model_spec.to_dict(), "data_spec": p.data.spec.to_dict(),
-            "optimizer": p.optimizer.state_dict(),
-            "scheduler": p.scheduler.state_dict() if p.scheduler is not None else None,
-            "scaler": p.scaler.state_dict() if p.scaler else None,
-            "position": asdict(self.pos), "rng": rng, "config": p.cfg.to_dict(),
-            "world_size": p.dist.world_size, "torch_version": str(torch.__version__), "ddptrain_version": __version__,
-            "metrics": self.last_metrics,
-        }
-        last = folder / checkpoint.LAST
-        checkpoint.save_atomic(state, last)
-        if p.cfg.keep_last:
-            checkpoint.copy_atomic(last, folder / f"step-{self.pos.global_step:08d}.pt")
-            checkpoint.prune_step_copies(folder, p.cfg.keep_last)
-        if improved:
-            checkpoint.copy_atomic(last, folder / checkpoint.BEST)
+        checkpoint.write(self.p, self.pos, rng, self.last_metrics, improved)
 
     def summary(self) -> dict[str, Any]:
         pos = self.pos
         return {"epochs": pos.epoch, "steps": pos.global_step, "best": pos.best, "best_epoch": pos.best_epoch + 1,
                 "time_to_first_step_s": self.time_to_first_step, "last": self.last_metrics,
                 "skipped_steps": pos.skipped_steps}
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    torch.set_rng_state(state["torch"].cpu())
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)

@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, clean_env, cli, error_lines
+
 from ddptrain.checkpoint import FORMAT_NAME, load_checkpoint, save_atomic
 from ddptrain.config import FitConfig
 from ddptrain.errors import DDPTrainError
@@ -154,10 +154,10 @@ def test_eval_json_and_direct_computation_agree(trained):
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     # the same numbers computed by hand from the checkpoint
+    from ddptrain.checkpoint import inference_model
     from ddptrain.data import labelled_split, load_table
-    from ddptrain.evaluate import load_model
 
-    model, spec, _ = load_model(load_checkpoint(trained / "run/checkpoints/last.pt"), torch.device("cpu"))
+    model, spec, _ = inference_model(load_checkpoint(trained / "run/checkpoints/last.pt"), torch.device("cpu"))
     split = labelled_split(spec, load_table(str(trained / "test_noid.csv"), 0, 0))
     with torch.no_grad():
         logits = model(split.x)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from ddptrain.config import tomllib
 
 from conftest import clean_env, cli
+
+from ddptrain.config import tomllib
 
 
 def imported_modules(*args: str) -> str:

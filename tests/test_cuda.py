@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import cli, epoch_rows, torchrun
+
 from ddptrain.checkpoint import load_checkpoint
 from ddptrain.config import FitConfig
 from ddptrain.run import fit

@@ -9,8 +9,8 @@ import sys
 import time
 
 import torch
-
 from conftest import clean_env, cli, epoch_rows, error_lines, read_metrics, torchrun
+
 from ddptrain.checkpoint import load_checkpoint
 
 COMMON = ["--data", "blobs", "--n-samples", "1000", "--n-features", "6", "--n-classes", "3", "--hidden", "32,32",

@@ -417,6 +417,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path):
     import subprocess
 
     from conftest import clean_env
+
     from ddptrain.checkpoint import load_checkpoint
 
     args = [sys.executable, "-m", "ddptrain", "fit", "--data", "xor", "--n-samples", "256", "--hidden", "128,128",

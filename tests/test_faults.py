@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import clean_env, error_lines, read_metrics, torchrun_cmd
+
 from ddptrain.checkpoint import load_checkpoint
 
 # ~20 steps an epoch; small enough for CI, long enough to be interrupted mid-run

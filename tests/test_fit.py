@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import epoch_rows, read_metrics
+
 from ddptrain.checkpoint import load_checkpoint
 from ddptrain.config import FitConfig
 from ddptrain.errors import UsageError

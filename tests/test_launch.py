@@ -6,7 +6,6 @@ import subprocess
 
 import pytest
 import yaml
-
 from conftest import ROOT
 
 SCRIPTS = sorted((ROOT / "launch").glob("*.sh")) + [ROOT / "launch" / "slurm.sbatch"]

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import clean_env, cli, epoch_rows
+
 from ddptrain.config import FitConfig
 from ddptrain.errors import DDPTrainError
 from ddptrain.run import fit
