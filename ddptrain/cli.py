@@ -110,9 +110,10 @@ def fit(
             raise UsageError(f"--nproc-per-node {nproc_per_node} must be at least 1")
         argv = strip_option(sys.argv[sys.argv.index("fit") + 1:], "--nproc-per-node")
         if cfg.out is None:
+            from ddptrain.launchenv import launch_env
             from ddptrain.rundir import default_out
 
-            argv += ["--out", str(default_out())]
+            argv += ["--out", str(default_out(launch_env()))]
         raise typer.Exit(launch_local(nproc_per_node, argv))
     from ddptrain.run import fit as run_fit
 
@@ -205,7 +206,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except (Exception, KeyboardInterrupt) as exc:
-        from ddptrain.failures import report
+        from ddptrain.errors import report
 
         code = report(exc)
     sys.exit(code or 0)

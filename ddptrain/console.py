@@ -7,7 +7,6 @@ a runtime failure is reported by the rank that failed.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from rich.console import Console
@@ -20,17 +19,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-
-def env_rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
+from ddptrain.launchenv import launch_env_lenient
 
 
 class RankZeroConsole:
     def __init__(self) -> None:
-        self.rank = env_rank()
+        self.rank = launch_env_lenient().rank
         self.quiet = False
         # markup off: user text (column names, paths, labels) is always shown literally, "[m/s]" included
         self.out = Console(highlight=False, soft_wrap=True, markup=False)

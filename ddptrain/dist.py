@@ -17,18 +17,10 @@ import torch
 import torch.distributed as torch_dist
 
 from ddptrain.console import console
-from ddptrain.errors import DDPTrainError, UsageError
+from ddptrain.errors import DDPTrainError
+from ddptrain.launchenv import LaunchEnv, launch_env
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_TIMEOUT_S = 1800.0  # torch's default for Gloo collectives and the env:// rendezvous
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    rank: int
-    local_rank: int
-    world_size: int
-    launched: bool  # True under torchrun (or any launcher that sets the env:// variables)
 
 
 @dataclass(frozen=True)
@@ -47,24 +39,6 @@ class DistInfo:
         """Wait for this rank's queued GPU work (before reading a clock); CPU work is already done."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-def launch_env() -> LaunchEnv:
-    """Read torchrun's variables; a partial set is a usage error, not a hang."""
-    present = [name for name in LAUNCHER_VARS if name in os.environ]
-    if not present:
-        return LaunchEnv(0, 0, 1, launched=False)
-    missing = [name for name in LAUNCHER_VARS if name not in os.environ]
-    if missing:
-        raise UsageError(f"partial launcher environment: {', '.join(present)} set but {', '.join(missing)} not; "
-                         "launch with torchrun (or unset them to run as one process)")
-    try:
-        env = LaunchEnv(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), True)
-    except ValueError:
-        raise UsageError("RANK, LOCAL_RANK and WORLD_SIZE must be integers; launch with torchrun") from None
-    if not 0 <= env.rank < env.world_size:
-        raise UsageError(f"RANK={env.rank} is outside WORLD_SIZE={env.world_size}; launch with torchrun")
-    return env
 
 
 def resolve_device(cfg_device: str, cfg_backend: str, local_rank: int) -> tuple[torch.device, str]:
@@ -111,10 +85,10 @@ def exit_process(code: int) -> None:
 
 
 @contextmanager
-def process_group(device_name: str = "auto", backend_name: str = "auto",
-                  timeout_s: float | None = None) -> Iterator[DistInfo]:
+def process_group(device_name: str = "auto", backend_name: str = "auto", timeout_s: float | None = None,
+                  env: LaunchEnv | None = None) -> Iterator[DistInfo]:
     """Set up the process group for this process and always tear it down."""
-    env = launch_env()
+    env = env or launch_env()
     device, backend = resolve_device(device_name, backend_name, env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -126,8 +100,8 @@ def process_group(device_name: str = "auto", backend_name: str = "auto",
         # restart the store still holds the dead workers' Gloo addresses, and a new worker that read one would
         # wait on a peer that is gone.
         store = connect_store(env, timeout_s)
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        torch_dist.init_process_group(backend, store=torch_dist.PrefixStore(f"ddptrain/attempt-{attempt}", store),
+        torch_dist.init_process_group(backend, store=torch_dist.PrefixStore(f"ddptrain/attempt-{env.restart_count}",
+                                                                            store),
                                       rank=env.rank, world_size=env.world_size, **kwargs)
     else:
         torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1, **kwargs)
@@ -166,7 +140,7 @@ def connect_store(env: LaunchEnv, timeout_s: float | None) -> torch_dist.Store:
     if "error" in result:
         raise result["error"]
     if "store" not in result:
-        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        where = f"{env.master_addr}:{env.master_port}"
         raise DDPTrainError(f"could not join the job's rendezvous at {where} within {limit:g} s "
                             "(--timeout): the peer there accepted the connection but never answered; check "
                             "MASTER_ADDR/MASTER_PORT and that the launcher on the first node is alive", local=True)

@@ -11,7 +11,7 @@ import torch.distributed as torch_dist
 
 from ddptrain import __version__
 from ddptrain.console import console
-from ddptrain.dist import LAUNCHER_VARS
+from ddptrain.launchenv import LAUNCHER_VARS
 
 EXTRA_VARS = ("LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
               "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "NCCL_DEBUG", "SLURM_JOB_ID", "SLURM_NTASKS")

@@ -1,6 +1,6 @@
 """Fault injection for the project's own tests: one rank fails, hangs or stops at a chosen step.
 
-DDPTRAIN_FAIL_AT_STEP=RANK:STEP[:MODE], read once per process. STEP 0 is the start of `fit` (before the data is
+DDPTRAIN_FAIL_AT_STEP=RANK:STEP[:MODE], read once with the launcher's variables (launchenv.py). STEP 0 is the start of `fit` (before the data is
 read); STEP n >= 1 is right after optimizer step n. MODE: `raise` (a RuntimeError, the default), `hang` (stops
 answering, as a stuck process does) or `stop` (a real SIGSTOP to itself, as `kill -STOP` or a frozen node does).
 """
@@ -32,8 +32,9 @@ class InjectedFault:
         raise RuntimeError(f"injected failure at step {step} (DDPTRAIN_FAIL_AT_STEP)")
 
 
-def injected_fault(rank: int) -> InjectedFault | None:
-    parts = os.environ.get("DDPTRAIN_FAIL_AT_STEP", "").split(":")
+def parse_fault(text: str, rank: int) -> InjectedFault | None:
+    """DDPTRAIN_FAIL_AT_STEP's value, for `rank` (None: no fault here)."""
+    parts = text.split(":")
     if len(parts) < 2 or int(parts[0]) != rank:
         return None
     mode = parts[2] if len(parts) > 2 else "raise"

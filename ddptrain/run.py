@@ -17,9 +17,10 @@ from ddptrain.checkpoint import Position
 from ddptrain.config import FitConfig
 from ddptrain.console import console
 from ddptrain.data import FitData, prepare_fit_data
-from ddptrain.dist import DistInfo, launch_env, process_group
+from ddptrain.dist import DistInfo, process_group
 from ddptrain.errors import UsageError
-from ddptrain.faults import injected_fault
+from ddptrain.faults import InjectedFault
+from ddptrain.launchenv import launch_env
 from ddptrain.model import ModelSpec, build_model, parameter_count
 from ddptrain.optim import build_loss, build_optimizer, build_scheduler
 from ddptrain.rundir import (
@@ -37,18 +38,17 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     started_at = started_at or time.perf_counter()
     console.quiet = cfg.quiet
     env = launch_env()
-    fault = injected_fault(env.rank)
-    if fault is not None:
-        fault.maybe_fire(0)
+    if env.fault is not None:
+        env.fault.maybe_fire(0)
     if cfg.batch_size % (env.world_size * cfg.grad_accum):
         raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by world size "
                          f"{env.world_size} x --grad-accum {cfg.grad_accum}; use a multiple of "
                          f"{env.world_size * cfg.grad_accum}")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must precede CUDA's first cuBLAS call
-    out = Path(cfg.out) if cfg.out else default_out()
-    resume_path = resume_checkpoint_path(cfg, out)
-    continues = cfg.resume == "auto" or elastic_restart()
+    out = Path(cfg.out) if cfg.out else default_out(env)
+    resume_path = resume_checkpoint_path(cfg, out, env.restarted)
+    continues = cfg.resume == "auto" or env.restarted
     if env.rank == 0:  # the rank that owns the run folder decides; the others never touch it
         check_out_dir(out, resume_path, continues)
     data = prepare_fit_data(cfg)
@@ -63,10 +63,10 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
         checkpoint.check_resumable(cfg, resumed, resume_path)
     lock = claim_run_folder(out, resume_path, continues) if env.rank == 0 else None
     try:
-        with process_group(cfg.device, cfg.backend, cfg.timeout) as dist:
+        with process_group(cfg.device, cfg.backend, cfg.timeout, env) as dist:
             run = RunDir(out, lock, cfg.tensorboard) if lock is not None else SilentRunDir(out)
             try:
-                parts = build_parts(cfg, dist, data, run)
+                parts = build_parts(cfg, dist, data, run, env.fault)
                 position = checkpoint.restore(parts, resumed, resume_path) if resumed else Position()
                 run.rewind(position.global_step)
                 run.write_config(cfg.to_dict())
@@ -82,14 +82,10 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     return summary
 
 
-def elastic_restart() -> bool:
-    """torchrun restarted this job's workers: they continue the run folder without being asked."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-
-
-def resume_checkpoint_path(cfg: FitConfig, out: Path) -> Path | None:
-    """--resume PATH, --resume auto (the run folder's last.pt if any), and elastic restarts (like auto)."""
-    if cfg.resume == "auto" or (cfg.resume is None and elastic_restart()):
+def resume_checkpoint_path(cfg: FitConfig, out: Path, restarted: bool) -> Path | None:
+    """--resume PATH, --resume auto (the run folder's last.pt if any), and elastic restarts, whose workers continue
+    the run folder without being asked (like auto)."""
+    if cfg.resume == "auto" or (cfg.resume is None and restarted):
         return checkpoint.find_resume_checkpoint(out)
     return Path(cfg.resume) if cfg.resume else None
 
@@ -109,7 +105,8 @@ def check_monitor(cfg: FitConfig, data: FitData) -> None:
                          "or use --monitor train_loss (or auto)")
 
 
-def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir) -> Parts:
+def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir,
+                fault: InjectedFault | None = None) -> Parts:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -135,7 +132,7 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
     torch.manual_seed(cfg.seed + 1 + dist.rank)
     random.seed(cfg.seed + dist.rank)
     return Parts(cfg, dist, ddp, forward, model, spec, optimizer, scheduler, scaler, build_loss(cfg, data.spec.task),
-                 data.to_device(dist.device), run)
+                 data.to_device(dist.device), run, fault)
 
 
 def wrap_ddp(model: nn.Module, cfg: FitConfig, dist: DistInfo) -> DistributedDataParallel | None:

@@ -15,14 +15,14 @@ from typing import Any
 from ddptrain import __version__, atomic
 from ddptrain.checkpoint import LAST
 from ddptrain.errors import DDPTrainError, UsageError
+from ddptrain.launchenv import LaunchEnv
 
 
-def default_out() -> Path:
+def default_out(env: LaunchEnv) -> Path:
     """Under a launcher, `runs/run-<rendezvous id>` (the same on every rank, node and elastic restart);
     otherwise a new timestamped folder."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    if "RANK" in os.environ and run_id and run_id != "none":
-        return Path("runs") / f"run-{run_id}"
+    if env.launched and env.run_id:
+        return Path("runs") / f"run-{env.run_id}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path, n = Path("runs") / stamp, 1
     while path.exists():

@@ -24,7 +24,7 @@ from ddptrain.console import EpochProgress
 from ddptrain.data import FitData, epoch_indices
 from ddptrain.dist import DistInfo, gather_objects, start_all_reduce_sum
 from ddptrain.errors import DDPTrainError, Preempted
-from ddptrain.faults import injected_fault
+from ddptrain.faults import InjectedFault
 from ddptrain.metrics import evaluation_sums, metrics_from_sums, validation_row
 from ddptrain.model import ModelSpec
 from ddptrain.rundir import SilentRunDir
@@ -47,6 +47,7 @@ class Parts:
     loss_fn: nn.Module
     data: FitData
     run: SilentRunDir
+    fault: InjectedFault | None = None  # a test's injected failure for this rank (launchenv reads it)
     stop: StopRequest = field(default_factory=StopRequest)
 
 
@@ -79,7 +80,6 @@ class Trainer:
         self.reducing: list[WindowReduce] = []  # started all-reduces, oldest first (at most two)
         self.progress = EpochProgress(cfg.epochs)
         self.last_metrics: dict[str, Any] = {}
-        self.fault = injected_fault(dist.rank)  # None unless a test asks for one
         self.regression = parts.data.spec.task == "regression"
         self.checks_grad_norm = cfg.clip_grad is not None or cfg.nan_policy == "skip"
         self.no_sync = parts.ddp.no_sync if parts.ddp is not None else nullcontext  # bare module: nothing to hold back
@@ -164,8 +164,8 @@ class Trainer:
             pos.step_in_epoch, pos.global_step = step + 1, pos.global_step + 1
             if pos.global_step == 1:
                 self.time_to_first_step = time.perf_counter() - self.started_at
-            if self.fault is not None:
-                self.fault.maybe_fire(pos.global_step)
+            if p.fault is not None:
+                p.fault.maybe_fire(pos.global_step)
             on_log = pos.global_step % p.cfg.log_every == 0
             on_ckpt = p.cfg.checkpoint_every and pos.global_step % p.cfg.checkpoint_every == 0
             if (on_log or on_ckpt) and step + 1 < self.steps_per_epoch:
