@@ -1,9 +1,7 @@
 """The training loop over built objects: train_step, run_epoch, validate, save.
 
-Losses stay on the device between sync points: every `--log-every` steps one all-reduce carries the window's
-per-step losses and the stop flag, so ranks agree on preemption and non-finite losses at the same step without a
-per-step sync. It runs in the background while the next window trains and is read at the next flush (a window
-late); checkpoints and epoch ends wait for all of them, so what is saved and logged per epoch is complete.
+Losses go through the loss window (losswindow.py): one background all-reduce per `--log-every` steps carries them
+and the stop flag; checkpoints and epoch ends wait for all of them, so what is saved and logged is complete.
 """
 
 from __future__ import annotations
@@ -22,9 +20,10 @@ from ddptrain.checkpoint import Position
 from ddptrain.config import FitConfig, monitor_metric, monitor_mode
 from ddptrain.console import EpochProgress
 from ddptrain.data import FitData, epoch_indices
-from ddptrain.dist import DistInfo, gather_objects, start_all_reduce_sum
+from ddptrain.dist import DistInfo, gather_objects
 from ddptrain.errors import DDPTrainError, Preempted
 from ddptrain.faults import InjectedFault
+from ddptrain.losswindow import LossWindow, WindowResult
 from ddptrain.metrics import evaluation_sums, metrics_from_sums, validation_row
 from ddptrain.model import ModelSpec
 from ddptrain.rundir import SilentRunDir
@@ -51,24 +50,10 @@ class Parts:
     stop: StopRequest = field(default_factory=StopRequest)
 
 
-@dataclass
-class WindowReduce:
-    """A window's losses and stop flag, being all-reduced in the background."""
-
-    work: Any  # torch.distributed.Work
-    values: torch.Tensor
-    last_step: int
-    epoch: int
-    step_in_epoch: int
-    log: bool
-    lr: float
-    samples_per_s: float
-
-
 class Trainer:
     def __init__(self, parts: Parts, position: Position, started_at: float) -> None:
-        self.p = parts
-        self.pos = position
+        self.parts = parts
+        self.position = position
         self.started_at = started_at
         cfg, dist = parts.cfg, parts.dist
         self.rank_batch = cfg.batch_size // dist.world_size
@@ -76,8 +61,7 @@ class Trainer:
         self.steps_per_epoch = len(parts.data.train) // cfg.batch_size
         self.autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
                          if cfg.precision != "fp32" else nullcontext())
-        self.window: list[torch.Tensor] = []
-        self.reducing: list[WindowReduce] = []  # started all-reduces, oldest first (at most two)
+        self.window = LossWindow(cfg.batch_size)
         self.progress = EpochProgress(cfg.epochs)
         self.last_metrics: dict[str, Any] = {}
         self.regression = parts.data.spec.task == "regression"
@@ -89,7 +73,7 @@ class Trainer:
     # -- one optimizer step -------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step on this rank's batch; returns its loss, detached, still on the device."""
-        accum = self.p.cfg.grad_accum
+        accum = self.parts.cfg.grad_accum
         if accum == 1:
             loss = self._forward_backward(x, y, 1)
         else:
@@ -101,12 +85,12 @@ class Trainer:
                     losses.append(self._forward_backward(x[micro], y[micro], accum))
             loss = torch.stack(losses).sum()
         if not self._finish_step():
-            self.pos.skipped_steps += 1
-            self.pos.epoch_skipped_steps += 1
+            self.position.skipped_steps += 1
+            self.position.epoch_skipped_steps += 1
         return loss
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, accum: int) -> torch.Tensor:
-        p = self.p
+        p = self.parts
         with self.autocast:
             out = p.forward(x)
             loss = p.loss_fn(out.squeeze(1) if self.regression else out, y)
@@ -116,7 +100,7 @@ class Trainer:
         return loss.detach()
 
     def _finish_step(self) -> bool:
-        p = self.p
+        p = self.parts
         if p.scaler:
             p.scaler.unscale_(p.optimizer)
         if self.checks_grad_norm:
@@ -137,19 +121,20 @@ class Trainer:
 
     # -- epochs -------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        self.p.stop.install()
+        self.parts.stop.install()
         try:
-            while self.pos.epoch < self.p.cfg.epochs:
+            while self.position.epoch < self.parts.cfg.epochs:
                 if self.run_epoch():
                     break  # early stop
         finally:
-            self.p.stop.uninstall()
+            self.parts.stop.uninstall()
             self.progress.close()
         return self.summary()
 
     def run_epoch(self) -> bool:
-        p, pos = self.p, self.pos
-        t0 = self.window_start = time.perf_counter()  # the epoch's time counts everything in it, its order too
+        p, pos = self.parts, self.position
+        t0 = time.perf_counter()  # the epoch's time counts everything in it, its order too
+        self.window.restart_clock()
         cpu0 = time.process_time()
         train = p.data.train
         order = epoch_indices(len(train), p.cfg.seed, pos.epoch, p.dist.rank, p.dist.world_size).to(train.x.device)
@@ -160,7 +145,7 @@ class Trainer:
         for step in range(first_step, self.steps_per_epoch):
             idx = order[step * self.rank_batch:(step + 1) * self.rank_batch]
             # index_select, not train.x[idx]: the same rows, without advanced indexing's ~40 us a call on CPU
-            self.window.append(self.train_step(train.x.index_select(0, idx), train.y.index_select(0, idx)))
+            self.window.add(self.train_step(train.x.index_select(0, idx), train.y.index_select(0, idx)))
             pos.step_in_epoch, pos.global_step = step + 1, pos.global_step + 1
             if pos.global_step == 1:
                 self.time_to_first_step = time.perf_counter() - self.started_at
@@ -189,11 +174,11 @@ class Trainer:
         return early_stop
 
     def epoch_row(self, steps_done: int, elapsed: float, cpu: float) -> dict[str, Any]:
-        pos = self.pos
+        pos = self.position
         # None (JSON null) when no step of the epoch had a finite loss: there is no mean to report
         train_loss = pos.epoch_loss_sum / pos.epoch_loss_steps if pos.epoch_loss_steps else None
         row = {"kind": "epoch", "epoch": pos.epoch, "step": pos.global_step, "train_loss": train_loss,
-               "samples_per_s": steps_done * self.p.cfg.batch_size / elapsed, "epoch_time_s": elapsed,
+               "samples_per_s": steps_done * self.parts.cfg.batch_size / elapsed, "epoch_time_s": elapsed,
                "epoch_cpu_s": cpu}  # this process's CPU time, all threads: far below wall time means starved
         if pos.skipped_steps:
             row["skipped_steps"] = pos.skipped_steps
@@ -204,46 +189,37 @@ class Trainer:
         return row
 
     def flush(self, log: bool, wait: bool = False) -> bool:
-        """Start the all-reduce of the window's per-step losses and the stop flag; finish the one started at the
-        previous flush (its latency hidden behind a window of training) or, with `wait` or once a rank has asked to
-        stop, every one, so the checkpoint that follows holds every loss. Returns whether any rank asked to stop:
-        every rank gets the same answer at the same step."""
-        if self.window:
-            p, pos = self.p, self.pos
-            flag = torch.tensor([1.0 if p.stop.requested else 0.0], device=self.window[0].device)
-            values = torch.cat([torch.stack(self.window).float(), flag])
-            now = time.perf_counter()
-            rate = len(self.window) * p.cfg.batch_size / max(now - self.window_start, 1e-9)
-            self.reducing.append(WindowReduce(start_all_reduce_sum(values), values, pos.global_step, pos.epoch,
-                                              pos.step_in_epoch, log, p.optimizer.param_groups[0]["lr"], rate))
-            self.window, self.window_start = [], now
+        """Close the loss window and account for the windows whose reduction has finished (all of them with `wait`,
+        so the checkpoint that follows holds every loss). Returns whether any rank asked to stop."""
+        p, pos = self.parts, self.position
+        self.window.close(p.stop.requested, pos.global_step, pos.epoch, pos.step_in_epoch, log,
+                          p.optimizer.param_groups[0]["lr"])
         stop = False
-        while len(self.reducing) > (0 if wait or stop else 1):
-            stop |= self._finish_reduce(self.reducing.pop(0))
+        for result in self.window.collect(wait):
+            self._account(result)
+            stop |= result.stop
         return stop
 
-    def _finish_reduce(self, reduce: WindowReduce) -> bool:
-        p, pos = self.p, self.pos
-        reduce.work.wait()
-        values = reduce.values.tolist()
-        losses, stop = values[:-1], values[-1] > 0
+    def _account(self, result: WindowResult) -> None:
+        """A reduced window into the epoch's loss, a step row, and the non-finite-loss policy."""
+        p, pos = self.parts, self.position
+        losses = result.loss_sums
         finite = [v / p.dist.world_size for v in losses if math.isfinite(v)]
         if len(finite) < len(losses) and p.cfg.nan_policy == "stop":
-            bad = reduce.last_step - len(losses) + 1 + next(i for i, v in enumerate(losses) if not math.isfinite(v))
-            raise DDPTrainError(f"non-finite loss at step {bad} (epoch {reduce.epoch + 1}); the last good checkpoint "
+            bad = result.last_step - len(losses) + 1 + next(i for i, v in enumerate(losses) if not math.isfinite(v))
+            raise DDPTrainError(f"non-finite loss at step {bad} (epoch {result.epoch + 1}); the last good checkpoint "
                                 "is kept; lower --lr, add --clip-grad, or use --nan-policy skip")
         pos.epoch_loss_sum += sum(finite)
         pos.epoch_loss_steps += len(finite)
-        if reduce.log:
-            row = {"kind": "step", "step": reduce.last_step, "epoch": reduce.epoch,
-                   "train_loss": sum(finite) / len(finite) if finite else None, "lr": reduce.lr,
-                   "samples_per_s": reduce.samples_per_s}
+        if result.log:
+            row = {"kind": "step", "step": result.last_step, "epoch": result.epoch,
+                   "train_loss": sum(finite) / len(finite) if finite else None, "lr": result.lr,
+                   "samples_per_s": result.samples_per_s}
             p.run.append(row)
-            self.progress.update(row, reduce.step_in_epoch, self.steps_per_epoch)
-        return stop
+            self.progress.update(row, result.step_in_epoch, self.steps_per_epoch)
 
     def validate(self) -> dict[str, float]:
-        p = self.p
+        p = self.parts
         if p.data.val is None:
             return {}
         sums = evaluation_sums(p.model, p.data.val, p.data.spec, p.loss_fn, p.dist.rank, p.dist.world_size)
@@ -251,8 +227,8 @@ class Trainer:
 
     def track_best(self, row: dict[str, Any]) -> tuple[bool, bool]:
         """Decided from all-reduced metrics, hence identically on every rank."""
-        cfg, pos = self.p.cfg, self.pos
-        value = row.get(monitor_metric(cfg, self.p.data.val is not None))
+        cfg, pos = self.parts.cfg, self.position
+        value = row.get(monitor_metric(cfg, self.parts.data.val is not None))
         if pos.epoch_skipped_steps == self.steps_per_epoch:  # nothing was learned: never the best epoch
             value = None
         if value is None or not math.isfinite(value):
@@ -266,23 +242,23 @@ class Trainer:
         return better, bool(cfg.early_stop) and pos.bad_epochs >= cfg.early_stop
 
     def preempted(self) -> None:
-        raise Preempted(f"preempted by {self.p.stop.signal_name or 'a signal on another rank'} at step "
-                        f"{self.pos.global_step}; checkpoint saved to {self.p.run.checkpoints / checkpoint.LAST}; "
+        raise Preempted(f"preempted by {self.parts.stop.signal_name or 'a signal on another rank'} at step "
+                        f"{self.position.global_step}; checkpoint saved to {self.parts.run.checkpoints / checkpoint.LAST}; "
                         "continue with --resume auto")
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def save(self, improved: bool = False) -> None:
         # Parameters are identical on every rank, so all ranks agree here; a checkpoint never holds inf/NaN.
-        if not all(torch.isfinite(t).all() for t in self.p.model.parameters()):
-            raise DDPTrainError(f"non-finite weights after step {self.pos.global_step}; the last good checkpoint is "
+        if not all(torch.isfinite(t).all() for t in self.parts.model.parameters()):
+            raise DDPTrainError(f"non-finite weights after step {self.position.global_step}; the last good checkpoint is "
                                 "kept; lower --lr, add --clip-grad, or use --nan-policy skip")
-        rng = gather_objects(checkpoint.rng_state(self.p.dist.device))  # a collective: every rank calls save
-        if not self.p.dist.is_main:
+        rng = gather_objects(checkpoint.rng_state(self.parts.dist.device))  # a collective: every rank calls save
+        if not self.parts.dist.is_main:
             return
-        checkpoint.write(self.p, self.pos, rng, self.last_metrics, improved)
+        checkpoint.write(self.parts, self.position, rng, self.last_metrics, improved)
 
     def summary(self) -> dict[str, Any]:
-        pos = self.pos
+        pos = self.position
         return {"epochs": pos.epoch, "steps": pos.global_step, "best": pos.best, "best_epoch": pos.best_epoch + 1,
                 "time_to_first_step_s": self.time_to_first_step, "last": self.last_metrics,
                 "skipped_steps": pos.skipped_steps}
