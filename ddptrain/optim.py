@@ -12,8 +12,8 @@ from ddptrain.errors import UsageError
 
 def build_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
     """SGD, Adam and AdamW use torch's fused kernels (one kernel for all parameters, on CPU and GPU): the same update
-    to float rounding, faster than the per-parameter loop (47 against 76-85 us a step on the
-    benchmark MLP on CPU). RMSprop has no fused kernel and takes torch's default."""
+    to float rounding, faster than the per-parameter loop (figures: benchmarks/RESULTS.md, `benchmarks/micro.py`).
+    RMSprop has no fused kernel and takes torch's default."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "adam":

@@ -137,8 +137,8 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
 
 def wrap_ddp(model: nn.Module, cfg: FitConfig, dist: DistInfo) -> DistributedDataParallel | None:
     """DistributedDataParallel whenever there is more than one process. A world of one has nothing to all-reduce,
-    and DDP's hooks and its one-rank all-reduce cost 14-20% a step on a small MLP (benchmarks/RESULTS.md), so it
-    trains the bare module, as Lightning and Accelerate do, with the same results; unless a DDP option is given
+    and DDP's hooks and its one-rank all-reduce cost a noticeable share of a small MLP's step (benchmarks/RESULTS.md),
+    so it trains the bare module, as Lightning and Accelerate do, with the same results; unless a DDP option is given
     (--comm-hook, --static-graph, --bucket-cap-mb), which asks for DDP, e.g. to try a hook before scaling out."""
     wants_ddp = cfg.comm_hook != "none" or cfg.static_graph or cfg.bucket_cap_mb is not None
     if dist.world_size == 1 and not wants_ddp:
