@@ -20,12 +20,15 @@ class Table:
     names: list[str]
     columns: list[np.ndarray]  # one array per column: numeric, or str (object) for text files
     text: bool  # True for CSV/TSV: errors name the file's line numbers
+    line_numbers: tuple[int, ...] = ()  # CSV/TSV: each data row's line in the file (blank lines skipped)
 
     def __len__(self) -> int:
         return len(self.columns[0]) if self.columns else 0
 
     def where(self, row: int) -> str:
-        return f"line {row + 2}" if self.text else f"row {row}"
+        if self.text:
+            return f"line {self.line_numbers[row] if self.line_numbers else row + 2}"
+        return f"row {row}"
 
     def column(self, name: str) -> np.ndarray:
         return self.columns[self.names.index(name)]
@@ -58,7 +61,9 @@ def read_table(path_str: str) -> Table:
 def _read_delimited(path: Path, delimiter: str) -> Table:
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            rows = [row for row in csv.reader(handle, delimiter=delimiter) if row]
+            reader = csv.reader(handle, delimiter=delimiter)
+            numbered = [(reader.line_num, row) for row in reader if row]  # blank lines skipped, line numbers kept
+            rows = [row for _, row in numbered]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DDPTrainError(f"data file {path} is not readable as text ({exc}); save it as UTF-8 CSV") from None
     if not rows:
@@ -68,12 +73,13 @@ def _read_delimited(path: Path, delimiter: str) -> Table:
         raise DDPTrainError(f"data file {path} has a header but no data rows")
     if len(set(header)) != len(header) or any(not name for name in header):
         raise DDPTrainError(f"data file {path}: the header needs distinct, non-empty column names")
-    for i, row in enumerate(body):
+    lines = tuple(line for line, _ in numbered[1:])
+    for line, row in zip(lines, body):
         if len(row) != len(header):
-            raise DDPTrainError(f"data file {path}: line {i + 2} has {len(row)} fields but the header has "
+            raise DDPTrainError(f"data file {path}: line {line} has {len(row)} fields but the header has "
                                 f"{len(header)}; fix that row")
     grid = np.array(body, dtype=object)
-    return Table(str(path), header, [np.char.strip(grid[:, j].astype(str)) for j in range(len(header))], True)
+    return Table(str(path), header, [np.char.strip(grid[:, j].astype(str)) for j in range(len(header))], True, lines)
 
 
 def _read_npz(path: Path) -> Table:

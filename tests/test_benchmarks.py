@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, clean_env
 
 
+@pytest.mark.slow
 def test_compare_world_sizes_smoke(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--world-sizes", "1,2",
                              "--scaling", "strong", "--repeats", "1", "--epochs", "2", "--rows", "1024",
@@ -23,6 +25,7 @@ def test_compare_world_sizes_smoke(tmp_path):
     assert (tmp_path / "out" / "scaling.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_interleaved_ab_smoke(tmp_path):
     """The in-process A/B (ddptrain's run_epoch against the plain epoch, alternating) runs at world size 2 and
     writes its ratios with confidence intervals."""
@@ -41,6 +44,7 @@ def test_interleaved_ab_smoke(tmp_path):
     assert "ddptrain / plain loop throughput" in result.stdout
 
 
+@pytest.mark.slow
 def test_micro_ab_smoke(tmp_path):
     """The three in-process A/Bs behind ddptrain's step (gather, optimizer, bare module against DDP) run and print
     every figure."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from conftest import clean_env, cli
 
 from ddptrain.config import tomllib
@@ -17,17 +18,20 @@ def imported_modules(*args: str) -> str:
     return result.stderr
 
 
+@pytest.mark.slow
 def test_help_does_not_import_torch():
     for args in (["--help"], ["fit", "--help"], ["eval", "--help"]):
         trace = imported_modules(*args)
         assert not any(line.split("|")[-1].strip() == "torch" for line in trace.splitlines()), args
 
 
+@pytest.mark.slow
 def test_version(tmp_path):
     result = cli("--version", cwd=tmp_path)
     assert result.returncode == 0 and "ddptrain 0.1.0" in result.stdout
 
 
+@pytest.mark.slow
 def test_print_config_merges_file_and_flags(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('[fit]\ndata = "moons"\nhidden = [32, 16]\nlr = 0.01\nbatch-size = 128\n')
@@ -38,6 +42,7 @@ def test_print_config_merges_file_and_flags(tmp_path):
     assert resolved["lr"] == 0.05  # the flag wins over the file
 
 
+@pytest.mark.slow
 def test_unknown_config_key_names_the_closest(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text("[fit]\nlearning_rate = 0.1\nepochs = 2\nhiden = [4]\n")
@@ -46,6 +51,7 @@ def test_unknown_config_key_names_the_closest(tmp_path):
     assert "error: unknown config key" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_run_config_json_replays(tmp_path):
     result = cli("fit", "--data", "xor", "--epochs", "1", "--n-samples", "256", "--out", "a", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -64,6 +64,7 @@ def test_resume_mid_epoch_is_exact_on_gpu(tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+@pytest.mark.slow
 def test_gpu_checkpoint_evaluates_on_cpu(tmp_path):
     result = torchrun(1, "fit", "--data", "blobs", "--n-classes", "4", "--n-features", "8", "--epochs", "3",
                       "--device", "cuda", "--out", "run", cwd=tmp_path)
@@ -79,6 +80,7 @@ def test_gpu_checkpoint_evaluates_on_cpu(tmp_path):
     assert scores["cpu"]["accuracy"] > 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_nccl_two_ranks(tmp_path):
     result = torchrun(2, "fit", "--data", "spirals", "--epochs", "3", "--out", "run", "--device", "cuda", cwd=tmp_path)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from conftest import clean_env, cli, epoch_rows, error_lines, read_metrics, torchrun
 
@@ -17,6 +18,7 @@ COMMON = ["--data", "blobs", "--n-samples", "1000", "--n-features", "6", "--n-cl
           "--batch-size", "64", "--epochs", "3", "--optimizer", "sgd", "--lr", "0.05", "--log-every", "5"]
 
 
+@pytest.mark.slow
 def test_loss_does_not_depend_on_world_size(tmp_path):
     one = cli("fit", *COMMON, "--out", "ws1", cwd=tmp_path)
     two = torchrun(2, "fit", *COMMON, "--out", "ws2", cwd=tmp_path)
@@ -37,6 +39,7 @@ def test_loss_does_not_depend_on_world_size(tmp_path):
     assert steps == sorted(set(steps))  # one writer: no row twice
 
 
+@pytest.mark.slow
 def test_nproc_per_node_launches_workers_on_free_ports(tmp_path):
     # two jobs at once on one machine: each gets its own rendezvous port
     args = ["fit", "--data", "xor", "--n-samples", "400", "--epochs", "2", "--nproc-per-node", "2", "--quiet"]
@@ -51,6 +54,7 @@ def test_nproc_per_node_launches_workers_on_free_ports(tmp_path):
         assert state["world_size"] == 2 and len(epoch_rows(tmp_path / f"job{i}")) == 2
 
 
+@pytest.mark.slow
 def test_eval_under_torchrun_equals_one_process(tmp_path):
     fit = cli("fit", *COMMON, "--out", "run", "--quiet", cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr
@@ -74,18 +78,21 @@ def test_eval_under_torchrun_equals_one_process(tmp_path):
         assert len([l for l in double.stdout.splitlines() if l.startswith("{")]) == 1
 
 
+@pytest.mark.slow
 def test_one_rank_raising_ends_the_job_with_its_message_once(tmp_path):
     env = clean_env(DDPTRAIN_FAIL_AT_STEP="1:7")
-    start = time.monotonic()
-    result = torchrun(2, "fit", *COMMON, "--out", "run", "--timeout", "30", cwd=tmp_path, env=env, timeout=120)
+    result = torchrun(2, "fit", *COMMON, "--out", "run", "--timeout", "60", cwd=tmp_path, env=env, timeout=240)
     assert result.returncode != 0
-    assert time.monotonic() - start < 60
+    # promptly: the peer sees the closed connection at once, well before the 60 s --timeout would end it
+    # (timed from the start of training, when config.json is written, not from process start-up)
+    assert time.time() - (tmp_path / "run/config.json").stat().st_mtime < 50
     errors = error_lines(result.stderr)
     assert errors == ["error: [rank 1] RuntimeError: injected failure at step 7 (DDPTRAIN_FAIL_AT_STEP) "
                       "(rerun with --debug for the traceback)"], result.stderr[-3000:]
     assert "ddptrain/train.py" not in result.stderr  # no worker traceback (torchrun's own summary aside)
 
 
+@pytest.mark.slow
 def test_bad_input_under_torchrun_is_reported_once(tmp_path):
     result = torchrun(2, "fit", "--data", "missing.csv", cwd=tmp_path, timeout=120)
     assert result.returncode != 0
@@ -93,6 +100,7 @@ def test_bad_input_under_torchrun_is_reported_once(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_resume_at_another_world_size(tmp_path):
     first = cli("fit", *COMMON, "--out", "run", "--quiet", cwd=tmp_path)
     assert first.returncode == 0, first.stderr

@@ -131,6 +131,9 @@ DATA_CASES = {
     "one-class": (write("o.csv", "a,y\n1,cat\n2,cat\n3,cat\n"), "o.csv", [], ["one class"]),
     "npz-without-xy": (lambda d: np.savez(d / "z.npz", features=np.zeros((3, 2))), "z.npz", [], ["'x'", "'y'", "features"]),
     "uneven-rows": (write("u.csv", "a,b,y\n1,2,0\n3,1\n"), "u.csv", [], ["line 3", "2 fields", "3"]),
+    "bad-cell-after-blank-lines": (write("b.csv", "a,b,y\n1,2,0\n\n\n3,oops,1\n"), "b.csv", [],
+                                   ["'b'", "line 5", "oops"]),
+    "uneven-after-blank-lines": (write("v.csv", "a,b,y\n\n1,2,0\n\n3,1\n"), "v.csv", [], ["line 5", "2 fields"]),
 }
 
 
@@ -410,6 +413,7 @@ def test_traceback_with_debug(workdir, monkeypatch, capsys):
     assert exit_code == 1 and "Traceback" in err and "error: data file nope.csv" in err
 
 
+@pytest.mark.slow
 def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path):
     """A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the checkpoint write fail like a full disk."""
     import resource

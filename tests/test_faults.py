@@ -94,6 +94,7 @@ def straight_run(tmp_path: Path) -> dict:
     return weights(tmp_path / "straight/checkpoints/last.pt")
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_promptly_and_resumes_exactly(tmp_path):
     reference = straight_run(tmp_path)
     proc = start(torchrun_cmd(2, *LONG, "--out", "run"), tmp_path)
@@ -113,6 +114,7 @@ def test_sigterm_checkpoints_exits_promptly_and_resumes_exactly(tmp_path):
     assert same_weights(reference, weights(tmp_path / "run/checkpoints/last.pt"))
 
 
+@pytest.mark.slow
 def test_signal_to_one_worker_stops_every_rank_at_the_same_step(tmp_path):
     proc = start(torchrun_cmd(2, *LONG, "--out", "run"), tmp_path)
     wait_for_steps(tmp_path / "run", 8, proc)
@@ -121,11 +123,18 @@ def test_signal_to_one_worker_stops_every_rank_at_the_same_step(tmp_path):
     os.kill(workers[1], signal.SIGTERM)  # the scheduler signals one process only
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
-    assert "preempted by" in err, err[-2000:]
+    lines = error_lines(err)
+    assert len(lines) == 1 and "preempted by" in lines[0], err[-2000:]
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
-    assert state["position"]["step_in_epoch"] > 0 or state["position"]["epoch"] > 0
+    step = state["position"]["global_step"]
+    # the checkpoint is the step every rank stopped at: the error names it, and both ranks' random streams were
+    # gathered into it by the same collective call
+    assert f"at step {step};" in lines[0]
+    assert len(state["rng"]) == 2 and step >= 8
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if r["kind"] == "step"][-1] <= step
 
 
+@pytest.mark.slow
 def test_elastic_restart_after_sigkill_finishes_with_the_same_weights(tmp_path):
     reference = straight_run(tmp_path)
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=2",
@@ -142,6 +151,7 @@ def test_elastic_restart_after_sigkill_finishes_with_the_same_weights(tmp_path):
     assert epochs == list(range(6))
 
 
+@pytest.mark.slow
 def test_spent_restart_budget_exits_non_zero_naming_the_rank(tmp_path):
     env = clean_env(DDPTRAIN_FAIL_AT_STEP="1:3")
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
@@ -157,6 +167,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_agents_on_loopback_train_like_one_agent_with_two_processes(tmp_path):
     short = LONG[:LONG.index("--epochs")] + ["--epochs", "2"] + LONG[LONG.index("--epochs") + 2:]
     single = subprocess.run(torchrun_cmd(2, *short, "--out", "one", "--quiet"), cwd=tmp_path, env=clean_env(),
@@ -174,14 +185,16 @@ def test_two_agents_on_loopback_train_like_one_agent_with_two_processes(tmp_path
     assert same_weights(a, b)
 
 
+@pytest.mark.slow
 def test_stuck_peer_becomes_an_error_within_the_timeout(tmp_path):
     env = clean_env(DDPTRAIN_FAIL_AT_STEP="1:4:hang")  # rank 1 stops answering at step 4
-    start_time = time.monotonic()
     result = subprocess.run(torchrun_cmd(2, *LONG, "--out", "run", "--timeout", "5"), cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
-    elapsed = time.monotonic() - start_time
+                            capture_output=True, text=True, timeout=240)
+    # the promise is --timeout (5 s) instead of torch's 30-minute default: bound the time from the start of training
+    # (config.json is written just before the first step), not process start-up on a loaded machine
+    after_start = time.time() - (tmp_path / "run/config.json").stat().st_mtime
     assert result.returncode != 0
-    assert elapsed < 60, elapsed
+    assert after_start < 90, after_start
     assert error_lines(result.stderr) == [
         "error: a collective timed out: another rank is stuck or gone (the limit is --timeout); check the other "
         "ranks' logs"], result.stderr[-3000:]
@@ -190,6 +203,7 @@ def test_stuck_peer_becomes_an_error_within_the_timeout(tmp_path):
 SINGLE = ["-m", "ddptrain", *LONG]
 
 
+@pytest.mark.slow
 def test_ctrl_c_once_checkpoints_and_exits_75(tmp_path):
     proc = start([sys.executable, *SINGLE, "--out", "run"], tmp_path)
     wait_for_steps(tmp_path / "run", 6, proc)
@@ -207,6 +221,7 @@ def replaced(args: list[str], **values: str) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once(tmp_path):
     # long epochs and a long --log-every: the first Ctrl-C waits for the next sync point, the second must not
     slow = replaced(SINGLE, n_samples="60000", batch_size="8", log_every="100000", checkpoint_every="100000")
@@ -245,6 +260,7 @@ def stderr_until_error(args: list[str], cwd: Path, env: dict, settle: float = 3.
     return log.read_text()
 
 
+@pytest.mark.slow
 def test_rank_0_stopped_at_start_rank_1_reports_the_bad_input_once(tmp_path):
     """Rank 0 is frozen (a real SIGSTOP) before it reads anything; rank 1 meets the bad --data and must say so."""
     err = stderr_until_error(torchrun_cmd(2, "fit", "--data", "nope.csv", "--out", "run"), tmp_path,
@@ -253,6 +269,7 @@ def test_rank_0_stopped_at_start_rank_1_reports_the_bad_input_once(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_rank_0_stopped_mid_run_rank_1_reports_the_timeout(tmp_path):
     err = stderr_until_error(torchrun_cmd(2, *LONG, "--out", "run", "--timeout", "5"), tmp_path,
                              clean_env(DDPTRAIN_FAIL_AT_STEP="0:4:stop"))
@@ -261,6 +278,7 @@ def test_rank_0_stopped_mid_run_rank_1_reports_the_timeout(tmp_path):
         "ranks' logs"], err[-3000:]
 
 
+@pytest.mark.slow
 def test_all_ranks_failing_alike_print_one_line_and_torchrun_names_the_cause(tmp_path):
     result = subprocess.run(torchrun_cmd(2, "fit", "--data", "xor", "--hidden", "abc", "--out", "run"), cwd=tmp_path,
                             env=clean_env(), capture_output=True, text=True, timeout=120)
@@ -269,6 +287,7 @@ def test_all_ranks_failing_alike_print_one_line_and_torchrun_names_the_cause(tmp
     assert "error_file: <N/A>" not in result.stderr  # the workers' error files reached torchrun's summary
 
 
+@pytest.mark.slow
 def test_a_silent_rendezvous_peer_is_an_error_within_the_timeout(tmp_path):
     """A MASTER_ADDR:MASTER_PORT that accepts connections and never answers (torch's TCPStore would wait forever)."""
     server = socket.socket()
@@ -282,7 +301,7 @@ def test_a_silent_rendezvous_peer_is_an_error_within_the_timeout(tmp_path):
                                  "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     finally:
         server.close()
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 120  # a 3 s limit, not torch's forever; room for a loaded machine
     assert result.returncode == 1
     assert error_lines(result.stderr) == [
         f"error: [rank 1] could not join the job's rendezvous at 127.0.0.1:{port} within 3 s (--timeout): the peer "
@@ -291,6 +310,7 @@ def test_a_silent_rendezvous_peer_is_an_error_within_the_timeout(tmp_path):
 
 
 # -- the run folder is locked for the job's life -------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_second_job_on_a_held_folder_fails_at_once_and_sigkill_releases_it(tmp_path):
     endless = replaced(SINGLE, epochs="100000")
     first = start([sys.executable, *endless, "--out", "run"], tmp_path)
@@ -314,6 +334,7 @@ def test_a_second_job_on_a_held_folder_fails_at_once_and_sigkill_releases_it(tmp
     assert resumed.returncode == 0, resumed.stderr
 
 
+@pytest.mark.slow
 def test_two_jobs_started_at_once_on_one_folder_one_runs_one_is_refused(tmp_path):
     endless = replaced(SINGLE, epochs="100000")
     jobs = [start([sys.executable, *endless, "--out", "run", "--resume", "auto", "--quiet"], tmp_path)

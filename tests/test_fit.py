@@ -10,7 +10,8 @@ from conftest import epoch_rows, read_metrics
 
 from ddptrain.checkpoint import load_checkpoint
 from ddptrain.config import FitConfig
-from ddptrain.errors import UsageError
+from ddptrain.data import prepare_fit_data
+from ddptrain.errors import DDPTrainError, UsageError
 from ddptrain.run import fit
 
 
@@ -44,7 +45,9 @@ def test_fit_writes_run_folder(tmp_path):
         assert {"train_loss", "samples_per_s", "epoch_time_s", "epoch_cpu_s", "val_loss", "val_accuracy", "step"} <= row.keys()
         assert 0 < row["epoch_cpu_s"] and 0 < row["epoch_time_s"]
     assert all({"step", "epoch", "train_loss", "lr", "samples_per_s"} <= r.keys() for r in steps)
-    assert [r["step"] for r in steps] == list(range(5, 3 * (409 // 32) + 1, 5))
+    per_epoch = len(prepare_fit_data(cfg).train) // cfg.batch_size  # the training rows after the seeded split
+    assert [r["step"] for r in epochs] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert [r["step"] for r in steps] == list(range(5, 3 * per_epoch + 1, 5))
     assert summary["epochs"] == 3 and epochs[-1]["val_accuracy"] > 0.8
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert not any(k.startswith("module.") for k in state["model"])
@@ -75,7 +78,7 @@ def test_loss_decreases_and_regression_reports_rmse(tmp_path):
 def test_existing_run_is_not_overwritten(tmp_path):
     fit(small(tmp_path, epochs=1))
     before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
-    with pytest.raises(Exception, match="already holds a run"):
+    with pytest.raises(UsageError, match="already holds a run"):
         fit(small(tmp_path, epochs=1))
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
 
@@ -136,7 +139,7 @@ def test_grad_accum_matches_one_big_step(tmp_path):
 
 
 def test_nan_stop_names_the_step_and_keeps_last_good_checkpoint(tmp_path):
-    with pytest.raises(Exception, match=r"non-finite (loss at step|weights after step) \d+"):
+    with pytest.raises(DDPTrainError, match=r"non-finite (loss at step|weights after step) \d+"):
         fit(small(tmp_path, data="regression", optimizer="sgd", hidden=(), lr=1e10, checkpoint_every=1,
                   monitor="val_rmse"))
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
@@ -157,8 +160,9 @@ def test_early_stop(tmp_path):
 
 def test_step_rows_carry_the_lr_of_their_own_step(tmp_path):
     # the loss all-reduce is read a window late; the row must still say the rate at its own step
-    fit(small(tmp_path, epochs=2, scheduler="linear", optimizer="sgd", lr=0.1))
-    total = 2 * (409 // 32)
+    cfg = small(tmp_path, epochs=2, scheduler="linear", optimizer="sgd", lr=0.1)
+    fit(cfg)
+    total = 2 * (len(prepare_fit_data(cfg).train) // cfg.batch_size)
     steps = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "step"]
     assert [r["step"] for r in steps] == list(range(5, total + 1, 5))
     for row in steps:

@@ -11,6 +11,7 @@ from conftest import ROOT
 SCRIPTS = sorted((ROOT / "launch").glob("*.sh")) + [ROOT / "launch" / "slurm.sbatch"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_parses(script):
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)

@@ -38,12 +38,14 @@ def run_on_terminal(args: list[str], cwd) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal(tmp_path):
     screen = run_on_terminal(QUICK + ["--out", "run"], tmp_path)
     assert "━" in screen and "samples/s" in screen and "epoch 1/2" in screen  # the Rich bar
     assert "val_accuracy" in screen and "ddptrain fit: done" in screen
 
 
+@pytest.mark.slow
 def test_plain_lines_off_a_terminal(tmp_path):
     result = cli(*QUICK, "--out", "run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -52,12 +54,14 @@ def test_plain_lines_off_a_terminal(tmp_path):
     assert rows[0]["time_to_first_step_s"] > 0
 
 
+@pytest.mark.slow
 def test_quiet_prints_only_the_summary(tmp_path):
     result = cli(*QUICK, "--out", "run", "--quiet", cwd=tmp_path)
     assert result.returncode == 0
     assert "epoch 1/2" not in result.stdout and "ddptrain fit: done" in result.stdout
 
 
+@pytest.mark.slow
 def test_plot_two_runs(tmp_path):
     pytest.importorskip("matplotlib")
     for name, lr in (("lr-small", 0.001), ("lr-large", 0.01)):
@@ -100,6 +104,7 @@ def test_tensorboard_events_hold_the_metrics(tmp_path):
     assert steps == sorted(set(steps)) and len(steps) == 3
 
 
+@pytest.mark.slow
 def test_env_report(tmp_path):
     result = cli("env", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
