@@ -5,23 +5,33 @@ torch is imported inside the commands, so `ddptrain --help` stays fast.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from ddptrain import __version__
-from ddptrain.config import FIELD_NAMES, FitConfig, merge, read_config_file, to_toml
+from ddptrain.config import (
+    DIST,
+    RUN,
+    Device,
+    FitConfig,
+    field_type,
+    merge,
+    read_config_file,
+    to_toml,
+)
 from ddptrain.console import console
 from ddptrain.errors import UsageError
 
 app = typer.Typer(help="Train an MLP on your table with PyTorch DistributedDataParallel, on 1 process, 1 machine "
                        "or many.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 D = FitConfig()
-DATA, MODEL, OPTIM, DIST, RUN = "Data", "Model", "Optimization", "Distributed", "Run folder and logging"
 
 
 def _version(value: bool) -> None:
@@ -40,65 +50,11 @@ def root(
         os.environ["DDPTRAIN_DEBUG"] = "1"  # workers started by --nproc-per-node inherit it
 
 
-@app.command(no_args_is_help=False)
-def fit(
-    ctx: typer.Context,
-    data: Annotated[str, typer.Option(help="Built-in dataset (xor, spirals, moons, blobs, regression) or a .csv/.tsv/.npz/.parquet file.", rich_help_panel=DATA)] = D.data,
-    target: Annotated[Optional[str], typer.Option(help="Target column (default: the last column).", rich_help_panel=DATA)] = None,
-    task: Annotated[str, typer.Option(help="auto|classification|regression (auto: from the target's values).", rich_help_panel=DATA)] = D.task,
-    val_fraction: Annotated[float, typer.Option(help="Seeded validation split of the data; 0 turns validation off.", rich_help_panel=DATA)] = D.val_fraction,
-    val_data: Annotated[Optional[str], typer.Option(help="A separate validation file (instead of --val-fraction).", rich_help_panel=DATA)] = None,
-    n_samples: Annotated[int, typer.Option(help="Rows of a built-in dataset.", rich_help_panel=DATA)] = D.n_samples,
-    n_features: Annotated[Optional[int], typer.Option(help="Features of blobs/regression.", rich_help_panel=DATA)] = None,
-    n_classes: Annotated[Optional[int], typer.Option(help="Classes of blobs/spirals.", rich_help_panel=DATA)] = None,
-    noise: Annotated[Optional[float], typer.Option(help="Noise of a built-in dataset.", rich_help_panel=DATA)] = None,
-    hidden: Annotated[str, typer.Option(help="Hidden widths, comma-separated ('' for a linear model).", rich_help_panel=MODEL)] = ",".join(map(str, D.hidden)),
-    activation: Annotated[str, typer.Option(help="relu|gelu|silu|tanh.", rich_help_panel=MODEL)] = D.activation,
-    dropout: Annotated[float, typer.Option(help="Dropout probability after each hidden layer.", rich_help_panel=MODEL)] = D.dropout,
-    norm: Annotated[str, typer.Option(help="none|layer|batch (batch becomes SyncBatchNorm on GPUs).", rich_help_panel=MODEL)] = D.norm,
-    optimizer: Annotated[str, typer.Option(help="sgd|adam|adamw|rmsprop (sgd, adam, adamw use torch's fused kernels).", rich_help_panel=OPTIM)] = D.optimizer,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=OPTIM)] = D.lr,
-    momentum: Annotated[float, typer.Option(help="Momentum (sgd, rmsprop).", rich_help_panel=OPTIM)] = D.momentum,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.", rich_help_panel=OPTIM)] = D.weight_decay,
-    betas: Annotated[str, typer.Option(help="Adam betas, 'b1,b2'.", rich_help_panel=OPTIM)] = ",".join(map(str, D.betas)),
-    scheduler: Annotated[str, typer.Option(help="constant|cosine|linear|step|onecycle, stepped per optimizer step.", rich_help_panel=OPTIM)] = D.scheduler,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps before the schedule.", rich_help_panel=OPTIM)] = D.warmup_steps,
-    lr_step_size: Annotated[Optional[int], typer.Option(help="Steps between decays of --scheduler step (default: a third of the run).", rich_help_panel=OPTIM)] = None,
-    lr_gamma: Annotated[float, typer.Option(help="Decay factor of --scheduler step.", rich_help_panel=OPTIM)] = D.lr_gamma,
-    loss: Annotated[str, typer.Option(help="auto|cross_entropy|mse|huber|l1 (auto: cross-entropy or MSE by task).", rich_help_panel=OPTIM)] = D.loss,
-    seed: Annotated[int, typer.Option(help="Seed of data generation, split, data order and initial weights.", rich_help_panel=OPTIM)] = D.seed,
-    epochs: Annotated[int, typer.Option(help="Epochs to train.", rich_help_panel=OPTIM)] = D.epochs,
-    batch_size: Annotated[int, typer.Option(help="GLOBAL batch: each of N ranks takes batch/N rows a step.", rich_help_panel=OPTIM)] = D.batch_size,
-    grad_accum: Annotated[int, typer.Option(help="Micro-steps per optimizer step; the global batch stays --batch-size.", rich_help_panel=OPTIM)] = D.grad_accum,
-    clip_grad: Annotated[Optional[float], typer.Option(help="Clip the gradient norm to this value.", rich_help_panel=OPTIM)] = None,
-    precision: Annotated[str, typer.Option(help="fp32|bf16|fp16 (autocast; fp16 adds a GradScaler).", rich_help_panel=OPTIM)] = D.precision,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the DDP model.", rich_help_panel=OPTIM)] = D.compile,
-    nan_policy: Annotated[str, typer.Option(help="stop|skip on a non-finite loss (skip costs a sync per step).", rich_help_panel=OPTIM)] = D.nan_policy,
-    deterministic: Annotated[bool, typer.Option("--deterministic/--no-deterministic", help="torch.use_deterministic_algorithms and cuDNN/cuBLAS settings.", rich_help_panel=OPTIM)] = D.deterministic,
-    backend: Annotated[str, typer.Option(help="auto|nccl|gloo (auto: NCCL on CUDA, else Gloo).", rich_help_panel=DIST)] = D.backend,
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda; on GPUs each process binds cuda:LOCAL_RANK.", rich_help_panel=DIST)] = D.device,
-    timeout: Annotated[Optional[float], typer.Option(help="Collective timeout in seconds (torch's defaults: 30 min Gloo, 10 min NCCL).", rich_help_panel=DIST)] = None,
-    bucket_cap_mb: Annotated[Optional[float], typer.Option(help="DDP gradient bucket size in MB (default: torch's 25, with a small first bucket that starts the all-reduce early).", rich_help_panel=DIST)] = None,
-    static_graph: Annotated[bool, typer.Option("--static-graph/--no-static-graph", help="DDP static_graph (not with --grad-accum). Like --comm-hook and --bucket-cap-mb, it makes a 1-process run use DDP too.", rich_help_panel=DIST)] = D.static_graph,
-    comm_hook: Annotated[str, typer.Option(help="none|fp16|bf16|powersgd gradient compression (torch's hooks).", rich_help_panel=DIST)] = D.comm_hook,
-    nproc_per_node: Annotated[Optional[int], typer.Option(help="Start N local workers through torch's launcher (free port).", rich_help_panel=DIST)] = None,
-    out: Annotated[Optional[str], typer.Option(help="Run folder (default: a new one under runs/).", rich_help_panel=RUN)] = None,
-    resume: Annotated[Optional[str], typer.Option(help="A checkpoint, or 'auto': the run folder's last.pt if any.", rich_help_panel=RUN)] = None,
-    log_every: Annotated[int, typer.Option(help="Steps between metric rows, progress updates and stop checks.", rich_help_panel=RUN)] = D.log_every,
-    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: at epoch ends only).", rich_help_panel=RUN)] = D.checkpoint_every,
-    keep_last: Annotated[int, typer.Option(help="Keep this many step-stamped checkpoint copies.", rich_help_panel=RUN)] = D.keep_last,
-    monitor: Annotated[str, typer.Option("--monitor", "--monitor-metric", help="Metric for best.pt and early stopping: auto (val_loss, or train_loss without validation), val_loss, val_accuracy, val_rmse, val_mae, val_r2, train_loss. Under torchrun spell it --monitor-metric (torchrun mistakes --monitor for its --monitor-interval).", rich_help_panel=RUN)] = D.monitor,
-    monitor_mode: Annotated[str, typer.Option(help="auto|min|max (auto: max for accuracy and r2).", rich_help_panel=RUN)] = D.monitor_mode,
-    early_stop: Annotated[int, typer.Option(help="Stop after this many epochs without improvement (0: never).", rich_help_panel=RUN)] = D.early_stop,
-    quiet: Annotated[bool, typer.Option("--quiet/--no-quiet", help="Print only errors and the final summary.", rich_help_panel=RUN)] = D.quiet,
-    tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="Also write TensorBoard events (tensorboard extra).", rich_help_panel=RUN)] = D.tensorboard,
-    config: Annotated[Optional[Path], typer.Option(help="A TOML config (or a run's config.json); flags override it.", rich_help_panel=RUN)] = None,
-    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config as TOML and exit.", rich_help_panel=RUN)] = False,
-) -> None:
+def fit(ctx: typer.Context, nproc_per_node: Optional[int], config: Optional[Path], print_config: bool,
+        **settings: Any) -> None:
     """Train an MLP with DDP. Run it plainly (1 process), with --nproc-per-node N, or under torchrun."""
     started_at = time.perf_counter()
-    given = {name: value for name, value in ctx.params.items()
-             if name in FIELD_NAMES and _given_on_command_line(ctx, name)}
+    given = {name: value for name, value in settings.items() if _given_on_command_line(ctx, name)}
     cfg = merge(read_config_file(config) if config else {}, given)
     if print_config:
         console.out.print(to_toml(cfg), markup=False, end="")
@@ -120,24 +76,59 @@ def fit(
     run_fit(cfg, started_at)
 
 
+
+def _setting_option(f: dataclasses.Field) -> inspect.Parameter:
+    """A FitConfig field as a Typer option: its type (a Choice enum lists and checks its values), help, panel and
+    flags come from the field itself (config.setting)."""
+    meta = f.metadata
+    kind, optional = field_type(f.name)
+    default, help_text, extra = getattr(D, f.name), meta["help"], {}
+    if meta["choices"] is not None:
+        # the choices go in the help text, which wraps, rather than in the metavar column, which a narrow
+        # terminal truncates
+        kind, default = meta["choices"], meta["choices"](default)
+        help_text += f" One of: {', '.join(c.value for c in kind)}."
+        extra["metavar"] = f.name.upper()
+    elif f.name in ("hidden", "betas"):  # comma-separated on the command line
+        kind, default = str, ",".join(map(str, default))
+    annotation = Optional[kind] if optional else kind
+    option = typer.Option(*meta["flags"], help=help_text, rich_help_panel=meta["panel"], **extra)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[annotation, option])
+
+
+_LAUNCH_OPTIONS = [
+    inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+    inspect.Parameter("nproc_per_node", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[int], typer.Option(help="Start N local workers through torch's launcher (free port).",
+                                    rich_help_panel=DIST)]),
+    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[Path], typer.Option(help="A TOML config (or a run's config.json); flags override it.",
+                                     rich_help_panel=RUN)]),
+    inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--print-config", help="Print the resolved config as TOML and exit.", rich_help_panel=RUN)]),
+]
+# Typer reads the signature: every FitConfig setting becomes an option, written once in config.py.
+fit.__signature__ = inspect.Signature(_LAUNCH_OPTIONS + [_setting_option(f) for f in dataclasses.fields(FitConfig)])
+app.command(no_args_is_help=False)(fit)
+
+
 @app.command("eval")
 def eval_command(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by ddptrain fit.")],
     data: Annotated[str, typer.Option(help="A file with the model's feature columns and target, or a built-in name (a fresh draw, see --seed).")],
     seed: Annotated[Optional[int], typer.Option(help="Seed of a built-in dataset (default: the training seed + 1).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda.")] = "auto",
+    device: Annotated[Device, typer.Option(help="Device to evaluate on.")] = Device("auto"),
 ) -> None:
     """Score a checkpoint on labelled data (one process or under torchrun; rows are sharded, sums all-reduced)."""
-    from ddptrain.config import CHOICES, MAX_SEED
+    from ddptrain.config import MAX_SEED
 
-    if device not in CHOICES["device"]:
-        raise UsageError(f"--device {device!r} is not one of: {', '.join(CHOICES['device'])}")
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise UsageError(f"--seed {seed} must be an integer from 0 to {MAX_SEED} (2**63 - 1)")
     from ddptrain.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(checkpoint, data, seed, json_out, device)
+    evaluate_checkpoint(checkpoint, data, seed, json_out, device.value)
 
 
 @app.command()

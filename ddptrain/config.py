@@ -14,95 +14,130 @@ try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from ddptrain.errors import UsageError
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "task": ("auto", "classification", "regression"),
-    "activation": ("relu", "gelu", "silu", "tanh"),
-    "norm": ("none", "layer", "batch"),
-    "optimizer": ("sgd", "adam", "adamw", "rmsprop"),
-    "scheduler": ("constant", "cosine", "linear", "step", "onecycle"),
-    "loss": ("auto", "cross_entropy", "mse", "huber", "l1"),
-    "backend": ("auto", "nccl", "gloo"),
-    "device": ("auto", "cpu", "cuda"),
-    "precision": ("fp32", "bf16", "fp16"),
-    "comm_hook": ("none", "fp16", "bf16", "powersgd"),
-    "monitor_mode": ("auto", "min", "max"),
-    "nan_policy": ("stop", "skip"),
-}
 
-MONITORS = ("auto", "val_loss", "val_accuracy", "val_rmse", "val_mae", "val_r2", "train_loss")
+class Choice(str, Enum):
+    """A setting's allowed values: Typer lists, checks and completes them; the config holds the plain string."""
 
-# Settings that define the experiment: a resume that changes one of them is refused.
-RESUME_FIXED = (
-    "data", "target", "task", "val_fraction", "val_data", "n_samples", "n_features", "n_classes", "noise",
-    "hidden", "activation", "dropout", "norm", "optimizer", "loss", "batch_size", "grad_accum", "seed",
-    # the optimizer and scheduler states carry these, so a changed value would be silently ignored
-    "lr", "momentum", "weight_decay", "betas", "scheduler", "warmup_steps", "lr_step_size", "lr_gamma", "precision",
-)
+    def __str__(self) -> str:
+        return self.value
+
+
+def _choice(name: str, values: str) -> type[Choice]:
+    return Choice(name, [(v, v) for v in values.split()])  # type: ignore[return-value]
+
+
+Task = _choice("Task", "auto classification regression")
+Activation = _choice("Activation", "relu gelu silu tanh")
+Norm = _choice("Norm", "none layer batch")
+Optimizer = _choice("Optimizer", "sgd adam adamw rmsprop")
+Scheduler = _choice("Scheduler", "constant cosine linear step onecycle")
+Loss = _choice("Loss", "auto cross_entropy mse huber l1")
+Backend = _choice("Backend", "auto nccl gloo")
+Device = _choice("Device", "auto cpu cuda")
+Precision = _choice("Precision", "fp32 bf16 fp16")
+CommHook = _choice("CommHook", "none fp16 bf16 powersgd")
+MonitorMode = _choice("MonitorMode", "auto min max")
+NanPolicy = _choice("NanPolicy", "stop skip")
+Monitor = _choice("Monitor", "auto val_loss val_accuracy val_rmse val_mae val_r2 train_loss")
+
+DATA, MODEL, OPTIM, DIST, RUN = "Data", "Model", "Optimization", "Distributed", "Run folder and logging"
+
+
+def setting(default: Any, help: str, panel: str, choices: type[Choice] | None = None, fixed: bool = False,
+            flags: tuple[str, ...] = ()) -> Any:
+    """A FitConfig field with what the CLI and resume need to know about it, written once: its help text, its
+    --help panel, its allowed values, whether a resume must keep it (`fixed`: it defines the experiment, or the
+    optimizer and scheduler states carry it), and its flag spellings when they are not just --name."""
+    return field(default=default, metadata={"help": help, "panel": panel, "choices": choices, "fixed": fixed,
+                                            "flags": flags})
 
 
 @dataclass(frozen=True)
 class FitConfig:
+    """Every setting of a fit. Built from defaults < config file < flags; checked on every construction."""
+
     # data
-    data: str = "spirals"
-    target: str | None = None
-    task: str = "auto"
-    val_fraction: float = 0.2
-    val_data: str | None = None
-    n_samples: int = 4000
-    n_features: int | None = None
-    n_classes: int | None = None
-    noise: float | None = None
+    data: str = setting(
+        "spirals", 'Built-in dataset (xor, spirals, moons, blobs, regression) or a .csv/.tsv/.npz/.parquet file.', DATA, fixed=True)
+    target: str | None = setting(None, 'Target column (default: the last column).', DATA, fixed=True)
+    task: str = setting("auto", "auto: from the target's values.", DATA, choices=Task, fixed=True)
+    val_fraction: float = setting(0.2, 'Seeded validation split of the data; 0 turns validation off.', DATA, fixed=True)
+    val_data: str | None = setting(None, 'A separate validation file (instead of --val-fraction).', DATA, fixed=True)
+    n_samples: int = setting(4000, 'Rows of a built-in dataset.', DATA, fixed=True)
+    n_features: int | None = setting(None, 'Features of blobs/regression.', DATA, fixed=True)
+    n_classes: int | None = setting(None, 'Classes of blobs/spirals.', DATA, fixed=True)
+    noise: float | None = setting(None, 'Noise of a built-in dataset.', DATA, fixed=True)
     # model
-    hidden: tuple[int, ...] = (128, 128)
-    activation: str = "relu"
-    dropout: float = 0.0
-    norm: str = "none"
+    hidden: tuple[int, ...] = setting(
+        (128, 128), "Hidden widths, comma-separated ('' for a linear model).", MODEL, fixed=True)
+    activation: str = setting("relu", 'Activation after each hidden layer.', MODEL, choices=Activation, fixed=True)
+    dropout: float = setting(0.0, 'Dropout probability after each hidden layer.', MODEL, fixed=True)
+    norm: str = setting(
+        "none", 'Normalization after each hidden layer (batch becomes SyncBatchNorm on GPUs).', MODEL, choices=Norm, fixed=True)
     # optimization
-    optimizer: str = "adam"
-    lr: float = 3e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    lr_step_size: int | None = None
-    lr_gamma: float = 0.1
-    loss: str = "auto"
-    seed: int = 0
-    epochs: int = 20
-    batch_size: int = 64
-    grad_accum: int = 1
-    clip_grad: float | None = None
-    precision: str = "fp32"
-    compile: bool = False
-    nan_policy: str = "stop"
-    deterministic: bool = False
+    optimizer: str = setting(
+        "adam", "Optimizer (sgd, adam, adamw use torch's fused kernels).", OPTIM, choices=Optimizer, fixed=True)
+    lr: float = setting(3e-3, 'Peak learning rate.', OPTIM, fixed=True)
+    momentum: float = setting(0.9, 'Momentum (sgd, rmsprop).', OPTIM, fixed=True)
+    weight_decay: float = setting(0.0, 'Weight decay.', OPTIM, fixed=True)
+    betas: tuple[float, float] = setting((0.9, 0.999), "Adam betas, 'b1,b2'.", OPTIM, fixed=True)
+    scheduler: str = setting(
+        "constant", 'Learning-rate schedule, stepped per optimizer step.', OPTIM, choices=Scheduler, fixed=True)
+    warmup_steps: int = setting(0, 'Linear warm-up steps before the schedule.', OPTIM, fixed=True)
+    lr_step_size: int | None = setting(
+        None, 'Steps between decays of --scheduler step (default: a third of the run).', OPTIM, fixed=True)
+    lr_gamma: float = setting(0.1, 'Decay factor of --scheduler step.', OPTIM, fixed=True)
+    loss: str = setting("auto", 'Loss (auto: cross-entropy or MSE by task).', OPTIM, choices=Loss, fixed=True)
+    seed: int = setting(0, 'Seed of data generation, split, data order and initial weights.', OPTIM, fixed=True)
+    epochs: int = setting(20, 'Epochs to train.', OPTIM)
+    batch_size: int = setting(64, 'GLOBAL batch: each of N ranks takes batch/N rows a step.', OPTIM, fixed=True)
+    grad_accum: int = setting(
+        1, 'Micro-steps per optimizer step; the global batch stays --batch-size.', OPTIM, fixed=True)
+    clip_grad: float | None = setting(None, 'Clip the gradient norm to this value.', OPTIM)
+    precision: str = setting(
+        "fp32", 'Autocast precision (fp16 adds a GradScaler).', OPTIM, choices=Precision, fixed=True)
+    compile: bool = setting(False, 'torch.compile the DDP model.', OPTIM, flags=('--compile/--no-compile',))
+    nan_policy: str = setting(
+        "stop", 'On a non-finite loss: stop, or skip the step (skip costs a sync per step).', OPTIM, choices=NanPolicy)
+    deterministic: bool = setting(
+        False, 'torch.use_deterministic_algorithms and cuDNN/cuBLAS settings.', OPTIM, flags=('--deterministic/--no-deterministic',))
     # distributed
-    backend: str = "auto"
-    device: str = "auto"
-    timeout: float | None = None
-    bucket_cap_mb: float | None = None  # None: torch's default (25 MB, and a 1 MB first bucket)
-    static_graph: bool = False
-    comm_hook: str = "none"
+    backend: str = setting("auto", 'Process-group backend (auto: NCCL on CUDA, else Gloo).', DIST, choices=Backend)
+    device: str = setting("auto", 'Device; on GPUs each process binds cuda:LOCAL_RANK.', DIST, choices=Device)
+    timeout: float | None = setting(
+        None, "Collective timeout in seconds (torch's defaults: 30 min Gloo, 10 min NCCL).", DIST)
+    bucket_cap_mb: float | None = setting(
+        None, "DDP gradient bucket size in MB (default: torch's 25, with a small first bucket that starts the all-reduce early).", DIST)
+    static_graph: bool = setting(
+        False, 'DDP static_graph (not with --grad-accum). Like --comm-hook and --bucket-cap-mb, it makes a 1-process run use DDP too.', DIST, flags=('--static-graph/--no-static-graph',))
+    comm_hook: str = setting("none", "Gradient compression (torch's DDP communication hooks).", DIST, choices=CommHook)
     # run folder, logging, checkpoints
-    out: str | None = None
-    resume: str | None = None
-    log_every: int = 20
-    checkpoint_every: int = 0
-    keep_last: int = 0
-    monitor: str = "auto"
-    monitor_mode: str = "auto"
-    early_stop: int = 0
-    quiet: bool = False
-    tensorboard: bool = False
+    out: str | None = setting(None, 'Run folder (default: a new one under runs/).', RUN)
+    resume: str | None = setting(None, "A checkpoint, or 'auto': the run folder's last.pt if any.", RUN)
+    log_every: int = setting(20, 'Steps between metric rows, progress updates and stop checks.', RUN)
+    checkpoint_every: int = setting(0, 'Also checkpoint every N steps (0: at epoch ends only).', RUN)
+    keep_last: int = setting(0, 'Keep this many step-stamped checkpoint copies.', RUN)
+    monitor: str = setting(
+        "auto", 'Metric for best.pt and early stopping (auto: val_loss, or train_loss without validation). Under torchrun spell it --monitor-metric (torchrun mistakes --monitor for its --monitor-interval).', RUN, choices=Monitor, flags=('--monitor', '--monitor-metric'))
+    monitor_mode: str = setting(
+        "auto", 'Whether larger or smaller --monitor is better (auto: max for accuracy and r2).', RUN, choices=MonitorMode)
+    early_stop: int = setting(0, 'Stop after this many epochs without improvement (0: never).', RUN)
+    quiet: bool = setting(False, 'Print only errors and the final summary.', RUN, flags=('--quiet/--no-quiet',))
+    tensorboard: bool = setting(
+        False, 'Also write TensorBoard events (tensorboard extra).', RUN, flags=('--tensorboard/--no-tensorboard',))
 
     def __post_init__(self) -> None:
+        for name in CHOICE_FIELDS:  # a Choice member (from Typer) is kept as its plain string
+            value = getattr(self, name)
+            if isinstance(value, Choice):
+                object.__setattr__(self, name, value.value)
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,6 +145,10 @@ class FitConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(FitConfig))
+CHOICE_FIELDS = {f.name: f.metadata["choices"] for f in fields(FitConfig) if f.metadata["choices"]}
+# Settings that define the experiment (or live in the optimizer and scheduler states): a resume that changes one of
+# them is refused.
+RESUME_FIXED = tuple(f.name for f in fields(FitConfig) if f.metadata["fixed"])
 FIELD_TYPES = {f.name: str(f.type) for f in fields(FitConfig)}  # annotations as text ("int", "float | None", ...)
 MAX_INT = 2**63 - 1  # what torch and numpy take as an integer
 MAX_SEED = MAX_INT
@@ -257,9 +296,10 @@ def validate(cfg: FitConfig) -> None:
             _check(math.isfinite(value), f"{flag(name)} {value} must be a finite number")
         if kind is int and name != "seed":
             _check(-MAX_INT <= value <= MAX_INT, f"{flag(name)} {value} is out of range (at most {MAX_INT})")
-    for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            raise UsageError(f"{flag(name)} {getattr(cfg, name)!r} is not one of: {', '.join(choices)}")
+    for name, choices in CHOICE_FIELDS.items():
+        allowed = [c.value for c in choices]
+        if getattr(cfg, name) not in allowed:
+            raise UsageError(f"{flag(name)} {getattr(cfg, name)!r} is not one of: {', '.join(allowed)}")
     _check(cfg.lr > 0, f"--lr {cfg.lr} must be a finite number > 0, e.g. --lr 0.001")
     _check(0 <= cfg.seed <= MAX_SEED, f"--seed {cfg.seed} must be an integer from 0 to {MAX_SEED} (2**63 - 1)")
     _check(0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)")
@@ -290,7 +330,6 @@ def validate(cfg: FitConfig) -> None:
     _check(cfg.n_classes is None or 2 <= cfg.n_classes <= MAX_WIDTH,
            f"--n-classes {cfg.n_classes} must be from 2 to {MAX_WIDTH}")
     _check(cfg.noise is None or cfg.noise >= 0, f"--noise {cfg.noise} must be a finite number >= 0")
-    _check(cfg.monitor in MONITORS, f"--monitor {cfg.monitor!r} is not one of: {', '.join(MONITORS)}")
     _check(not (cfg.backend == "nccl" and cfg.device == "cpu"),
            "--backend nccl needs GPUs; use --backend gloo with --device cpu")
 

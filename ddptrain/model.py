@@ -7,8 +7,10 @@ from typing import Any
 
 from torch import nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-NORMS = ("none", "layer", "batch")
+from ddptrain.config import Activation, Norm
+
+ACTIVATIONS = {Activation.relu: nn.ReLU, Activation.gelu: nn.GELU, Activation.silu: nn.SiLU, Activation.tanh: nn.Tanh}
+NORMS = tuple(norm.value for norm in Norm)
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class ModelSpec:
             raise ValueError(f"widths {self.in_features}, {list(self.hidden)}, {self.out_features} must be positive "
                              "integers")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+            raise ValueError(f"activation {self.activation!r} is not one of {', '.join(a.value for a in ACTIVATIONS)}")
         if self.norm not in NORMS:
             raise ValueError(f"norm {self.norm!r} is not one of {', '.join(NORMS)}")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:

@@ -6,8 +6,10 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
-from ddptrain.config import FitConfig
+from ddptrain.config import FitConfig, Loss
 from ddptrain.errors import UsageError
+
+LOSSES = {Loss.cross_entropy: nn.CrossEntropyLoss, Loss.mse: nn.MSELoss, Loss.huber: nn.HuberLoss, Loss.l1: nn.L1Loss}
 
 
 def build_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
@@ -50,4 +52,4 @@ def build_loss(cfg: FitConfig, task: str) -> nn.Module:
     if (name == "cross_entropy") != (task == "classification"):
         raise UsageError(f"--loss {name} does not fit a {task} task; use "
                          f"{'cross_entropy' if task == 'classification' else 'mse, huber or l1'} (or auto)")
-    return {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss, "huber": nn.HuberLoss, "l1": nn.L1Loss}[name]()
+    return LOSSES[Loss(name)]()

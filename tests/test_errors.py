@@ -85,11 +85,12 @@ FLAG_CASES = {
     "epochs-zero": (["--epochs", "0"], ["--epochs", "at least 1"]),
     "batch-zero": (["--batch-size", "0"], ["--batch-size", "at least 1"]),
     "batch-too-large": (["--batch-size", "100000"], ["--batch-size", "training rows"]),
-    "optimizer": (["--optimizer", "lion"], ["--optimizer", "sgd, adam, adamw, rmsprop"]),
+    "optimizer": (["--optimizer", "lion"], ["--optimizer", "'sgd', 'adam', 'adamw', 'rmsprop'"]),
     "scheduler": (["--scheduler", "poly"], ["--scheduler", "cosine"]),
     "activation": (["--activation", "elu"], ["--activation", "relu"]),
     "loss": (["--loss", "hinge"], ["--loss", "huber"]),
     "task": (["--task", "ranking"], ["--task", "classification"]),
+    "optimizer-in-a-config-file": (["--config", "o.toml"], ["--optimizer 'lion'", "sgd, adam, adamw, rmsprop"]),
     "val-fraction-one": (["--val-fraction", "1"], ["--val-fraction"]),
     "val-fraction-negative": (["--val-fraction", "-0.2"], ["--val-fraction"]),
     "val-fraction-empty-split": (["--data", "xor", "--n-samples", "20", "--val-fraction", "0.01", "--batch-size", "1"],
@@ -116,6 +117,7 @@ FLAG_CASES = {
 @pytest.mark.parametrize("case", FLAG_CASES, ids=str)
 def test_bad_flags_exit_2(case, workdir, monkeypatch, capsys):
     args, words = FLAG_CASES[case]
+    (workdir / "o.toml").write_text('optimizer = "lion"\n')
     check(FIT + args, 2, words, workdir, monkeypatch, capsys)
 
 
@@ -364,7 +366,7 @@ def test_resume_from_a_checkpoint_whose_state_does_not_fit(change, words, workdi
           monkeypatch, capsys)
 
 
-@pytest.mark.parametrize("args, words", [(["--device", "tpu"], ["--device 'tpu'", "auto, cpu, cuda"]),
+@pytest.mark.parametrize("args, words", [(["--device", "tpu"], ["--device", "'tpu'", "'auto', 'cpu', 'cuda'"]),
                                          (["--seed", "-3"], ["--seed -3", "from 0"])])
 def test_eval_flags_are_checked(args, words, workdir, monkeypatch, capsys):
     check(["eval", "old/checkpoints/last.pt", "--data", "xor", *args], 2, words, workdir, monkeypatch, capsys)
