@@ -33,19 +33,24 @@ def _choice(name: str, values: str) -> type[Choice]:
     return Choice(name, [(v, v) for v in values.split()])  # type: ignore[return-value]
 
 
-Task = _choice("Task", "auto classification regression")
-Activation = _choice("Activation", "relu gelu silu tanh")
-Norm = _choice("Norm", "none layer batch")
-Optimizer = _choice("Optimizer", "sgd adam adamw rmsprop")
-Scheduler = _choice("Scheduler", "constant cosine linear step onecycle")
-Loss = _choice("Loss", "auto cross_entropy mse huber l1")
-Backend = _choice("Backend", "auto nccl gloo")
-Device = _choice("Device", "auto cpu cuda")
-Precision = _choice("Precision", "fp32 bf16 fp16")
-CommHook = _choice("CommHook", "none fp16 bf16 powersgd")
-MonitorMode = _choice("MonitorMode", "auto min max")
-NanPolicy = _choice("NanPolicy", "stop skip")
-Monitor = _choice("Monitor", "auto val_loss val_accuracy val_rmse val_mae val_r2 train_loss")
+# Each setting with a fixed set of values: its enum's name, then the values.
+CHOICE_VALUES = """
+Task auto classification regression
+Activation relu gelu silu tanh
+Norm none layer batch
+Optimizer sgd adam adamw rmsprop
+Scheduler constant cosine linear step onecycle
+Loss auto cross_entropy mse huber l1
+Backend auto nccl gloo
+Device auto cpu cuda
+Precision fp32 bf16 fp16
+CommHook none fp16 bf16 powersgd
+MonitorMode auto min max
+NanPolicy stop skip
+Monitor auto val_loss val_accuracy val_rmse val_mae val_r2 train_loss
+"""
+(Task, Activation, Norm, Optimizer, Scheduler, Loss, Backend, Device, Precision, CommHook, MonitorMode, NanPolicy,
+ Monitor) = (_choice(*line.split(maxsplit=1)) for line in CHOICE_VALUES.strip().splitlines())
 
 DATA, MODEL, OPTIM, DIST, RUN = "Data", "Model", "Optimization", "Distributed", "Run folder and logging"
 
@@ -218,26 +223,18 @@ def _coerce(name: str, value: Any, strict: bool) -> Any:
     is_bool = isinstance(value, bool)
     if kind is bool and (is_bool or not strict and str(value).lower() in ("true", "false")):
         return value if is_bool else str(value).lower() == "true"
-    if kind is int and not is_bool and (isinstance(value, int) or not strict and _is_int_text(value)):
+    if kind is int and not is_bool and (isinstance(value, int) or not strict and _parses_as(int, value)):
         return int(value)
-    if kind is float and not is_bool and (isinstance(value, (int, float)) or not strict and _is_float_text(value)):
+    if kind is float and not is_bool and (isinstance(value, (int, float)) or not strict and _parses_as(float, value)):
         return float(value)
     if kind is str and isinstance(value, str):
         return value
     raise UsageError(f"{where} is {value!r}, not {EXPECTED[kind]}")
 
 
-def _is_int_text(value: Any) -> bool:
+def _parses_as(kind: type, value: Any) -> bool:
     try:
-        int(str(value))
-        return True
-    except ValueError:
-        return False
-
-
-def _is_float_text(value: Any) -> bool:
-    try:
-        float(str(value))
+        kind(str(value))
         return True
     except ValueError:
         return False
