@@ -21,6 +21,7 @@ from ddptrain.dist import process_group
 from ddptrain.errors import DDPTrainError, Interrupted
 from ddptrain.metrics import evaluation_sums, metrics_from_sums
 from ddptrain.optim import build_loss
+from ddptrain.signals import sigterm_as_interrupt
 
 PREDICT_CHUNK = 65536
 
@@ -101,7 +102,7 @@ def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, ov
     result = predict_rows(model, split, spec)
     ids = table.column(id_column).tolist() if id_column else None
     try:
-        with atomic.replacing(out, "w", newline="") as handle:
+        with sigterm_as_interrupt(), atomic.replacing(out, "w", newline="") as handle:
             write_predictions(handle, result, spec, id_column, ids)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; --out {out} was not written (the partial file was removed)") from None

@@ -9,6 +9,7 @@ from typing import Any
 from ddptrain import atomic
 from ddptrain.console import console
 from ddptrain.errors import DDPTrainError, Interrupted
+from ddptrain.signals import sigterm_as_interrupt
 
 SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -76,7 +77,7 @@ def plot_runs(runs: list[Path], out: Path) -> None:
     fig.suptitle("ddptrain: " + ", ".join(data))
     fig.tight_layout()
     try:
-        with atomic.replacing(out, "wb") as handle:
+        with sigterm_as_interrupt(), atomic.replacing(out, "wb") as handle:
             fig.savefig(handle, dpi=120, format=out.suffix.lower().lstrip("."))
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; --out {out} was not written (the partial file was removed)") from None

@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM/SIGINT set a flag that the ranks agree on at the next sync point.
+"""Signals. In `fit`, preemption: SIGTERM/SIGINT set a flag that the ranks agree on at the next sync point.
 
 A second Ctrl-C aborts at once. The flag travels in the loss all-reduce, so a signal that reached one rank
 stops every rank at the same step.
@@ -7,6 +7,8 @@ stops every rank at the same step.
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 
@@ -33,3 +35,17 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside: SIGTERM (a scheduler's or `kill`'s) raises KeyboardInterrupt like Ctrl-C, so a command that writes a
+    file cleans up its temporary file and says so instead of dying mid-write."""
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -75,8 +75,10 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_predict_removes_the_partial_file_and_says_so(trained, tmp_path):
-    """A real SIGINT while predictions are being written: exit 130, one line, no temporary file, --out untouched."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_during_predict_removes_the_partial_file_and_says_so(sig, trained, tmp_path):
+    """A real SIGINT (or a scheduler's SIGTERM) while predictions are being written: exit 130, one line, no
+    temporary file, --out untouched."""
     import numpy as np
 
     rows = 400_000
@@ -94,7 +96,7 @@ def test_ctrl_c_during_predict_removes_the_partial_file_and_says_so(trained, tmp
     while not list(tmp_path.glob(".preds.csv.tmp-*")) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert error_lines(err) == [f"error: interrupted; --out {out} was not written (the partial file was removed)"]

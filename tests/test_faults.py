@@ -235,7 +235,8 @@ def test_second_ctrl_c_aborts_at_once(tmp_path):
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=30)
-    assert time.monotonic() - sent < 5
+    # at once: not after the next --log-every sync point, which this run never reaches (room for a loaded machine)
+    assert time.monotonic() - sent < 20
     assert proc.returncode == 130
 
 
