@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ddptrain.train import Parts
 
 FORMAT_NAME = "ddptrain.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the data spec holds the fitted preprocessor (1: numeric features only; still read)
 LAST = "last.pt"
 BEST = "best.pt"
 STEP_COPY = re.compile(r"^step-(\d+)\.pt$")
@@ -145,9 +145,13 @@ def check_contents(state: dict[str, Any], path: Path) -> None:
         data_spec.check()
     except (TypeError, ValueError, KeyError) as exc:
         raise bad(f"data_spec: {exc}") from None
-    n_features = len(data_spec.feature_names)
-    if model_spec.in_features != n_features:
-        raise bad(f"the model takes {model_spec.in_features} inputs but the data spec names {n_features} features")
+    pre = data_spec.preprocessor
+    if model_spec.in_features != pre.n_numeric:
+        raise bad(f"the model takes {model_spec.in_features} inputs but the data spec makes {pre.n_numeric} numeric "
+                  "features")
+    if model_spec.embeddings != pre.embeddings:
+        raise bad(f"the model embeds {len(model_spec.embeddings)} categorical inputs {list(model_spec.embeddings)} "
+                  f"but the data spec has {list(pre.embeddings)}")
     if model_spec.out_features != data_spec.n_outputs:
         what = f"{len(data_spec.classes)} classes" if data_spec.task == "classification" else "a regression target"
         raise bad(f"the model has {model_spec.out_features} outputs but the data spec has {what}")
@@ -286,6 +290,11 @@ def describe(state: dict[str, Any]) -> dict[str, Any]:
         "architecture": f"MLP {widths}, {model_spec.activation}, norm {model_spec.norm}, dropout {model_spec.dropout}",
         "parameters": parameter_count(build_model(model_spec)),
         "task": spec.task, "target": spec.target_name, "features": list(spec.feature_names),
+        "columns": [f"{c.name} ({c.role}" + (f", {len(c.levels)} levels, embedding {c.embedding_dim}" if c.levels or
+                                               c.role == "categorical" else "") + (", missing indicator" if c.indicator
+                                                                                   else "") + ")"
+                    for c in spec.preprocessor.columns],
+        "dropped": list(spec.preprocessor.dropped),
         "classes": list(spec.classes), "epoch": position.get("epoch"), "step": position.get("global_step"),
         "step_in_epoch": position.get("step_in_epoch"), "world_size": state.get("world_size"),
         "metrics": state.get("metrics", {}), "torch_version": state.get("torch_version"),

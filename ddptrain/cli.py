@@ -17,6 +17,7 @@ import typer
 
 from ddptrain import __version__
 from ddptrain.config import (
+    COLUMN_LISTS,
     DIST,
     RUN,
     Device,
@@ -89,7 +90,7 @@ def _setting_option(f: dataclasses.Field) -> inspect.Parameter:
         kind, default = meta["choices"], meta["choices"](default)
         help_text += f" One of: {', '.join(c.value for c in kind)}."
         extra["metavar"] = f.name.upper()
-    elif f.name in ("hidden", "betas"):  # comma-separated on the command line
+    elif f.name in ("hidden", "betas", *COLUMN_LISTS):  # comma-separated on the command line
         kind, default = str, ",".join(map(str, default))
     annotation = Optional[kind] if optional else kind
     option = typer.Option(*meta["flags"], help=help_text, rich_help_panel=meta["panel"], **extra)

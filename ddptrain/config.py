@@ -79,10 +79,17 @@ class FitConfig:
     n_features: int | None = setting(None, 'Features of blobs/regression.', DATA, fixed=True)
     n_classes: int | None = setting(None, 'Classes of blobs/spirals.', DATA, fixed=True)
     noise: float | None = setting(None, 'Noise of a built-in dataset.', DATA, fixed=True)
+    categorical: tuple[str, ...] = setting((), "Columns to treat as categories (comma-separated), e.g. integer codes.",
+                                           DATA, fixed=True)
+    numeric: tuple[str, ...] = setting((), "Columns to treat as numbers (comma-separated).", DATA, fixed=True)
+    drop: tuple[str, ...] = setting((), "Columns to leave out (comma-separated).", DATA, fixed=True)
     # model
     hidden: tuple[int, ...] = setting(
         (128, 128), "Hidden widths, comma-separated ('' for a linear model).", MODEL, fixed=True)
     activation: str = setting("relu", 'Activation after each hidden layer.', MODEL, choices=Activation, fixed=True)
+    embedding_dim: int | None = setting(
+        None, "Width of every categorical column's embedding (default: min(600, 1.6 * levels ** 0.56)).", MODEL,
+        fixed=True)
     dropout: float = setting(0.0, 'Dropout probability after each hidden layer.', MODEL, fixed=True)
     norm: str = setting(
         "none", 'Normalization after each hidden layer (batch becomes SyncBatchNorm on GPUs).', MODEL, choices=Norm, fixed=True)
@@ -183,6 +190,20 @@ def parse_int_list(name: str, value: Any) -> tuple[int, ...]:
     return out
 
 
+COLUMN_LISTS = ("categorical", "numeric", "drop")
+
+
+def parse_names(name: str, value: Any) -> tuple[str, ...]:
+    """`--drop id,name` (or a TOML list, for names with commas): column names."""
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, str) for v in value):
+            raise UsageError(f"{flag(name)} {value!r} must be a list of column names")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise UsageError(f"{flag(name)} {value!r} must be column names, comma-separated")
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
 def parse_betas(value: Any) -> tuple[float, float]:
     items = list(value) if isinstance(value, (list, tuple)) else str(value).split(",")
     try:
@@ -212,6 +233,8 @@ def _coerce(name: str, value: Any, strict: bool) -> Any:
     3); command-line text has been parsed by Typer."""
     if name == "hidden":
         return parse_int_list(name, value)
+    if name in COLUMN_LISTS:
+        return parse_names(name, value)
     if name == "betas":
         return parse_betas(value)
     kind, optional = field_type(name)
@@ -279,10 +302,11 @@ def validate(cfg: FitConfig) -> None:
     """Types and ranges of every setting, whoever built the config (CLI, file, checkpoint, test, benchmark)."""
     for name in FIELD_NAMES:
         value = getattr(cfg, name)
-        if name in ("hidden", "betas"):
+        if name in ("hidden", "betas", *COLUMN_LISTS):
             if not isinstance(value, tuple):
                 raise UsageError(f"{flag(name)} {value!r} must be a tuple")
-            (parse_int_list if name == "hidden" else lambda _n, v: parse_betas(v))(name, value)
+            parse = {"hidden": parse_int_list, "betas": lambda _n, v: parse_betas(v)}.get(name, parse_names)
+            parse(name, value)
             continue
         kind, optional = field_type(name)
         if value is None and optional:
@@ -324,6 +348,8 @@ def validate(cfg: FitConfig) -> None:
     _check(cfg.lr_step_size is None or cfg.lr_step_size >= 1, f"--lr-step-size {cfg.lr_step_size} must be >= 1")
     _check(cfg.n_features is None or 1 <= cfg.n_features <= MAX_WIDTH,
            f"--n-features {cfg.n_features} must be from 1 to {MAX_WIDTH}")
+    _check(cfg.embedding_dim is None or 1 <= cfg.embedding_dim <= MAX_WIDTH,
+           f"--embedding-dim {cfg.embedding_dim} must be from 1 to {MAX_WIDTH}")
     _check(cfg.n_classes is None or 2 <= cfg.n_classes <= MAX_WIDTH,
            f"--n-classes {cfg.n_classes} must be from 2 to {MAX_WIDTH}")
     _check(cfg.noise is None or cfg.noise >= 0, f"--noise {cfg.noise} must be a finite number >= 0")

@@ -48,6 +48,11 @@ class RankZeroConsole:
         if self.is_main and (force or not self.quiet):
             self.out.print(text, markup=False)
 
+    def note(self, text: str) -> None:
+        """One informational line on stderr (rank 0), e.g. a column dropped, rows left out."""
+        if self.is_main:
+            self.err.print(f"note: {text}")
+
     def warn(self, text: str) -> None:
         if self.is_main:
             self.err.print(f"warning: {text}")

@@ -1,13 +1,14 @@
-"""Data: a table (file or built-in) -> task, labels, standardized tensors, and each rank's batches.
+"""Data: a table (file or built-in) -> column roles, target and task, the fitted preprocessor, tensors, and each
+rank's batches.
 
-The `DataSpec` (feature names, statistics, task, labels) travels inside every checkpoint so that eval and
-predict apply exactly what training applied.
+The `DataSpec` (target, task, classes, target statistics and the fitted `Preprocessor`) travels inside every
+checkpoint so that eval and predict apply exactly what training applied, to the raw file.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,59 +17,72 @@ import torch
 from ddptrain import datasets
 from ddptrain.config import FitConfig
 from ddptrain.errors import DDPTrainError, UsageError
-from ddptrain.tables import Table, looks_like_path, numeric_column, read_table
+from ddptrain.preprocess import (
+    ColumnPlan,
+    ColumnRole,
+    Preprocessor,
+    fit_preprocessor,
+    infer_roles,
+    label_text,
+)
+from ddptrain.tables import Table, looks_like_path, numeric_table, read_table
 
 MAX_INTEGER_CLASSES = 20  # an integer target with at most this many distinct values is a class label
+MAX_FLOAT_CLASSES = 100  # --task classification on a float target with more classes than this is a mistake
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    feature_names: tuple[str, ...]
     target_name: str
     task: str
     classes: tuple[str, ...]
-    x_mean: tuple[float, ...]
-    x_std: tuple[float, ...]
+    preprocessor: Preprocessor
     y_mean: float = 0.0
     y_std: float = 1.0
+    notes: tuple[str, ...] = field(default=(), compare=False)  # what fit says once: drops, missing targets
 
     @property
     def n_outputs(self) -> int:
         return len(self.classes) if self.task == "classification" else 1
 
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self.preprocessor.feature_columns
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {"target_name": self.target_name, "task": self.task, "classes": list(self.classes),
+                "preprocessor": self.preprocessor.to_dict(), "y_mean": self.y_mean, "y_std": self.y_std}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataSpec:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        if "preprocessor" in d:
+            pre = Preprocessor.from_dict(d["preprocessor"])
+        else:  # format 1: numeric features only, standardized
+            pre = Preprocessor(tuple(ColumnPlan(name, "numeric", "number", (0.0,), (float(m),), (float(s),))
+                                     for name, m, s in zip(d["feature_names"], d["x_mean"], d["x_std"])))
+        return cls(d["target_name"], d["task"], tuple(d["classes"]), pre, d.get("y_mean", 0.0), d.get("y_std", 1.0))
 
     def check(self) -> None:
         """Raise ValueError if this spec (e.g. read from an edited checkpoint) is not self-consistent."""
         if self.task not in ("classification", "regression"):
             raise ValueError(f"task {self.task!r} is not classification or regression")
-        names = (*self.feature_names, self.target_name, *self.classes)
-        if not all(isinstance(v, str) for v in names):
-            raise ValueError("feature names, target and classes must be strings")
-        if len(set(self.feature_names)) != len(self.feature_names):
-            raise ValueError("feature names repeat")
+        if not all(isinstance(v, str) for v in (self.target_name, *self.classes)):
+            raise ValueError("the target and classes must be strings")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError("class labels repeat")
         if self.task == "classification" and len(self.classes) < 2:
             raise ValueError(f"a classification spec needs two or more classes, not {len(self.classes)}")
-        n = len(self.feature_names)
-        if len(self.x_mean) != n or len(self.x_std) != n:
-            raise ValueError(f"{n} features but {len(self.x_mean)} means and {len(self.x_std)} deviations")
-        numbers = (*self.x_mean, *self.x_std, self.y_mean, self.y_std)
+        numbers = (self.y_mean, self.y_std)
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
-            raise ValueError("the standardization statistics must be finite numbers")
-        if not all(v > 0 for v in (*self.x_std, self.y_std)):
-            raise ValueError("the standard deviations must be > 0")
+            raise ValueError("the target statistics must be finite numbers")
+        if self.y_std <= 0:
+            raise ValueError("the target's standard deviation must be > 0")
+        self.preprocessor.check()
 
 
 @dataclass(frozen=True)
 class Split:
-    x: torch.Tensor  # [rows, features], standardized float32
+    x: torch.Tensor  # [rows, inputs] float32: standardized numbers, then category codes
     y: torch.Tensor | None  # class ids (int64) or standardized targets (float32); None when unlabelled
 
     def __len__(self) -> int:
@@ -83,10 +97,11 @@ class FitData:
     spec: DataSpec
     train: Split
     val: Split | None
+    roles: tuple[ColumnRole, ...] = ()
 
     def to_device(self, device: torch.device) -> FitData:
         """The training rows move to the device once (the GPU holds a table this size easily)."""
-        return FitData(self.spec, self.train.to(device), self.val)
+        return FitData(self.spec, self.train.to(device), self.val, self.roles)
 
 
 def load_table(source: str, seed: int, n_samples: int, n_features: int | None = None,
@@ -97,22 +112,25 @@ def load_table(source: str, seed: int, n_samples: int, n_features: int | None = 
         return read_table(source)
     x, y = datasets.generate(source, n_samples, seed, n_features, n_classes, noise, problem_seed)
     names = [f"x{j}" for j in range(x.shape[1])] + ["y"]
-    return Table(source, names, [x[:, j] for j in range(x.shape[1])] + [y], False)
+    return numeric_table(source, names, [x[:, j] for j in range(x.shape[1])] + [y])
 
 
-def normalize_labels(raw: np.ndarray) -> np.ndarray:
-    """Class labels as strings; integral numbers lose their '.0' so `1`, `1.0` and 1 are one class."""
-    out = []
-    for value in raw.tolist():
-        text = str(value).strip()
-        try:
-            number = float(text)
-            if number.is_integer() and not isinstance(value, bool):
-                text = str(int(number))
-        except ValueError:
-            pass
-        out.append(text)
-    return np.array(out, dtype=object)
+# -- the target ---------------------------------------------------------------------------------------------------
+def infer_task(table: Table, target: str, present: np.ndarray) -> str:
+    """From the present values: text and booleans are classes; whole numbers with few distinct values are classes;
+    other numbers are a regression target."""
+    kind = table.kind(target)
+    if kind in ("text", "bool"):
+        return "classification"
+    if kind == "datetime":
+        raise DDPTrainError(f"{table.path}: the target '{target}' holds dates; pick another --target")
+    values = table.column(target)[present]
+    integral = bool(np.all(values == np.round(values)))
+    return "classification" if integral and len(np.unique(values)) <= MAX_INTEGER_CLASSES else "regression"
+
+
+def class_labels(table: Table, target: str, rows: np.ndarray) -> np.ndarray:
+    return np.array([label_text(v) for v in table.column(target)[rows].tolist()], dtype=object)
 
 
 def _sort_classes(labels: set[str]) -> tuple[str, ...]:
@@ -122,22 +140,8 @@ def _sort_classes(labels: set[str]) -> tuple[str, ...]:
         return tuple(sorted(labels))
 
 
-def infer_task(raw: np.ndarray) -> str:
-    if raw.dtype == bool:
-        return "classification"
-    if np.issubdtype(raw.dtype, np.number):
-        numbers = raw.astype(np.float64)
-    else:
-        try:
-            numbers = np.array([float(v) for v in raw], dtype=np.float64)
-        except ValueError:
-            return "classification"  # text labels, e.g. benign/malignant
-    integral = np.all(np.isfinite(numbers)) and np.all(numbers == np.round(numbers))
-    return "classification" if integral and len(np.unique(numbers)) <= MAX_INTEGER_CLASSES else "regression"
-
-
-def encode_classes(table: Table, target: str, classes: tuple[str, ...]) -> np.ndarray:
-    labels = normalize_labels(table.column(target))
+def encode_classes(table: Table, target: str, classes: tuple[str, ...], rows: np.ndarray) -> np.ndarray:
+    labels = class_labels(table, target, rows)
     index = {label: i for i, label in enumerate(classes)}
     unknown = sorted({label for label in labels if label not in index})
     if unknown:
@@ -146,8 +150,26 @@ def encode_classes(table: Table, target: str, classes: tuple[str, ...]) -> np.nd
     return np.array([index[label] for label in labels], dtype=np.int64)
 
 
-def _features(table: Table, names: tuple[str, ...]) -> np.ndarray:
-    return np.stack([numeric_column(table, name) for name in names], axis=1)
+def regression_target(table: Table, target: str, rows: np.ndarray) -> np.ndarray:
+    if table.kind(target) not in ("number", "bool"):
+        col = table.column(target)
+        row = next((int(r) for r in rows if col[r] is not None and not _is_number(col[r])), int(rows[0]))
+        raise DDPTrainError(f"{table.path}: the regression target '{target}' {table.where(row)} holds "
+                            f"'{col[row]}', not a number; pick another --target or --task classification")
+    values = np.array([np.nan if v is None else float(v) for v in table.column(target)[rows]], dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise DDPTrainError(f"{table.path}: column '{target}' {table.where(int(rows[bad[0]]))} is "
+                            f"{values[bad[0]]}; regression targets must be finite")
+    return values
+
+
+def _is_number(text: Any) -> bool:
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -159,62 +181,93 @@ def _split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndar
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def pick_target(table: Table, target: str | None) -> str:
+    name = target or table.names[-1]
+    if name not in table.names:
+        raise DDPTrainError(f"--target '{name}' is not a column of {table.path}; its columns: "
+                            f"{', '.join(table.names)}")
+    return name
+
+
+def plan_target(table: Table, target: str, task: str) -> tuple[str, tuple[str, ...], np.ndarray, list[str]]:
+    """The task, the classes, the rows with a target, and notes; every trap of a target is an error here."""
+    present = ~table.missing(target)
+    notes = []
+    if not present.any():
+        raise DDPTrainError(f"{table.path}: the target '{target}' is empty in every row; pick another --target")
+    if not present.all():
+        notes.append(f"{int((~present).sum())} of {len(table)} rows have no '{target}' value and are left out")
+    rows = np.flatnonzero(present)
+    task = task if task != "auto" else infer_task(table, target, present)
+    if task == "regression":
+        return task, (), rows, notes
+    labels = class_labels(table, target, rows)
+    classes = _sort_classes(set(labels.tolist()))
+    if len(classes) < 2:
+        raise DDPTrainError(f"{table.path}: target '{target}' has one class ({classes[0]}); "
+                            "classification needs at least two (or pass --task regression)")
+    if table.kind(target) == "text" and len(classes) == len(rows) and len(rows) >= 20:
+        raise DDPTrainError(f"{table.path}: the target '{target}' is different in every row, like a name or an ID; "
+                            "pick the column to predict with --target")
+    if table.kind(target) == "number" and target not in table.integer and len(classes) > MAX_FLOAT_CLASSES:
+        raise DDPTrainError(f"{table.path}: the target '{target}' holds {len(classes)} distinct decimal values; as "
+                            "classes that is a mistake: use --task regression (or auto)")
+    return task, classes, rows, notes
+
+
+# -- fit data ------------------------------------------------------------------------------------------------------
+def table_plan(cfg: FitConfig, table: Table) -> tuple[str, str, tuple[str, ...], np.ndarray, list[str],
+                                                      list[ColumnRole]]:
+    """What `fit` and `describe` both decide before fitting anything: target, task, classes, rows, roles."""
+    target = pick_target(table, cfg.target)
+    task, classes, rows, notes = plan_target(table, target, cfg.task)
+    roles = infer_roles(table, target, cfg.categorical, cfg.numeric, cfg.drop)
+    notes += [f"column '{r.name}' is dropped: {r.reason}" + ("" if r.reason == "--drop" else
+              "; keep it with --categorical or --numeric") for r in roles if r.role == "dropped"]
+    return target, task, classes, rows, notes, roles
+
+
 def prepare_fit_data(cfg: FitConfig) -> FitData:
     table = load_table(cfg.data, cfg.seed, cfg.n_samples, cfg.n_features, cfg.n_classes, cfg.noise)
-    target = cfg.target or table.names[-1]
-    if target not in table.names:
-        raise DDPTrainError(f"--target '{target}' is not a column of {table.path}; its columns: "
-                            f"{', '.join(table.names)}")
-    features = tuple(name for name in table.names if name != target)
-    if not features:
-        raise DDPTrainError(f"{table.path} has no feature columns besides the target '{target}'")
-    x = _features(table, features)
-    task = cfg.task if cfg.task != "auto" else infer_task(table.column(target))
-    if task == "classification":
-        classes = _sort_classes(set(normalize_labels(table.column(target))))
-        if len(classes) < 2:
-            raise DDPTrainError(f"{table.path}: target '{target}' has one class ({classes[0]}); "
-                                "classification needs at least two (or pass --task regression)")
-        y = encode_classes(table, target, classes)
-    else:
-        classes = ()
-        y = numeric_column(table, target)
+    target, task, classes, rows, notes, roles = table_plan(cfg, table)
+    table = table.select(rows) if len(rows) < len(table) else table
     if cfg.val_data:
         train_rows, val_rows = np.arange(len(table)), np.array([], dtype=np.int64)
     else:
         train_rows, val_rows = _split_rows(len(table), cfg.val_fraction, cfg.seed)
-    x_mean, x_std = x[train_rows].mean(axis=0), _safe_std(x[train_rows])
-    y_mean, y_std = (0.0, 1.0) if task == "classification" else (float(y[train_rows].mean()), float(_safe_std(y[train_rows])))
-    spec = DataSpec(features, target, task, classes, tuple(x_mean.tolist()), tuple(x_std.tolist()), y_mean, y_std)
+    pre = fit_preprocessor(table, roles, train_rows, cfg.embedding_dim)
+    if task == "classification":
+        y = encode_classes(table, target, classes, np.arange(len(table)))
+        y_mean, y_std = 0.0, 1.0
+    else:
+        y = regression_target(table, target, np.arange(len(table)))
+        std = float(y[train_rows].std())
+        y_mean, y_std = float(y[train_rows].mean()), std if std > 0 else 1.0
+    spec = DataSpec(target, task, classes, pre, y_mean, y_std, tuple(notes))
+    x, _ = pre.transform(table)
     train = _to_split(spec, x[train_rows], y[train_rows])
     if cfg.val_data:
         val: Split | None = labelled_split(spec, load_table(cfg.val_data, cfg.seed + 1, cfg.n_samples, cfg.n_features,
                                                             cfg.n_classes, cfg.noise, problem_seed=cfg.seed))
     else:
         val = _to_split(spec, x[val_rows], y[val_rows]) if len(val_rows) else None
-    return FitData(spec, train, val)
-
-
-def _safe_std(a: np.ndarray) -> np.ndarray:
-    std = a.std(axis=0)
-    return np.where(std > 0, std, 1.0)
+    return FitData(spec, train, val, tuple(roles))
 
 
 def _to_split(spec: DataSpec, x: np.ndarray, y: np.ndarray | None) -> Split:
-    xs = (x - np.array(spec.x_mean)) / np.array(spec.x_std)
     if y is None:
         ys = None
     elif spec.task == "classification":
         ys = torch.from_numpy(y.astype(np.int64))
     else:
         ys = torch.from_numpy(((y - spec.y_mean) / spec.y_std).astype(np.float32))
-    return Split(torch.from_numpy(xs.astype(np.float32)), ys)
+    return Split(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), ys)
 
 
 def check_columns(spec: DataSpec, table: Table, allowed_extra: tuple[str, ...] = ()) -> None:
+    known = set(spec.feature_names) | set(spec.preprocessor.dropped) | {spec.target_name} | set(allowed_extra)
     missing = [name for name in spec.feature_names if name not in table.names]
-    extra = [name for name in table.names
-             if name not in spec.feature_names and name != spec.target_name and name not in allowed_extra]
+    extra = [name for name in table.names if name not in known]
     if missing or extra:
         detail = "; ".join(part for part in (
             f"missing {', '.join(missing)}" if missing else "",
@@ -224,18 +277,31 @@ def check_columns(spec: DataSpec, table: Table, allowed_extra: tuple[str, ...] =
 
 
 def labelled_split(spec: DataSpec, table: Table, require_target: bool = True,
-                   allowed_extra: tuple[str, ...] = ()) -> Split:
-    """Rows of a new table, standardized with the training statistics; targets encoded when present."""
+                   allowed_extra: tuple[str, ...] = (), notes: list[str] | None = None) -> Split:
+    """Rows of a new table through the training preprocessor; targets encoded when present (rows without one are
+    left out when scoring). `notes` collects what is worth one line: unseen levels, rows left out."""
     check_columns(spec, table, allowed_extra)
-    x = _features(table, spec.feature_names)
-    if spec.target_name not in table.names:
+    notes = notes if notes is not None else []
+    if spec.target_name in table.names and require_target:
+        present = ~table.missing(spec.target_name)
+        if not present.any():
+            raise DDPTrainError(f"{table.path}: the target '{spec.target_name}' is empty in every row")
+        if not present.all():
+            notes.append(f"{int((~present).sum())} of {len(table)} rows have no '{spec.target_name}' value and "
+                         "are not scored")
+            table = table.select(np.flatnonzero(present))
+    x, unseen = spec.preprocessor.transform(table)
+    notes += [f"column '{name}': {count} cells hold a level not seen in training (treated as unknown)"
+              for name, count in unseen.items()]
+    if spec.target_name not in table.names or not require_target:
         if require_target:
             raise DDPTrainError(f"{table.path} has no target column '{spec.target_name}' to score against")
         return _to_split(spec, x, None)
+    rows = np.arange(len(table))
     if spec.task == "classification":
-        y = encode_classes(table, spec.target_name, spec.classes)
+        y = encode_classes(table, spec.target_name, spec.classes, rows)
     else:
-        y = numeric_column(table, spec.target_name)
+        y = regression_target(table, spec.target_name, rows)
     return _to_split(spec, x, y)
 
 

@@ -37,7 +37,10 @@ def evaluate_checkpoint(path: Path, source: str, seed: int | None, as_json: bool
     state = load_checkpoint(path)
     with process_group(device_name, "auto", None) as dist:
         model, spec, cfg = inference_model(state, dist.device, path)
-        split = labelled_split(spec, _table_for(cfg, source, seed))
+        notes: list[str] = []
+        split = labelled_split(spec, _table_for(cfg, source, seed), notes=notes)
+        for note in notes:
+            console.note(note)
         sums = evaluation_sums(model, split, spec, build_loss(cfg, spec.task), dist.rank, dist.world_size)
     metrics = metrics_from_sums(sums, spec)
     if as_json:
@@ -98,7 +101,11 @@ def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, ov
     if id_column is not None and id_column not in table.names:
         raise DDPTrainError(f"--id-column '{id_column}' is not a column of {table.path}; its columns: "
                             f"{', '.join(table.names)}")
-    split = labelled_split(spec, table, require_target=False, allowed_extra=(id_column,) if id_column else ())
+    notes: list[str] = []
+    split = labelled_split(spec, table, require_target=False, allowed_extra=(id_column,) if id_column else (),
+                           notes=notes)
+    for note in notes:
+        console.note(note)
     result = predict_rows(model, split, spec)
     ids = table.column(id_column).tolist() if id_column else None
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ddptrain.config import Activation, Norm
@@ -21,22 +22,29 @@ class ModelSpec:
     activation: str = "relu"
     dropout: float = 0.0
     norm: str = "none"
+    embeddings: tuple[tuple[int, int], ...] = ()  # per categorical input: (levels, width)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
+        d["embeddings"] = [list(e) for e in self.embeddings]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        return cls(**{**d, "hidden": tuple(d["hidden"])})
+        return cls(**{**d, "hidden": tuple(d["hidden"]),
+                      "embeddings": tuple(tuple(e) for e in d.get("embeddings", ()))})
 
     def check(self) -> None:
         """Raise ValueError if this spec (e.g. read from an edited checkpoint) cannot describe an MLP."""
         def positive_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
-        if not all(positive_int(v) for v in (self.in_features, self.out_features, *self.hidden)):
+        if not all(len(e) == 2 and positive_int(e[0]) and positive_int(e[1]) for e in self.embeddings):
+            raise ValueError(f"embeddings {list(self.embeddings)} must be pairs of positive integers")
+        if not (isinstance(self.in_features, int) and self.in_features >= (0 if self.embeddings else 1)):
+            raise ValueError(f"in_features {self.in_features!r} is not a valid width")
+        if not all(positive_int(v) for v in (self.out_features, *self.hidden)):
             raise ValueError(f"widths {self.in_features}, {list(self.hidden)}, {self.out_features} must be positive "
                              "integers")
         if self.activation not in ACTIVATIONS:
@@ -47,13 +55,31 @@ class ModelSpec:
             raise ValueError(f"dropout {self.dropout!r} is not in [0, 1)")
 
 
+class CategoricalEmbedding(nn.Module):
+    """The input's last columns are category codes (float, exact below 2**24): each goes through its own learned
+    embedding; the result is the numeric columns followed by every embedding."""
+
+    def __init__(self, n_numeric: int, embeddings: tuple[tuple[int, int], ...]) -> None:
+        super().__init__()
+        self.n_numeric = n_numeric
+        self.tables = nn.ModuleList(nn.Embedding(levels, width) for levels, width in embeddings)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = x[:, self.n_numeric:].long()
+        parts = [x[:, :self.n_numeric]] + [table(codes[:, i]) for i, table in enumerate(self.tables)]
+        return torch.cat(parts, dim=1)
+
+
 def build_model(spec: ModelSpec) -> nn.Sequential:
-    """Linear -> [norm] -> activation -> [dropout] per hidden width, then a linear head.
+    """[categorical embeddings] -> Linear -> [norm] -> activation -> [dropout] per hidden width, then a linear head.
 
     An empty `hidden` gives a linear model. Batch norm is swapped for SyncBatchNorm by the DDP wrapper.
     """
     layers: list[nn.Module] = []
     width = spec.in_features
+    if spec.embeddings:
+        layers.append(CategoricalEmbedding(spec.in_features, spec.embeddings))
+        width += sum(w for _, w in spec.embeddings)
     for size in spec.hidden:
         layers.append(nn.Linear(width, size))
         if spec.norm == "layer":

@@ -17,6 +17,7 @@ from ddptrain.checkpoint import Position
 from ddptrain.config import FitConfig
 from ddptrain.console import console
 from ddptrain.data import FitData, prepare_fit_data
+from ddptrain.preprocess import plan_summary
 from ddptrain.dist import DistInfo, process_group
 from ddptrain.errors import UsageError
 from ddptrain.faults import InjectedFault
@@ -111,7 +112,9 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    spec = ModelSpec(len(data.spec.feature_names), data.spec.n_outputs, cfg.hidden, cfg.activation, cfg.dropout, cfg.norm)
+    pre = data.spec.preprocessor
+    spec = ModelSpec(pre.n_numeric, data.spec.n_outputs, cfg.hidden, cfg.activation, cfg.dropout, cfg.norm,
+                     pre.embeddings)
     model: nn.Module = build_model(spec)
     if cfg.norm == "batch" and dist.world_size > 1:
         if dist.device.type == "cuda":
@@ -185,10 +188,13 @@ def announce(parts: Parts, out: Path) -> None:
     cfg, dist, spec = parts.cfg, parts.dist, parts.data.spec
     widths = "-".join(str(w) for w in (parts.model_spec.in_features, *cfg.hidden, parts.model_spec.out_features))
     val = f" / {len(parts.data.val):,} val" if parts.data.val is not None else ""
-    target = f"{len(spec.classes)} classes" if spec.task == "classification" else "regression"
+    task = f"classification, {len(spec.classes)} classes" if spec.task == "classification" else "regression"
     wrapper = "DDP" if parts.ddp is not None else "no DDP wrapper: one process"
+    for note in spec.notes:
+        console.note(note)
     console.line(f"ddptrain fit: world size {dist.world_size} ({dist.backend}, {dist.device.type}, {wrapper}); "
-                 f"{len(parts.data.train):,} train{val} rows, {len(spec.feature_names)} features -> {target}; "
+                 f"{len(parts.data.train):,} train{val} rows; target '{spec.target_name}' ({task}); "
+                 f"{plan_summary(spec.preprocessor)}; "
                  f"MLP {widths} ({parameter_count(parts.model):,} parameters); global batch {cfg.batch_size} "
                  f"({cfg.batch_size // dist.world_size} per rank); out {out}")
 

@@ -1,10 +1,20 @@
-"""Read a user's table (CSV, TSV, NPZ, Parquet) into named columns, with one-line errors that point at the cell."""
+"""Read a user's table (CSV, TSV, NPZ, Parquet) into typed, named columns, with one-line errors that point at the cell.
+
+CSV and TSV go through pyarrow's multithreaded typed reader: each column gets a type; empty cells and the usual NA
+tokens are missing; true/false columns are booleans; ISO and YYYY/MM/DD dates and timestamps are dates. Parquet
+keeps its own schema. Every column arrives as one of four kinds:
+
+- `number`: float64, NaN where missing (`integer` marks one whose present values are all whole numbers);
+- `text`: object array of str, None where missing;
+- `bool`: object array of True/False, None where missing;
+- `datetime`: datetime64[s], NaT where missing.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,26 +22,55 @@ import numpy as np
 from ddptrain.errors import DDPTrainError
 
 SUFFIXES = (".csv", ".tsv", ".npz", ".parquet")
+NA_TOKENS = ("", "NA", "N/A", "n/a", "NaN", "nan", "null", "NULL", "None", "?")
+KINDS = ("number", "text", "bool", "datetime")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Table:
     path: str
     names: list[str]
-    columns: list[np.ndarray]  # one array per column: numeric, or str (object) for text files
-    text: bool  # True for CSV/TSV: errors name the file's line numbers
-    line_numbers: tuple[int, ...] = ()  # CSV/TSV: each data row's line in the file (blank lines skipped)
+    columns: list[np.ndarray]
+    kinds: list[str]
+    text: bool = False  # CSV/TSV: errors name the file's line numbers
+    integer: set[str] = field(default_factory=set)  # number columns whose present values are whole numbers
+    _lines: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.columns[0]) if self.columns else 0
 
-    def where(self, row: int) -> str:
-        if self.text:
-            return f"line {self.line_numbers[row] if self.line_numbers else row + 2}"
-        return f"row {row}"
-
     def column(self, name: str) -> np.ndarray:
         return self.columns[self.names.index(name)]
+
+    def kind(self, name: str) -> str:
+        return self.kinds[self.names.index(name)]
+
+    def missing(self, name: str) -> np.ndarray:
+        """A boolean mask of the column's missing cells."""
+        col, kind = self.column(name), self.kind(name)
+        if kind == "number":
+            return np.isnan(col)
+        if kind == "datetime":
+            return np.isnat(col)
+        return np.array([v is None for v in col], dtype=bool)
+
+    def where(self, row: int) -> str:
+        """`line N` of a text file (blank lines counted as the file has them), or `row N`."""
+        if not self.text:
+            return f"row {row}"
+        if self._lines is None:
+            self._lines = data_line_numbers(Path(self.path))
+        return f"line {self._lines[row]}" if row < len(self._lines) else f"data row {row + 1}"
+
+    def select(self, rows: np.ndarray) -> Table:
+        return Table(self.path, self.names, [c[rows] for c in self.columns], self.kinds, False, self.integer)
+
+
+def numeric_table(path: str, names: list[str], columns: list[np.ndarray]) -> Table:
+    """A table of numbers (built-in datasets, NPZ)."""
+    cols = [np.asarray(c, dtype=np.float64) for c in columns]
+    whole = {n for n, c in zip(names, cols) if np.all(np.isnan(c) | (c == np.round(c)))}
+    return Table(path, names, cols, ["number"] * len(names), False, whole)
 
 
 def looks_like_path(spec: str) -> bool:
@@ -58,28 +97,106 @@ def read_table(path_str: str) -> Table:
     return _read_delimited(path, "\t" if suffix == ".tsv" else ",")
 
 
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.csv
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise DDPTrainError("reading tables needs pyarrow: pip install pyarrow") from None
+    return pyarrow
+
+
 def _read_delimited(path: Path, delimiter: str) -> Table:
+    pa = _pyarrow()
+    header = _header(path, delimiter)
+    convert = pa.csv.ConvertOptions(
+        null_values=list(NA_TOKENS), strings_can_be_null=True, true_values=["true", "True", "TRUE"],
+        false_values=["false", "False", "FALSE"], timestamp_parsers=[pa.csv.ISO8601, "%Y/%m/%d"],
+        column_types={name: pa.string() for name in header if name == ""})
+    read = pa.csv.ReadOptions(column_names=header, skip_rows=1, encoding="utf8")
+    try:
+        table = pa.csv.read_csv(path, read_options=read, convert_options=convert,
+                                parse_options=pa.csv.ParseOptions(delimiter=delimiter))
+    except pa.ArrowInvalid as exc:
+        raise _parse_error(path, delimiter, len(header), exc) from None
+    if table.num_rows == 0:
+        raise DDPTrainError(f"data file {path} has a header but no data rows")
+    return _from_arrow(table, str(path), text=True)
+
+
+def _header(path: Path, delimiter: str) -> list[str]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle, delimiter=delimiter)
-            numbered = [(reader.line_num, row) for row in reader if row]  # blank lines skipped, line numbers kept
-            rows = [row for _, row in numbered]
+            header = next((row for row in csv.reader(handle, delimiter=delimiter) if row), None)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DDPTrainError(f"data file {path} is not readable as text ({exc}); save it as UTF-8 CSV") from None
-    if not rows:
+    if header is None:
         raise DDPTrainError(f"data file {path} is empty; it needs a header row and data rows")
-    header, body = [name.strip() for name in rows[0]], rows[1:]
-    if not body:
-        raise DDPTrainError(f"data file {path} has a header but no data rows")
-    if len(set(header)) != len(header) or any(not name for name in header):
-        raise DDPTrainError(f"data file {path}: the header needs distinct, non-empty column names")
-    lines = tuple(line for line, _ in numbered[1:])
-    for line, row in zip(lines, body):
-        if len(row) != len(header):
-            raise DDPTrainError(f"data file {path}: line {line} has {len(row)} fields but the header has "
-                                f"{len(header)}; fix that row")
-    grid = np.array(body, dtype=object)
-    return Table(str(path), header, [np.char.strip(grid[:, j].astype(str)) for j in range(len(header))], True, lines)
+    names = [name.strip() for name in header]
+    named = [n for n in names if n]
+    if len(set(named)) != len(named) or names.count("") > 1 or (names and names[0] != "" and "" in names):
+        raise DDPTrainError(f"data file {path}: the header needs distinct, non-empty column names (only a "
+                            "pandas index column, first, may be unnamed)")
+    return names
+
+
+def data_line_numbers(path: Path, delimiter: str | None = None) -> list[int]:
+    """The file line of each data row (after the header), skipping blank lines as the readers do."""
+    delimiter = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        lines = [reader.line_num for row in reader if row]
+    return lines[1:]
+
+
+def _parse_error(path: Path, delimiter: str, width: int, exc: Exception) -> DDPTrainError:
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        rows = [(reader.line_num, row) for row in reader if row]
+    for line, row in rows[1:]:
+        if len(row) != width:
+            return DDPTrainError(f"data file {path}: line {line} has {len(row)} fields but the header has {width}; "
+                                 "fix that row")
+    first = (str(exc).splitlines() or [""])[0]
+    if "utf" in first.lower() or "invalid" in first.lower() and "utf" in first.lower():
+        return DDPTrainError(f"data file {path} is not readable as text ({first}); save it as UTF-8 CSV")
+    return DDPTrainError(f"data file {path} could not be parsed ({first}); check its quoting and delimiters")
+
+
+def _from_arrow(table, path: str, text: bool) -> Table:
+    pa = _pyarrow()
+    import pyarrow.compute as pc
+    import pyarrow.types as pat
+
+    names, columns, kinds, integer = [], [], [], set()
+    for name in table.column_names:
+        col = table.column(name)
+        kind = col.type
+        if pat.is_dictionary(kind):
+            col, kind = col.cast(kind.value_type), kind.value_type
+        if pat.is_boolean(kind):
+            values, tag = np.array(col.to_pylist(), dtype=object), "bool"
+        elif pat.is_integer(kind) or pat.is_floating(kind) or pat.is_decimal(kind):
+            values = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+            tag = "number"
+            if pat.is_integer(kind):
+                integer.add(name)
+        elif pat.is_timestamp(kind) or pat.is_date(kind):
+            if pat.is_timestamp(kind) and kind.tz is not None:
+                col = pc.cast(col, pa.timestamp(kind.unit))
+            values, tag = col.cast(pa.timestamp("s")).to_numpy(zero_copy_only=False).astype("datetime64[s]"), "datetime"
+        elif pat.is_string(kind) or pat.is_large_string(kind) or pat.is_null(kind):
+            values = np.array([None if v is None else str(v).strip() for v in col.to_pylist()], dtype=object)
+            values[values == ""] = None
+            tag = "text"
+        else:
+            values = np.array([None if v is None else str(v) for v in col.to_pylist()], dtype=object)
+            tag = "text"
+        names.append(str(name))
+        columns.append(values)
+        kinds.append(tag)
+    return Table(path, names, columns, kinds, text, integer)
 
 
 def _read_npz(path: Path) -> Table:
@@ -103,42 +220,21 @@ def _read_npz(path: Path) -> Table:
     if not np.issubdtype(x.dtype, np.number):
         raise DDPTrainError(f"data file {path}: 'x' must be numeric, not {x.dtype}")
     names = [f"x{j}" for j in range(x.shape[1])] + ["y"]
-    return Table(str(path), names, [x[:, j] for j in range(x.shape[1])] + [y], False)
+    if np.issubdtype(y.dtype, np.number) or y.dtype == bool:
+        return numeric_table(str(path), names, [x[:, j] for j in range(x.shape[1])] + [y.astype(np.float64)])
+    table = numeric_table(str(path), names[:-1], [x[:, j] for j in range(x.shape[1])])
+    table.names.append("y")
+    table.columns.append(np.array([str(v) for v in y.tolist()], dtype=object))
+    table.kinds.append("text")
+    return table
 
 
 def _read_parquet(path: Path) -> Table:
+    pa = _pyarrow()
     try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DDPTrainError("reading .parquet needs pyarrow: pip install 'ddptrain[parquet]'") from None
-    try:
-        table = pq.read_table(path)
+        table = pa.parquet.read_table(path)
     except Exception as exc:
         raise DDPTrainError(f"data file {path} is not a readable Parquet file ({exc})") from None
     if table.num_rows == 0:
         raise DDPTrainError(f"data file {path} has a header but no data rows")
-    columns = []
-    for name in table.column_names:
-        values = table.column(name).to_numpy(zero_copy_only=False)
-        columns.append(values.astype(str) if values.dtype == object else values)
-    return Table(str(path), list(table.column_names), columns, False)
-
-
-def numeric_column(table: Table, name: str) -> np.ndarray:
-    """A feature column as float64; a non-number, NaN or infinity is an error naming the column and row."""
-    col = table.column(name)
-    if np.issubdtype(col.dtype, np.number) or col.dtype == bool:
-        values = col.astype(np.float64)
-    else:
-        values = np.empty(len(col), dtype=np.float64)
-        for i, cell in enumerate(col):
-            try:
-                values[i] = float(cell)
-            except ValueError:
-                raise DDPTrainError(f"{table.path}: column '{name}' {table.where(i)} holds '{cell}', not a number; "
-                                    "features must be numeric (drop or encode that column)") from None
-    bad = np.flatnonzero(~np.isfinite(values))
-    if len(bad):
-        raise DDPTrainError(f"{table.path}: column '{name}' {table.where(int(bad[0]))} is {col[bad[0]]}; "
-                            "features and regression targets must be finite (fill or drop that row)")
-    return values
+    return _from_arrow(table, str(path), text=False)

@@ -24,7 +24,11 @@ def write_table(path, header, rows, sep=","):
     (np.arange(100), "regression"),  # too many distinct integers for class labels
 ])
 def test_task_inference(values, task):
-    assert infer_task(values) == task
+    from ddptrain.tables import Table, numeric_table
+
+    table = (Table("t.csv", ["y"], [values], ["text"]) if values.dtype == object
+             else numeric_table("t.csv", ["y"], [values]))
+    assert infer_task(table, "y", ~table.missing("y")) == task
 
 
 def test_csv_with_string_labels(tiny_csv):

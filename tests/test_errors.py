@@ -126,15 +126,24 @@ DATA_CASES = {
     "folder": (lambda d: (d / "dir.csv").mkdir(), "dir.csv", [], ["folder"]),
     "empty": (write("e.csv", ""), "e.csv", [], ["empty"]),
     "header-only": (write("h.csv", "a,b,y\n"), "h.csv", [], ["no data rows"]),
-    "non-numeric": (write("n.csv", "a,b,y\n1,2,0\n3,oops,1\n"), "n.csv", [], ["'b'", "line 3", "oops"]),
-    "nan-feature": (write("f.csv", "a,b,y\n1,2,0\nnan,3,1\n"), "f.csv", [], ["'a'", "line 3", "finite"]),
+    "text-regression-target": (write("n.csv", "a,y\n1,0.5\n2,oops\n3,1.5\n"), "n.csv", ["--task", "regression"],
+                               ["'y'", "line 3", "oops", "not a number"]),
+    "inf-feature": (write("f.csv", "a,b,y\n1,2,0\ninf,3,1\n"), "f.csv", ["--val-fraction", "0"],
+                    ["'a'", "line 3", "finite"]),
+    "two-bad-columns-at-once": (write("g.csv", "a,b,y\n1,inf,0\n-inf,3,1\n"), "g.csv", ["--val-fraction", "0"],
+                                ["'a' line 3", "'b' line 2"]),
     "inf-target": (write("t.csv", "a,y\n1,0.5\n2,inf\n3,1.5\n"), "t.csv", [], ["'y'", "line 3"]),
     "no-such-target": (None, "data.csv", ["--target", "price"], ["--target", "price", "a, b, label"]),
     "one-class": (write("o.csv", "a,y\n1,cat\n2,cat\n3,cat\n"), "o.csv", [], ["one class"]),
     "npz-without-xy": (lambda d: np.savez(d / "z.npz", features=np.zeros((3, 2))), "z.npz", [], ["'x'", "'y'", "features"]),
     "uneven-rows": (write("u.csv", "a,b,y\n1,2,0\n3,1\n"), "u.csv", [], ["line 3", "2 fields", "3"]),
-    "bad-cell-after-blank-lines": (write("b.csv", "a,b,y\n1,2,0\n\n\n3,oops,1\n"), "b.csv", [],
-                                   ["'b'", "line 5", "oops"]),
+    "bad-cell-after-blank-lines": (write("b.csv", "a,b,y\n1,2,0\n\n\n3,inf,1\n"), "b.csv", ["--val-fraction", "0"],
+                                   ["'b'", "line 5", "infinite"]),
+    "empty-target": (write("e2.csv", "a,y\n1,\n2,NA\n"), "e2.csv", [], ["'y'", "empty in every row"]),
+    "id-like-target": (write("i.csv", "a,name\n" + "".join(f"{i},p{i}\n" for i in range(30))), "i.csv", [],
+                       ["'name'", "different in every row", "--target"]),
+    "float-classes": (write("fc.csv", "a,y\n" + "".join(f"{i},{i * 0.37:.3f}\n" for i in range(150))), "fc.csv",
+                      ["--task", "classification"], ["'y'", "150 distinct decimal values", "--task regression"]),
     "uneven-after-blank-lines": (write("v.csv", "a,b,y\n\n1,2,0\n\n3,1\n"), "v.csv", [], ["line 5", "2 fields"]),
 }
 
@@ -160,7 +169,7 @@ def test_parquet_without_the_extra(workdir, monkeypatch, capsys):
     (workdir / "d.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    check(FIT + ["--data", "d.parquet"], 1, ["pip install 'ddptrain[parquet]'"], workdir, monkeypatch, capsys)
+    check(FIT + ["--data", "d.parquet"], 1, ["pip install pyarrow"], workdir, monkeypatch, capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")
@@ -307,12 +316,13 @@ CKPT_CASES = {
     "no-model-spec": (edited(lambda s: s.pop("model_spec")), ["bad.pt", "'model_spec'", "missing"]),
     "classes-vs-outputs": (edited(_more_classes), ["bad.pt", "2 outputs", "3 classes"]),
     "weights-vs-spec": (edited(_wrong_shape), ["bad.pt", "shape (3, 3)"]),
-    "features-vs-inputs": (edited(lambda s: s["data_spec"].update(feature_names=["x0"], x_mean=[0.0], x_std=[1.0])),
-                           ["bad.pt", "2 inputs", "1 features"]),
+    "features-vs-inputs": (edited(lambda s: s["data_spec"]["preprocessor"]["columns"].pop()),
+                           ["bad.pt", "2 inputs", "1 numeric"]),
     "position-text": (edited(lambda s: s["position"].update(epoch="one")), ["bad.pt", "position.epoch"]),
     "spec-type": (edited(lambda s: s["model_spec"].update(hidden=["8"])), ["bad.pt", "model_spec", "widths"]),
     "metrics-list": (edited(lambda s: s.update(metrics=[1, 2])), ["bad.pt", "'metrics'"]),
-    "zero-std": (edited(lambda s: s["data_spec"].update(x_std=[0.0, 1.0])), ["bad.pt", "deviations must be > 0"]),
+    "zero-std": (edited(lambda s: s["data_spec"]["preprocessor"]["columns"][0].update(std=[0.0])),
+                 ["bad.pt", "deviations must be > 0"]),
 }
 
 

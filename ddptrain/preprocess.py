@@ -1,0 +1,319 @@
+"""Column roles and the fitted preprocessor: a table as it comes -> model inputs, the same at fit, eval and predict.
+
+Every feature column gets a role: `numeric`, `categorical` (text, booleans; integers only when asked),
+`datetime` (expanded into numeric parts) or `dropped` (a pandas index column, a text column unique in every row,
+a constant or empty column), inferred from the table and overridden by --categorical/--numeric/--drop. The
+`Preprocessor` is fitted on the training rows only and stored in the checkpoint as plain values:
+
+- numeric: the median fills missing cells, a 0/1 indicator column is added where training rows had missing cells,
+  then standardization with the training mean and deviation;
+- datetime: year, month, day, day of week, day of year and elapsed days, each then as numeric;
+- categorical: a vocabulary of the training levels; levels rarer than RARE_COUNT share the "unknown" level, which
+  also takes levels never seen in training; missing cells have a level of their own. The codes travel in the same
+  float32 matrix as the numbers (exact below 2**24) and the model embeds them (model.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ddptrain.errors import DDPTrainError, UsageError
+from ddptrain.tables import Table
+
+ROLES = ("numeric", "categorical", "datetime", "dropped")
+DATE_PARTS = ("year", "month", "day", "dayofweek", "dayofyear", "elapsed_days")
+RARE_COUNT = 3  # a level seen fewer times in the training rows is "unknown"
+UNKNOWN, MISSING = 0, 1  # the first two codes of every categorical column; known levels follow
+UNIQUE_MIN_ROWS = 20  # a text column unique in every row of a table this long is an ID or a name
+
+
+@dataclass(frozen=True)
+class ColumnRole:
+    name: str
+    kind: str  # the reader's kind: number, text, bool, datetime
+    role: str
+    reason: str  # why (inferred, or the flag that asked)
+    missing: float  # share of missing cells
+    distinct: int  # distinct present values
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """One feature column, fitted."""
+
+    name: str
+    role: str  # numeric, categorical or datetime
+    kind: str
+    median: tuple[float, ...] = ()  # numeric: 1 value; datetime: one per part
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    indicator: bool = False  # a 0/1 missing-indicator column follows the values
+    levels: tuple[str, ...] = ()  # categorical: the known levels (codes 2, 3, ...)
+    embedding_dim: int = 0
+
+    @property
+    def width(self) -> int:
+        """How many numeric columns this column becomes (categorical: none; its code goes to the embedding)."""
+        if self.role == "categorical":
+            return 0
+        return len(self.mean) + (1 if self.indicator else 0)
+
+    @property
+    def cardinality(self) -> int:
+        return len(self.levels) + 2
+
+
+def embedding_size(cardinality: int) -> int:
+    """fastai's rule of thumb for an embedding's width."""
+    return int(min(600, round(1.6 * cardinality ** 0.56)))
+
+
+def label_text(value: Any) -> str:
+    """A cell as a category or class label: integral numbers lose '.0' (1, 1.0 and '1' are one level)."""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+# -- roles ------------------------------------------------------------------------------------------------------
+def infer_roles(table: Table, target: str, categorical: tuple[str, ...] = (), numeric: tuple[str, ...] = (),
+                drop: tuple[str, ...] = ()) -> list[ColumnRole]:
+    """Every column but the target, with its role and why."""
+    for flag, names in (("--categorical", categorical), ("--numeric", numeric), ("--drop", drop)):
+        unknown = [n for n in names if n not in table.names]
+        if unknown:
+            raise UsageError(f"{flag}: {', '.join(repr(n) for n in unknown)} not a column of {table.path}; its "
+                             f"columns: {', '.join(table.names)}")
+        if target in names:
+            raise UsageError(f"{flag} names the target '{target}'; a target is not a feature")
+    twice = sorted((set(categorical) & set(numeric)) | (set(categorical) & set(drop)) | (set(numeric) & set(drop)))
+    if twice:
+        raise UsageError(f"{', '.join(repr(n) for n in twice)} given two roles in --categorical/--numeric/--drop; "
+                         "give each column one")
+    roles, n = [], len(table)
+    for name, kind in zip(table.names, table.kinds):
+        if name == target:
+            continue
+        col = table.column(name)
+        missing = table.missing(name)
+        present = col[~missing]
+        distinct = len(set(present.tolist()))
+        role, reason = _role(table, name, kind, present, distinct, n, categorical, numeric, drop)
+        roles.append(ColumnRole(name, kind, role, reason, float(missing.mean()) if n else 0.0, distinct))
+    return roles
+
+
+def _role(table: Table, name: str, kind: str, present: np.ndarray, distinct: int, n: int,
+          categorical: tuple[str, ...], numeric: tuple[str, ...], drop: tuple[str, ...]) -> tuple[str, str]:
+    if name in drop:
+        return "dropped", "--drop"
+    if name in categorical:
+        return "categorical", "--categorical"
+    if name in numeric:
+        if kind not in ("number", "bool"):
+            raise UsageError(f"--numeric {name}: column '{name}' of {table.path} holds {kind} values; only a "
+                             "column of numbers can be numeric")
+        return "numeric", "--numeric"
+    if (name == "" or name.startswith("Unnamed: ")) and kind == "number" and len(present) == n \
+            and np.array_equal(np.sort(present), np.arange(n)):
+        return "dropped", "an unnamed pandas index column"
+    if len(present) == 0:
+        return "dropped", "empty in every row"
+    if distinct == 1 and len(present) == n:
+        return "dropped", "constant"
+    if kind == "text" and distinct == n and n >= UNIQUE_MIN_ROWS:
+        return "dropped", "text unique in every row, like a name or an ID"
+    if kind in ("text", "bool"):
+        return "categorical", "text" if kind == "text" else "true/false"
+    if kind == "datetime":
+        return "datetime", "dates"
+    return "numeric", "numbers"
+
+
+# -- the fitted preprocessor ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preprocessor:
+    columns: tuple[ColumnPlan, ...]
+    dropped: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def feature_columns(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    @property
+    def n_numeric(self) -> int:
+        return sum(c.width for c in self.columns)
+
+    @property
+    def embeddings(self) -> tuple[tuple[int, int], ...]:
+        return tuple((c.cardinality, c.embedding_dim) for c in self.columns if c.role == "categorical")
+
+    def numeric_names(self) -> list[str]:
+        names = []
+        for c in self.columns:
+            if c.role == "numeric":
+                names.append(c.name)
+            elif c.role == "datetime":
+                names += [f"{c.name}.{part}" for part in DATE_PARTS]
+            if c.indicator:
+                names.append(f"{c.name}.missing")
+        return names
+
+    def transform(self, table: Table) -> tuple[np.ndarray, dict[str, int]]:
+        """float32 [rows, n_numeric + categorical columns]: standardized numbers, then category codes; and how many
+        cells of each categorical column held a level unseen in training."""
+        n = len(table)
+        numbers = np.empty((n, self.n_numeric), dtype=np.float64)
+        codes = np.empty((n, len(self.embeddings)), dtype=np.float64)
+        unseen: dict[str, int] = {}
+        j = k = 0
+        for c in self.columns:
+            if c.role == "categorical":
+                codes[:, k], unseen[c.name] = _encode(table, c)
+                k += 1
+                continue
+            values, missing = _numeric_parts(table, c.name, c.role)
+            filled = np.where(np.isnan(values), np.array(c.median), values)
+            width = values.shape[1]
+            numbers[:, j:j + width] = (filled - np.array(c.mean)) / np.array(c.std)
+            j += width
+            if c.indicator:
+                numbers[:, j] = missing
+                j += 1
+        return np.concatenate([numbers, codes], axis=1).astype(np.float32), {k: v for k, v in unseen.items() if v}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"columns": [{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(c).items()}
+                            for c in self.columns], "dropped": list(self.dropped)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessor:
+        columns = tuple(ColumnPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()})
+                        for c in d["columns"])
+        return cls(columns, tuple(d.get("dropped", ())))
+
+    def check(self) -> None:
+        """Raise ValueError if this plan (e.g. read from an edited checkpoint) is not self-consistent."""
+        names = [c.name for c in self.columns]
+        if len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+            raise ValueError("feature names repeat or are not strings")
+        for c in self.columns:
+            if c.role not in ROLES[:3]:
+                raise ValueError(f"column '{c.name}' has role {c.role!r}")
+            parts = len(DATE_PARTS) if c.role == "datetime" else (0 if c.role == "categorical" else 1)
+            if not (len(c.mean) == len(c.std) == len(c.median) == parts):
+                raise ValueError(f"column '{c.name}' has {len(c.mean)} means for {parts} values")
+            stats = (*c.mean, *c.std, *c.median)
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in stats):
+                raise ValueError(f"column '{c.name}': the statistics must be finite numbers")
+            if not all(v > 0 for v in c.std):
+                raise ValueError(f"column '{c.name}': the standard deviations must be > 0")
+            if c.role == "categorical" and (not isinstance(c.embedding_dim, int) or c.embedding_dim < 1
+                                            or len(set(c.levels)) != len(c.levels)):
+                raise ValueError(f"column '{c.name}': levels repeat or the embedding width is not positive")
+
+
+def plan_summary(pre: Preprocessor) -> str:
+    """One phrase: how many columns of each role, and the model's input width."""
+    counts = {role: sum(c.role == role for c in pre.columns) for role in ROLES[:3]}
+    parts = [f"{n} {role}" for role, n in counts.items() if n] + ([f"{len(pre.dropped)} dropped"] if pre.dropped else [])
+    return f"columns: {', '.join(parts)} ({pre.n_numeric} numbers + {len(pre.embeddings)} embedded)"
+
+
+def fit_preprocessor(table: Table, roles: list[ColumnRole], train_rows: np.ndarray,
+                     embedding_dim: int | None = None) -> Preprocessor:
+    """Fit every kept column on the training rows only."""
+    plans, bad = [], []
+    for r in roles:
+        if r.role == "dropped":
+            continue
+        if r.role == "categorical":
+            levels = _vocabulary(table, r.name, train_rows)
+            plans.append(ColumnPlan(r.name, r.role, r.kind, levels=levels,
+                                    embedding_dim=embedding_dim or embedding_size(len(levels) + 2)))
+            continue
+        values, missing = _numeric_parts(table, r.name, r.role)
+        infinite = np.flatnonzero(np.isinf(values).any(axis=1))
+        if len(infinite):
+            bad.append(f"'{r.name}' {table.where(int(infinite[0]))} is infinite")
+            continue
+        train = values[train_rows]
+        if np.isnan(train).all():
+            median = np.zeros(train.shape[1])
+        else:
+            with np.errstate(all="ignore"):
+                median = np.nan_to_num(np.nanmedian(train, axis=0))
+        filled = np.where(np.isnan(train), median, train)
+        std = filled.std(axis=0)
+        plans.append(ColumnPlan(r.name, r.role, r.kind, tuple(median.tolist()), tuple(filled.mean(axis=0).tolist()),
+                                tuple(np.where(std > 0, std, 1.0).tolist()), bool(missing[train_rows].any())))
+    if bad:
+        raise DDPTrainError(f"{table.path}: features must be finite: {'; '.join(bad)} (empty or NA cells are "
+                            "fine: they are missing values)")
+    if not plans:
+        raise DDPTrainError(f"{table.path} has no feature columns left besides the target (dropped: "
+                            f"{', '.join(r.name + ' (' + r.reason + ')' for r in roles) or 'none'}); keep one with "
+                            "--numeric or --categorical")
+    return Preprocessor(tuple(plans), tuple(r.name for r in roles if r.role == "dropped"))
+
+
+def _vocabulary(table: Table, name: str, rows: np.ndarray) -> tuple[str, ...]:
+    col = table.column(name)[rows]
+    counts: dict[str, int] = {}
+    for value in col.tolist():
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            text = label_text(value)
+            counts[text] = counts.get(text, 0) + 1
+    return tuple(sorted(level for level, count in counts.items() if count >= RARE_COUNT))
+
+
+def _encode(table: Table, plan: ColumnPlan) -> tuple[np.ndarray, int]:
+    index = {level: i + 2 for i, level in enumerate(plan.levels)}
+    codes = np.empty(len(table), dtype=np.float64)
+    unseen = 0
+    for i, value in enumerate(table.column(plan.name).tolist()):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            codes[i] = MISSING
+        else:
+            code = index.get(label_text(value), UNKNOWN)
+            codes[i] = code
+            unseen += code == UNKNOWN
+    return codes, unseen
+
+
+def _numeric_parts(table: Table, name: str, role: str) -> tuple[np.ndarray, np.ndarray]:
+    """[rows, parts] float64 with NaN where missing, and the missing mask."""
+    col, kind = table.column(name), table.kind(name)
+    if role == "datetime":
+        if kind != "datetime":
+            raise DDPTrainError(f"{table.path}: column '{name}' is planned as dates but holds {kind} values")
+        missing = np.isnat(col)
+        days = col.astype("datetime64[D]")
+        safe = np.where(missing, np.datetime64("1970-01-01"), days)
+        years = safe.astype("datetime64[Y]")
+        months = safe.astype("datetime64[M]")
+        parts = np.stack([
+            years.astype(np.int64) + 1970.0,
+            (months - years).astype(np.int64) + 1.0,
+            (safe - months).astype(np.int64) + 1.0,
+            ((safe.astype(np.int64) + 3) % 7).astype(np.float64),  # Monday 0, as pandas
+            (safe - years).astype(np.int64) + 1.0,
+            col.astype("datetime64[s]").astype(np.int64) / 86400.0,
+        ], axis=1).astype(np.float64)
+        parts[missing] = np.nan
+        return parts, missing.astype(np.float64)
+    if kind == "bool":
+        values = np.array([np.nan if v is None else float(v) for v in col], dtype=np.float64)
+    elif kind == "number":
+        values = col.astype(np.float64)
+    else:
+        raise DDPTrainError(f"{table.path}: column '{name}' holds {kind} values; it cannot be numeric")
+    missing = np.isnan(values)
+    return values[:, None], missing.astype(np.float64)
