@@ -283,7 +283,8 @@ def describe(state: dict[str, Any]) -> dict[str, Any]:
     """What `inspect` shows: architecture, parameters, data spec, position, metrics, versions."""
     model_spec = ModelSpec.from_dict(state["model_spec"])
     spec = DataSpec.from_dict(state["data_spec"])
-    widths = "-".join(str(w) for w in (model_spec.in_features, *model_spec.hidden, model_spec.out_features))
+    first = model_spec.in_features + sum(w for _, w in model_spec.embeddings)
+    widths = "-".join(str(w) for w in (first, *model_spec.hidden, model_spec.out_features))
     position = state.get("position", {})
     return {
         "format": f"{state['format']} v{state['format_version']}",
@@ -294,7 +295,7 @@ def describe(state: dict[str, Any]) -> dict[str, Any]:
                                                c.role == "categorical" else "") + (", missing indicator" if c.indicator
                                                                                    else "") + ")"
                     for c in spec.preprocessor.columns],
-        "dropped": list(spec.preprocessor.dropped),
+        "dropped": [name or "(unnamed)" for name in spec.preprocessor.dropped],
         "classes": list(spec.classes), "epoch": position.get("epoch"), "step": position.get("global_step"),
         "step_in_epoch": position.get("step_in_epoch"), "world_size": state.get("world_size"),
         "metrics": state.get("metrics", {}), "torch_version": state.get("torch_version"),

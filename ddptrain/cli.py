@@ -6,10 +6,10 @@ torch is imported inside the commands, so `ddptrain --help` stays fast.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import sys
 import time
+from inspect import Parameter, Signature
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -78,7 +78,7 @@ def fit(ctx: typer.Context, nproc_per_node: Optional[int], config: Optional[Path
 
 
 
-def _setting_option(f: dataclasses.Field) -> inspect.Parameter:
+def _setting_option(f: dataclasses.Field) -> Parameter:
     """A FitConfig field as a Typer option: its type (a Choice enum lists and checks its values), help, panel and
     flags come from the field itself (config.setting)."""
     meta = f.metadata
@@ -94,23 +94,23 @@ def _setting_option(f: dataclasses.Field) -> inspect.Parameter:
         kind, default = str, ",".join(map(str, default))
     annotation = Optional[kind] if optional else kind
     option = typer.Option(*meta["flags"], help=help_text, rich_help_panel=meta["panel"], **extra)
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+    return Parameter(f.name, Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[annotation, option])
 
 
 _LAUNCH_OPTIONS = [
-    inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
-    inspect.Parameter("nproc_per_node", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+    Parameter("ctx", Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+    Parameter("nproc_per_node", Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[int], typer.Option(help="Start N local workers through torch's launcher (free port).",
                                     rich_help_panel=DIST)]),
-    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+    Parameter("config", Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[Path], typer.Option(help="A TOML config (or a run's config.json); flags override it.",
                                      rich_help_panel=RUN)]),
-    inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+    Parameter("print_config", Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
         bool, typer.Option("--print-config", help="Print the resolved config as TOML and exit.", rich_help_panel=RUN)]),
 ]
 # Typer reads the signature: every FitConfig setting becomes an option, written once in config.py.
-fit.__signature__ = inspect.Signature(_LAUNCH_OPTIONS + [_setting_option(f) for f in dataclasses.fields(FitConfig)])
+fit.__signature__ = Signature(_LAUNCH_OPTIONS + [_setting_option(f) for f in dataclasses.fields(FitConfig)])
 app.command(no_args_is_help=False)(fit)
 
 
@@ -144,6 +144,28 @@ def predict(
     from ddptrain.evaluate import predict_to_csv
 
     predict_to_csv(checkpoint, data, out, id_column, overwrite)
+
+
+@app.command()
+def describe(
+    data: Annotated[str, typer.Argument(help="A .csv/.tsv/.npz/.parquet file (or a built-in name).")],
+    target: Annotated[Optional[str], typer.Option(help="Target column (default: the last column).")] = None,
+    task: Annotated[str, typer.Option(help="auto, classification or regression.")] = "auto",
+    categorical: Annotated[str, typer.Option(help="Columns to treat as categories (comma-separated).")] = "",
+    numeric: Annotated[str, typer.Option(help="Columns to treat as numbers (comma-separated).")] = "",
+    drop: Annotated[str, typer.Option(help="Columns to leave out (comma-separated).")] = "",
+    config: Annotated[Optional[Path], typer.Option(help="A fit config (TOML or a run's config.json) to take these "
+                                                        "settings from; flags override it.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show the plan `fit` would make of a table, before any training: each column's role, type, missing share and
+    distinct values; the target, task and classes."""
+    from ddptrain.describe import describe_table
+
+    given = {"data": data, "target": target, "task": task, "categorical": categorical, "numeric": numeric,
+             "drop": drop}
+    given = {k: v for k, v in given.items() if v not in (None, "") and not (k == "task" and v == "auto")}
+    describe_table(merge(read_config_file(config) if config else {}, given), json_out)
 
 
 @app.command()

@@ -21,6 +21,7 @@ from ddptrain.dist import process_group
 from ddptrain.errors import DDPTrainError, Interrupted
 from ddptrain.metrics import evaluation_sums, metrics_from_sums
 from ddptrain.optim import build_loss
+from ddptrain.preprocess import label_text
 from ddptrain.signals import sigterm_as_interrupt
 
 PREDICT_CHUNK = 65536
@@ -107,7 +108,10 @@ def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, ov
     for note in notes:
         console.note(note)
     result = predict_rows(model, split, spec)
-    ids = table.column(id_column).tolist() if id_column else None
+    ids = None
+    if id_column:  # as the file had it: whole numbers without '.0', missing cells empty
+        missing = table.missing(id_column)
+        ids = ["" if gone else label_text(value) for value, gone in zip(table.column(id_column).tolist(), missing)]
     try:
         with sigterm_as_interrupt(), atomic.replacing(out, "w", newline="") as handle:
             write_predictions(handle, result, spec, id_column, ids)

@@ -17,13 +17,13 @@ from ddptrain.checkpoint import Position
 from ddptrain.config import FitConfig
 from ddptrain.console import console
 from ddptrain.data import FitData, prepare_fit_data
-from ddptrain.preprocess import plan_summary
 from ddptrain.dist import DistInfo, process_group
 from ddptrain.errors import UsageError
 from ddptrain.faults import InjectedFault
 from ddptrain.launchenv import launch_env
 from ddptrain.model import ModelSpec, build_model, parameter_count
 from ddptrain.optim import build_loss, build_optimizer, build_scheduler
+from ddptrain.preprocess import plan_summary
 from ddptrain.rundir import (
     RunDir,
     SilentRunDir,
@@ -186,7 +186,8 @@ def compile_model(module: nn.Module, device: torch.device) -> nn.Module:
 
 def announce(parts: Parts, out: Path) -> None:
     cfg, dist, spec = parts.cfg, parts.dist, parts.data.spec
-    widths = "-".join(str(w) for w in (parts.model_spec.in_features, *cfg.hidden, parts.model_spec.out_features))
+    first = parts.model_spec.in_features + sum(w for _, w in parts.model_spec.embeddings)
+    widths = "-".join(str(w) for w in (first, *cfg.hidden, parts.model_spec.out_features))
     val = f" / {len(parts.data.val):,} val" if parts.data.val is not None else ""
     task = f"classification, {len(spec.classes)} classes" if spec.task == "classification" else "regression"
     wrapper = "DDP" if parts.ddp is not None else "no DDP wrapper: one process"

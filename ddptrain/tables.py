@@ -112,8 +112,7 @@ def _read_delimited(path: Path, delimiter: str) -> Table:
     header = _header(path, delimiter)
     convert = pa.csv.ConvertOptions(
         null_values=list(NA_TOKENS), strings_can_be_null=True, true_values=["true", "True", "TRUE"],
-        false_values=["false", "False", "FALSE"], timestamp_parsers=[pa.csv.ISO8601, "%Y/%m/%d"],
-        column_types={name: pa.string() for name in header if name == ""})
+        false_values=["false", "False", "FALSE"], timestamp_parsers=[pa.csv.ISO8601, "%Y/%m/%d"])
     read = pa.csv.ReadOptions(column_names=header, skip_rows=1, encoding="utf8")
     try:
         table = pa.csv.read_csv(path, read_options=read, convert_options=convert,

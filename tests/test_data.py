@@ -124,3 +124,152 @@ def test_builtin_problem_is_fixed_by_the_problem_seed_and_rows_by_the_seed():
     assert np.allclose(centres0, centres1, atol=0.2)  # the same problem
     x2, y2 = generate("blobs", 2000, seed=1, n_features=5, n_classes=3)
     assert not np.allclose(np.stack([x2[y2 == k].mean(0) for k in range(3)]), centres0, atol=0.2)
+
+
+# -- real tables: roles, missing values, categories, dates, targets ------------------------------------------------
+REAL_HEADER = ",name,city,joined,since,vip,age,income,label"
+NA = ["", "NA", "N/A", "null", "NaN", "None", "?"]
+
+
+def real_table(path, rows=120, seed=0, cities=("Paris", "Rome", "Oslo", "Lima")):
+    """As pandas' to_csv writes it: an unnamed index column, a name per row, text with empty cells, ISO and
+    YYYY/MM/DD dates, True/False with gaps, numbers with every NA token; the label follows city and age."""
+    rng = np.random.default_rng(seed)
+    lines = [REAL_HEADER]
+    for i in range(rows):
+        city = cities[i % len(cities)] if i % 9 else ""
+        age = int(rng.integers(18, 80))
+        age_cell = NA[i % len(NA)] if i % 5 == 0 else str(age)
+        vip = ["True", "False", ""][i % 3]
+        label = "high" if (city in ("Paris", "Oslo")) ^ (age > 50) else "low"
+        lines.append(f"{i},person {i},{city},2021-{1 + i % 12:02d}-{1 + i % 28:02d},2019/{1 + i % 12:02d}/15,{vip},"
+                     f"{age_cell},{1000 + 7.5 * i:.2f},{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_real_table_gets_a_role_for_every_column(tmp_path):
+    data = prepare_fit_data(FitConfig(data=str(real_table(tmp_path / "people.csv")), target="label"))
+    roles = {r.name: (r.kind, r.role) for r in data.roles}
+    assert roles == {"": ("number", "dropped"), "name": ("text", "dropped"), "city": ("text", "categorical"),
+                     "joined": ("datetime", "datetime"), "since": ("datetime", "datetime"),
+                     "vip": ("bool", "categorical"), "age": ("number", "numeric"), "income": ("number", "numeric")}
+    pre = data.spec.preprocessor
+    plans = {c.name: c for c in pre.columns}
+    assert plans["age"].indicator and not plans["income"].indicator  # NA tokens are missing values
+    assert plans["city"].levels == ("Lima", "Oslo", "Paris", "Rome") and plans["vip"].levels == ("false", "true")
+    assert pre.n_numeric == 2 * 6 + 2 + 1  # two dates' parts, age and its indicator, income
+    assert torch.isfinite(data.train.x).all()
+    assert any("'name' is dropped" in note for note in data.spec.notes)
+    assert any("unnamed pandas index" in note for note in data.spec.notes)
+    # the same plan back from the checkpoint's plain values
+    from ddptrain.data import DataSpec
+
+    assert DataSpec.from_dict(data.spec.to_dict()).preprocessor == pre
+
+
+def test_date_parts_and_the_missing_indicator(tmp_path):
+    from ddptrain.preprocess import DATE_PARTS, _numeric_parts
+    from ddptrain.tables import read_table
+
+    path = tmp_path / "d.csv"
+    path.write_text("when,y\n2024-02-29,1\n2024/03/01,0\n,1\n")
+    table = read_table(str(path))
+    parts, missing = _numeric_parts(table, "when", "datetime")
+    assert dict(zip(DATE_PARTS, parts[0])) == {"year": 2024, "month": 2, "day": 29, "dayofweek": 3, "dayofyear": 60,
+                                               "elapsed_days": 19782.0}
+    assert parts[1][:2].tolist() == [2024, 3] and missing.tolist() == [0, 0, 1]
+
+
+def test_statistics_come_from_the_training_rows_only(tmp_path):
+    path = real_table(tmp_path / "p.csv")
+    data = prepare_fit_data(FitConfig(data=str(path), target="label", val_fraction=0.25))
+    income = next(c for c in data.spec.preprocessor.columns if c.name == "income")
+    from ddptrain.data import _split_rows
+
+    train_rows, _ = _split_rows(120, 0.25, 0)
+    assert income.mean[0] == pytest.approx((1000 + 7.5 * train_rows).mean())
+
+
+def test_unseen_and_missing_levels_at_prediction(tmp_path):
+    from ddptrain.data import labelled_split
+    from ddptrain.tables import read_table
+
+    data = prepare_fit_data(FitConfig(data=str(real_table(tmp_path / "p.csv")), target="label"))
+    later = real_table(tmp_path / "later.csv", rows=30, seed=1, cities=("Paris", "Kyiv", "Quito"))
+    notes: list[str] = []
+    split = labelled_split(data.spec, read_table(str(later)), notes=notes)
+    assert len(split) == 30 and torch.isfinite(split.x).all()
+    assert any("'city'" in n and "not seen in training" in n for n in notes)
+    codes = split.x[:, -2]  # city's code column (city, then vip)
+    assert set(codes.tolist()) <= {0.0, 1.0, 2.0 + 2}  # unknown, missing, Paris
+
+
+def test_a_regression_target_with_blank_cells_stays_regression(tmp_path):
+    rows = [f"{i},{'' if i % 25 == 0 else 10 + 0.37 * i}" for i in range(100)]
+    path = tmp_path / "r.csv"
+    path.write_text("a,price\n" + "\n".join(rows) + "\n")
+    data = prepare_fit_data(FitConfig(data=str(path)))
+    assert data.spec.task == "regression"
+    assert len(data.train) + len(data.val) == 96
+    assert any("4 of 100 rows have no 'price' value" in note for note in data.spec.notes)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_an_empty_class_label_is_never_a_class(suffix, tmp_path):
+    labels = ["cat", "dog", "", "cat", "dog"] * 12
+    if suffix == "csv":
+        path = tmp_path / "c.csv"
+        path.write_text("a,animal\n" + "".join(f"{i},{v}\n" for i, v in enumerate(labels)))
+    else:
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "c.parquet"
+        pq.write_table(pa.table({"a": list(range(60)), "animal": [v or None for v in labels]}), path)
+    data = prepare_fit_data(FitConfig(data=str(path)))
+    assert data.spec.classes == ("cat", "dog")
+    assert len(data.train) + len(data.val) == 48
+
+
+def test_parquet_keeps_its_schema(tmp_path):
+    import datetime
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    n = 40
+    table = pa.table({
+        "when": pa.array([datetime.datetime(2022, 1, 1) + datetime.timedelta(days=i) for i in range(n)]),
+        "flag": pa.array([i % 2 == 0 for i in range(n)]),
+        "tier": pa.array(["gold", "silver"] * (n // 2)).dictionary_encode(),
+        "x": pa.array([float(i) for i in range(n)]), "y": pa.array(["a", "b", "c", "d"] * (n // 4))})
+    pq.write_table(table, tmp_path / "s.parquet")
+    data = prepare_fit_data(FitConfig(data=str(tmp_path / "s.parquet")))
+    assert {r.name: r.role for r in data.roles} == {"when": "datetime", "flag": "categorical",
+                                                    "tier": "categorical", "x": "numeric"}
+
+
+def test_overrides_and_their_mistakes(tmp_path):
+    from ddptrain.errors import UsageError
+
+    path = real_table(tmp_path / "p.csv")
+    data = prepare_fit_data(FitConfig(data=str(path), target="label", categorical=("age",), drop=("since",)))
+    roles = {r.name: r.role for r in data.roles}
+    assert roles["age"] == "categorical" and roles["since"] == "dropped"
+    with pytest.raises(UsageError, match="--numeric city: column 'city'"):
+        prepare_fit_data(FitConfig(data=str(path), target="label", numeric=("city",)))
+    with pytest.raises(UsageError, match="--drop: 'nope' not a column"):
+        prepare_fit_data(FitConfig(data=str(path), target="label", drop=("nope",)))
+    with pytest.raises(UsageError, match="two roles"):
+        prepare_fit_data(FitConfig(data=str(path), target="label", drop=("age",), categorical=("age",)))
+
+
+def test_embedding_widths_follow_the_rule_or_the_flag(tmp_path):
+    from ddptrain.preprocess import embedding_size
+
+    path = real_table(tmp_path / "p.csv")
+    default = prepare_fit_data(FitConfig(data=str(path), target="label")).spec.preprocessor
+    assert default.embeddings == ((6, embedding_size(6)), (4, embedding_size(4)))
+    fixed = prepare_fit_data(FitConfig(data=str(path), target="label", embedding_dim=5)).spec.preprocessor
+    assert fixed.embeddings == ((6, 5), (4, 5))

@@ -117,3 +117,31 @@ def test_resume_at_another_world_size(tmp_path):
     assert a["position"]["epoch"] == 5 and a["world_size"] == 2
     assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-4) for k in a["model"])
     assert [r["epoch"] for r in epoch_rows(tmp_path / "run")] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_real_table_trains_alike_on_1_and_2_processes_and_predicts_from_the_raw_file(tmp_path):
+    """Text categories, dates, booleans and empty cells, with only --target: the same losses at world sizes 1 and
+    2, then eval and predict on a raw test file with a level never seen in training."""
+    from test_data import real_table
+
+    real_table(tmp_path / "train.csv", rows=240)
+    real_table(tmp_path / "test.csv", rows=40, seed=7, cities=("Paris", "Rome", "Kyiv"))
+    args = ["fit", "--data", "train.csv", "--target", "label", "--epochs", "3", "--batch-size", "32", "--lr", "0.01"]
+    one = cli(*args, "--out", "ws1", cwd=tmp_path)
+    two = torchrun(2, *args, "--out", "ws2", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert "target 'label' (classification, 2 classes)" in one.stdout
+    assert "note: column 'name' is dropped" in one.stderr and two.stderr.count("note: column 'name'") == 1
+    for a, b in zip(epoch_rows(tmp_path / "ws1"), epoch_rows(tmp_path / "ws2")):
+        for key in ("train_loss", "val_loss", "val_accuracy"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-4), (key, a[key], b[key])
+    scored = cli("eval", "ws2/checkpoints/last.pt", "--data", "test.csv", "--json", cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["rows"] == 40
+    assert "column 'city'" in scored.stderr and "not seen in training" in scored.stderr
+    predicted = cli("predict", "ws2/checkpoints/last.pt", "--data", "test.csv", "--out", "p.csv", cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == "prediction,prob_high,prob_low" and len(lines) == 41

@@ -180,3 +180,49 @@ def test_epochs_whose_every_step_was_skipped_log_no_loss_and_never_become_best(t
     assert [r["train_loss"] for r in rows[1:]] == [None, None]
     assert load_checkpoint(tmp_path / "run/checkpoints/best.pt")["position"]["best_epoch"] == 0
     assert "NaN" not in (tmp_path / "run/metrics.jsonl").read_text()  # strict JSON
+
+
+def test_resume_with_categorical_embeddings_is_bit_exact(tmp_path):
+    from test_data import real_table
+
+    data = str(real_table(tmp_path / "p.csv", rows=200))
+    opts = dict(data=data, target="label", hidden=(16,), dropout=0.1, checkpoint_every=5, keep_last=100)
+    fit(small(tmp_path, "straight", epochs=3, **opts))
+    fit(small(tmp_path, "halves", epochs=1, **opts))
+    fit(small(tmp_path, "halves", epochs=3, resume="auto", **opts))
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "halves"))
+    assert any(k.startswith("0.tables.") for k in weights(tmp_path / "straight"))  # the embeddings are trained
+
+
+def test_describe_shows_the_plan_fit_uses(tmp_path, capsys):
+    from test_data import real_table
+
+    from ddptrain.describe import describe_table
+
+    path = str(real_table(tmp_path / "p.csv"))
+    cfg = FitConfig(data=path, target="label", categorical=("age",), out=str(tmp_path / "run"), epochs=1)
+    plan = describe_table(cfg, as_json=True)
+    assert json.loads(capsys.readouterr().out) == plan
+    fit(cfg)
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    kept = {c["name"]: c["role"] for c in state["data_spec"]["preprocessor"]["columns"]}
+    assert kept == {c["name"]: c["role"] for c in plan["columns"] if c["role"] != "dropped"}
+    assert state["data_spec"]["preprocessor"]["dropped"] == [c["name"] for c in plan["columns"]
+                                                             if c["role"] == "dropped"]
+    assert (plan["target"], plan["task"], tuple(plan["classes"])) == ("label", "classification", ("high", "low"))
+
+
+def test_a_format_1_checkpoint_still_evaluates(tmp_path):
+    """Checkpoints written before the preprocessor (numeric features, standardization only) keep working."""
+    from ddptrain.checkpoint import inference_model
+
+    fit(small(tmp_path, epochs=1))
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    pre = state["data_spec"].pop("preprocessor")
+    state["data_spec"].update(feature_names=[c["name"] for c in pre["columns"]],
+                              x_mean=[c["mean"][0] for c in pre["columns"]], x_std=[c["std"][0] for c in pre["columns"]])
+    state["format_version"] = 1
+    old = tmp_path / "v1.pt"
+    torch.save(state, old)
+    model, spec, _ = inference_model(load_checkpoint(old), torch.device("cpu"))
+    assert spec.feature_names == ("x0", "x1") and spec.preprocessor.n_numeric == 2

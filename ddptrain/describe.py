@@ -1,0 +1,44 @@
+"""`ddptrain describe DATA`: the plan `fit` would make of a table (the same functions decide), before any training."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ddptrain.config import FitConfig
+from ddptrain.console import console
+from ddptrain.data import load_table, table_plan
+
+
+def table_description(cfg: FitConfig) -> dict[str, Any]:
+    table = load_table(cfg.data, cfg.seed, cfg.n_samples, cfg.n_features, cfg.n_classes, cfg.noise)
+    target, task, classes, rows, notes, roles = table_plan(cfg, table)
+    return {
+        "data": table.path, "rows": len(table), "target": target, "task": task, "classes": list(classes),
+        "rows_with_target": int(len(rows)),
+        "columns": [{"name": r.name, "type": r.kind, "role": r.role, "why": r.reason,
+                     "missing": round(r.missing, 4), "distinct": r.distinct} for r in roles],
+        "notes": notes,
+    }
+
+
+def describe_table(cfg: FitConfig, as_json: bool) -> dict[str, Any]:
+    plan = table_description(cfg)
+    if as_json:
+        console.line(json.dumps(plan), force=True)
+        return plan
+    from rich.table import Table
+
+    columns = Table(title=f"ddptrain describe: {plan['data']} ({plan['rows']:,} rows)", title_justify="left")
+    for heading in ("column", "type", "role", "why", "missing", "distinct"):
+        columns.add_column(heading)
+    for c in plan["columns"]:
+        columns.add_row(c["name"] or "(unnamed)", c["type"], c["role"], c["why"], f"{c['missing']:.1%}",
+                        f"{c['distinct']:,}")
+    console.print(columns, force=True)
+    what = (f"classification, {len(plan['classes'])} classes: {', '.join(plan['classes'][:20])}"
+            + (", ..." if len(plan["classes"]) > 20 else "") if plan["task"] == "classification" else "regression")
+    console.line(f"target '{plan['target']}': {what}", force=True)
+    for note in plan["notes"]:
+        console.line(f"note: {note}", force=True)
+    return plan
