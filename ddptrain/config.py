@@ -109,7 +109,9 @@ class FitConfig:
     loss: str = setting("auto", 'Loss (auto: cross-entropy or MSE by task).', OPTIM, choices=Loss, fixed=True)
     seed: int = setting(0, 'Seed of data generation, split, data order and initial weights.', OPTIM, fixed=True)
     epochs: int = setting(20, 'Epochs to train.', OPTIM)
-    batch_size: int = setting(64, 'GLOBAL batch: each of N ranks takes batch/N rows a step.', OPTIM, fixed=True)
+    batch_size: int | None = setting(
+        None, "GLOBAL batch: each of N ranks takes batch/N rows a step (default: 64, or for a small table a quarter of "
+        "its training rows, a multiple of 8 and at least 8).", OPTIM, fixed=True)
     grad_accum: int = setting(
         1, 'Micro-steps per optimizer step; the global batch stays --batch-size.', OPTIM, fixed=True)
     clip_grad: float | None = setting(None, 'Clip the gradient norm to this value.', OPTIM)
@@ -325,13 +327,14 @@ def validate(cfg: FitConfig) -> None:
     _check(0 <= cfg.seed <= MAX_SEED, f"--seed {cfg.seed} must be an integer from 0 to {MAX_SEED} (2**63 - 1)")
     _check(0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)")
     _check(0.0 <= cfg.val_fraction < 1.0, f"--val-fraction {cfg.val_fraction} must be in [0, 1) (0 turns validation off)")
-    for name in ("epochs", "batch_size", "grad_accum", "log_every", "n_samples"):
+    _check(cfg.batch_size is None or cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be at least 1")
+    for name in ("epochs", "grad_accum", "log_every", "n_samples"):
         _check(getattr(cfg, name) >= 1, f"{flag(name)} {getattr(cfg, name)} must be at least 1")
     _check(cfg.n_samples <= MAX_BUILTIN_ROWS, f"--n-samples {cfg.n_samples} must be at most {MAX_BUILTIN_ROWS:,} "
                                               "(built-in datasets are generated in memory)")
     for name in ("checkpoint_every", "keep_last", "early_stop", "warmup_steps"):
         _check(getattr(cfg, name) >= 0, f"{flag(name)} {getattr(cfg, name)} must be 0 or more")
-    _check(cfg.batch_size % cfg.grad_accum == 0,
+    _check(cfg.batch_size is None or cfg.batch_size % cfg.grad_accum == 0,
            f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}; pick a multiple")
     # torch's DDP crashes (an internal assert) on no_sync() under static_graph, and once past that stops all-reducing:
     # pytorch/pytorch#143580, fix pending in #187732.
@@ -360,6 +363,17 @@ def validate(cfg: FitConfig) -> None:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UsageError(message)
+
+
+DEFAULT_BATCH = 64
+
+
+def resolve_batch(cfg: FitConfig, train_rows: int) -> FitConfig:
+    """The config with its global batch decided: as given, or 64 (a quarter of a small table's training rows,
+    rounded down to a multiple of 8, at least 8: the same at world sizes 1, 2, 4 and 8)."""
+    if cfg.batch_size is not None:
+        return cfg
+    return dataclasses.replace(cfg, batch_size=min(DEFAULT_BATCH, max(8, train_rows // 4 // 8 * 8)))
 
 
 def monitor_metric(cfg: FitConfig, has_validation: bool) -> str:

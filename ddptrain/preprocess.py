@@ -103,7 +103,7 @@ def infer_roles(table: Table, target: str, categorical: tuple[str, ...] = (), nu
         col = table.column(name)
         missing = table.missing(name)
         present = col[~missing]
-        distinct = len(set(present.tolist()))
+        distinct = len(np.unique(present)) if kind in ("number", "datetime") else len(set(present.tolist()))
         role, reason = _role(table, name, kind, present, distinct, n, categorical, numeric, drop)
         roles.append(ColumnRole(name, kind, role, reason, float(missing.mean()) if n else 0.0, distinct))
     return roles

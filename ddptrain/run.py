@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddptrain import checkpoint
 from ddptrain.checkpoint import Position
-from ddptrain.config import FitConfig
+from ddptrain.config import FitConfig, resolve_batch
 from ddptrain.console import console
 from ddptrain.data import FitData, prepare_fit_data
 from ddptrain.dist import DistInfo, process_group
@@ -41,10 +41,7 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     env = launch_env()
     if env.fault is not None:
         env.fault.maybe_fire(0)
-    if cfg.batch_size % (env.world_size * cfg.grad_accum):
-        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by world size "
-                         f"{env.world_size} x --grad-accum {cfg.grad_accum}; use a multiple of "
-                         f"{env.world_size * cfg.grad_accum}")
+    check_batch(cfg, env.world_size)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must precede CUDA's first cuBLAS call
     out = Path(cfg.out) if cfg.out else default_out(env)
@@ -53,6 +50,9 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     if env.rank == 0:  # the rank that owns the run folder decides; the others never touch it
         check_out_dir(out, resume_path, continues)
     data = prepare_fit_data(cfg)
+    if cfg.batch_size is None:
+        cfg = resolve_batch(cfg, len(data.train))
+        check_batch(cfg, env.world_size)
     if cfg.batch_size > len(data.train):
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train)} training rows; "
                          "lower it or add data")
@@ -81,6 +81,13 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     summary["out"] = str(out)
     print_summary(summary, out, time.perf_counter() - started_at)
     return summary
+
+
+def check_batch(cfg: FitConfig, world_size: int) -> None:
+    if cfg.batch_size is not None and cfg.batch_size % (world_size * cfg.grad_accum):
+        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by world size "
+                         f"{world_size} x --grad-accum {cfg.grad_accum}; use a multiple of "
+                         f"{world_size * cfg.grad_accum}")
 
 
 def resume_checkpoint_path(cfg: FitConfig, out: Path, restarted: bool) -> Path | None:

@@ -226,3 +226,18 @@ def test_a_format_1_checkpoint_still_evaluates(tmp_path):
     torch.save(state, old)
     model, spec, _ = inference_model(load_checkpoint(old), torch.device("cpu"))
     assert spec.feature_names == ("x0", "x1") and spec.preprocessor.n_numeric == 2
+
+
+def test_the_default_batch_fits_a_small_table_and_resumes(tmp_path):
+    """64 rows a step, or for a small table a quarter of its training rows (a multiple of 8, so the same at world
+    sizes 1, 2, 4 and 8); config.json records the batch used, and a resume with the default agrees."""
+    cfg = FitConfig(data="xor", n_samples=100, epochs=1, hidden=(8,), out=str(tmp_path / "run"), quiet=True)
+    assert cfg.batch_size is None
+    fit(cfg)
+    assert json.loads((tmp_path / "run/config.json").read_text())["batch_size"] == 16  # 80 training rows
+    fit(FitConfig(data="xor", n_samples=100, epochs=2, hidden=(8,), out=str(tmp_path / "run"), quiet=True,
+                  resume="auto"))
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["position"]["epoch"] == 2
+    big = FitConfig(data="xor", n_samples=1000, epochs=1, hidden=(8,), out=str(tmp_path / "big"), quiet=True)
+    fit(big)
+    assert json.loads((tmp_path / "big/config.json").read_text())["batch_size"] == 64
