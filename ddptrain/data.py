@@ -291,8 +291,10 @@ def labelled_split(spec: DataSpec, table: Table, require_target: bool = True,
                          "are not scored")
             table = table.select(np.flatnonzero(present))
     x, unseen = spec.preprocessor.transform(table)
-    notes += [f"column '{name}': {count} cells hold a level not seen in training (treated as unknown)"
-              for name, count in unseen.items()]
+    roles = {c.name: c.role for c in spec.preprocessor.columns}
+    notes += [f"column '{name}': {count} cells hold " + ("a level not seen in training (treated as unknown)"
+              if roles[name] == "categorical" else f"values that are not {'dates' if roles[name] == 'datetime' else 'numbers'} "
+              "(treated as missing)") for name, count in unseen.items()]
     if spec.target_name not in table.names or not require_target:
         if require_target:
             raise DDPTrainError(f"{table.path} has no target column '{spec.target_name}' to score against")

@@ -180,6 +180,10 @@ class Preprocessor:
                 k += 1
                 continue
             values, missing = _numeric_parts(table, c.name, c.role)
+            if table.kind(c.name) != c.kind and c.kind in ("number", "datetime"):
+                unparsed = int(missing.sum() - table.missing(c.name).sum())
+                if unparsed:
+                    unseen[c.name] = unparsed
             filled = np.where(np.isnan(values), np.array(c.median), values)
             width = values.shape[1]
             numbers[:, j:j + width] = (filled - np.array(c.mean)) / np.array(c.std)
@@ -288,12 +292,26 @@ def _encode(table: Table, plan: ColumnPlan) -> tuple[np.ndarray, int]:
     return codes, unseen
 
 
+def _to_date(value: Any) -> np.datetime64:
+    try:
+        return np.datetime64(str(value).replace("/", "-"), "s")
+    except ValueError:
+        return np.datetime64("NaT")
+
+
+def _to_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def _numeric_parts(table: Table, name: str, role: str) -> tuple[np.ndarray, np.ndarray]:
     """[rows, parts] float64 with NaN where missing, and the missing mask."""
     col, kind = table.column(name), table.kind(name)
     if role == "datetime":
-        if kind != "datetime":
-            raise DDPTrainError(f"{table.path}: column '{name}' is planned as dates but holds {kind} values")
+        if kind != "datetime":  # dates in training, not here: what parses is a date, the rest missing
+            col = np.array([_to_date(v) for v in col], dtype="datetime64[s]")
         missing = np.isnat(col)
         days = col.astype("datetime64[D]")
         safe = np.where(missing, np.datetime64("1970-01-01"), days)
@@ -313,6 +331,8 @@ def _numeric_parts(table: Table, name: str, role: str) -> tuple[np.ndarray, np.n
         values = np.array([np.nan if v is None else float(v) for v in col], dtype=np.float64)
     elif kind == "number":
         values = col.astype(np.float64)
+    elif kind == "text":  # numbers in training, text here (a new file): what parses is a number, the rest missing
+        values = np.array([_to_float(v) for v in col], dtype=np.float64)
     else:
         raise DDPTrainError(f"{table.path}: column '{name}' holds {kind} values; it cannot be numeric")
     missing = np.isnan(values)

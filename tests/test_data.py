@@ -273,3 +273,19 @@ def test_embedding_widths_follow_the_rule_or_the_flag(tmp_path):
     assert default.embeddings == ((6, embedding_size(6)), (4, embedding_size(4)))
     fixed = prepare_fit_data(FitConfig(data=str(path), target="label", embedding_dim=5)).spec.preprocessor
     assert fixed.embeddings == ((6, 5), (4, 5))
+
+
+def test_a_numeric_column_with_text_in_a_new_file_is_missing_there_with_a_note(tmp_path):
+    from ddptrain.data import labelled_split
+    from ddptrain.tables import read_table
+
+    train = tmp_path / "train.csv"
+    train.write_text("cyl,when,y\n" + "".join(f"{4 + i % 3},2020-01-{1 + i % 28:02d},{i % 2}\n" for i in range(40)))
+    data = prepare_fit_data(FitConfig(data=str(train)))
+    later = tmp_path / "later.csv"
+    later.write_text("cyl,when,y\n4,2020-02-01,0\nrotary,soon,1\n6,2020/03/04,1\n")
+    notes: list[str] = []
+    split = labelled_split(data.spec, read_table(str(later)), notes=notes)
+    assert len(split) == 3 and torch.isfinite(split.x).all()
+    assert any("'cyl': 1 cells hold values that are not numbers" in n for n in notes), notes
+    assert any("'when': 1 cells hold values that are not dates" in n for n in notes), notes
