@@ -4,7 +4,7 @@
     python benchmarks/real_tables.py [--out benchmarks/out/real_tables] [--nproc 1,2]
 
 Each table comes from a pip package (offline), is written with pandas' `to_csv` (its unnamed index column included,
-as users' files have it), split 80/20 with a fixed seed into train.csv/test.csv, and trained with `ddptrain fit
+as users' files have it), split 80/20 with each of `--seeds` into train.csv/test.csv, and trained with `ddptrain fit
 --data train.csv --target T` (1 and 2 processes), then scored with `ddptrain eval best.pt --data test.csv`. The
 baselines see the same split: scikit-learn's MLP and HistGradientBoosting, each behind a standard ColumnTransformer
 (median impute + scale for numbers, most-frequent impute + one-hot for text), rows without a target left out as
@@ -112,7 +112,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "real_tables")
     parser.add_argument("--nproc", default="1,2")
     parser.add_argument("--tables", default=",".join(TABLES))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated split seeds; the table shows medians over them")
     args = parser.parse_args()
     from rich.console import Console
     from rich.table import Table
@@ -120,25 +120,30 @@ def main() -> int:
     results = []
     for name in args.tables.split(","):
         frame, target, task = load(name)
-        folder = args.out / name
-        shutil.rmtree(folder, ignore_errors=True)  # a fresh run folder each time (fit never overwrites a run)
-        folder.mkdir(parents=True)
-        order = np.random.default_rng(args.seed).permutation(len(frame))
-        cut = int(len(frame) * 0.8)
-        train, test = frame.iloc[order[:cut]], frame.iloc[order[cut:]]
-        train.to_csv(folder / "train.csv")  # pandas' default: the index column comes along, unnamed
-        test.to_csv(folder / "test.csv")
-        row = {"table": name, "target": target, "task": task, "rows": len(frame),
-               "missing_cells": int(frame.isna().sum().sum()),
-               "text_columns": int(sum(not is_numeric_dtype(t) for t in frame.dtypes)),
-               **baselines(train, test, target, task, args.seed)}
-        for nproc in (int(n) for n in args.nproc.split(",")):
-            row[f"ddptrain_{nproc}"] = ddptrain_score(folder, target, task, nproc)
-        results.append(row)
-        print(json.dumps(row), flush=True)
+        runs = []
+        for seed in (int(v) for v in args.seeds.split(",")):
+            folder = args.out / name / f"seed-{seed}"
+            shutil.rmtree(folder, ignore_errors=True)  # a fresh run folder each time (fit never overwrites a run)
+            folder.mkdir(parents=True)
+            order = np.random.default_rng(seed).permutation(len(frame))
+            cut = int(len(frame) * 0.8)
+            train, test = frame.iloc[order[:cut]], frame.iloc[order[cut:]]
+            train.to_csv(folder / "train.csv")  # pandas' default: the index column comes along, unnamed
+            test.to_csv(folder / "test.csv")
+            run = {"seed": seed, **baselines(train, test, target, task, seed)}
+            for nproc in (int(n) for n in args.nproc.split(",")):
+                run[f"ddptrain_{nproc}"] = ddptrain_score(folder, target, task, nproc)
+            runs.append(run)
+            print(json.dumps({"table": name, **run}), flush=True)
+        scores = {k: float(np.median([r[k] for r in runs])) for k in runs[0] if k != "seed"}
+        results.append({"table": name, "target": target, "task": task, "rows": len(frame),
+                        "missing_cells": int(frame.isna().sum().sum()),
+                        "text_columns": int(sum(not is_numeric_dtype(t) for t in frame.dtypes)),
+                        **scores, "splits": runs})
     table = Table(title="ddptrain (defaults, only --target) vs scikit-learn on held-out rows "
                         "(accuracy: higher is better; RMSE: lower is better)")
     keys = [k for k in results[0] if k.startswith(("ddptrain_", "sklearn_", "hist_"))]
+    table.caption = f"medians over {len(results[0]['splits'])} split(s)"
     for heading in ("table", "task", "rows", "missing", *keys):
         table.add_column(heading)
     for r in results:

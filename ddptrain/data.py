@@ -49,6 +49,10 @@ class DataSpec:
     def feature_names(self) -> tuple[str, ...]:
         return self.preprocessor.feature_columns
 
+    def in_target_units(self, standardized: torch.Tensor) -> torch.Tensor:
+        """The inverse of the target's standardization (regression): model outputs back in the target's units."""
+        return standardized.double() * self.y_std + self.y_mean
+
     def to_dict(self) -> dict[str, Any]:
         return {"target_name": self.target_name, "task": self.task, "classes": list(self.classes),
                 "preprocessor": self.preprocessor.to_dict(), "y_mean": self.y_mean, "y_std": self.y_std}

@@ -81,7 +81,7 @@ def predict_rows(model: nn.Module, split: Split, spec: DataSpec) -> torch.Tensor
     out = torch.cat(outs)
     if spec.task == "classification":
         return F.softmax(out, dim=1)
-    return out.squeeze(1).double() * spec.y_std + spec.y_mean
+    return spec.in_target_units(out.squeeze(1))
 
 
 def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, overwrite: bool) -> None:

@@ -45,7 +45,7 @@ def evaluation_sums(model: nn.Module, split: Split, spec: DataSpec, loss_fn: nn.
         else:
             pred = out.squeeze(1)
             sums[1] += _loss_sum(loss_fn, pred, y)
-            pred_u, y_u = (pred.double() * spec.y_std + spec.y_mean), (y.double() * spec.y_std + spec.y_mean)
+            pred_u, y_u = spec.in_target_units(pred), spec.in_target_units(y)
             err = pred_u - y_u
             sums[2:] += torch.stack([(err * err).sum(), err.abs().sum(), y_u.sum(), (y_u * y_u).sum()])
     model.train(was_training)
