@@ -29,6 +29,7 @@ DATE_PARTS = ("year", "month", "day", "dayofweek", "dayofyear", "elapsed_days")
 RARE_COUNT = 3  # a level seen fewer times in the training rows is "unknown"
 UNKNOWN, MISSING = 0, 1  # the first two codes of every categorical column; known levels follow
 UNIQUE_MIN_ROWS = 20  # a text column unique in every row of a table this long is an ID or a name
+MOSTLY_NUMBERS = 0.95  # a text column whose present cells are numbers this often is numeric (the rest: missing)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,11 @@ def _role(table: Table, name: str, kind: str, present: np.ndarray, distinct: int
         return "dropped", "empty in every row"
     if distinct == 1 and len(present) == n:
         return "dropped", "constant"
+    if kind == "text":
+        parsed = np.array([_to_float(v) for v in present], dtype=np.float64)
+        numbers = np.isfinite(parsed)
+        if len(present) and numbers.mean() >= MOSTLY_NUMBERS and len(np.unique(parsed[numbers])) > 2:
+            return "numeric", f"numbers; {int((~numbers).sum())} text cells are missing values"
     if kind == "text" and distinct == n and n >= UNIQUE_MIN_ROWS:
         return "dropped", "text unique in every row, like a name or an ID"
     if kind in ("text", "bool"):

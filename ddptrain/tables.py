@@ -132,6 +132,10 @@ def _header(path: Path, delimiter: str) -> list[str]:
         raise DDPTrainError(f"data file {path} is not readable as text ({exc}); save it as UTF-8 CSV") from None
     if header is None:
         raise DDPTrainError(f"data file {path} is empty; it needs a header row and data rows")
+    if len(header) == 1 and delimiter == "," and (";" in header[0] or "\t" in header[0]):
+        other = "semicolons" if ";" in header[0] else "tabs"
+        raise DDPTrainError(f"data file {path}: its header is one column '{header[0]}' holding {other}; ddptrain "
+                            f"reads comma-separated .csv ({'save it with commas' if other == 'semicolons' else 'name it .tsv'})")
     names = [name.strip() for name in header]
     named = [n for n in names if n]
     if len(set(named)) != len(named) or names.count("") > 1 or (names and names[0] != "" and "" in names):

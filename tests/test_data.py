@@ -289,3 +289,12 @@ def test_a_numeric_column_with_text_in_a_new_file_is_missing_there_with_a_note(t
     assert len(split) == 3 and torch.isfinite(split.x).all()
     assert any("'cyl': 1 cells hold values that are not numbers" in n for n in notes), notes
     assert any("'when': 1 cells hold values that are not dates" in n for n in notes), notes
+
+
+def test_a_text_column_of_numbers_with_a_few_words_is_numeric(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("age,y\n" + "".join(f"{'unknown' if i == 7 else 20 + i % 50},{i % 2}\n" for i in range(60)))
+    data = prepare_fit_data(FitConfig(data=str(path)))
+    role = data.roles[0]
+    assert (role.kind, role.role) == ("text", "numeric") and "1 text cells are missing" in role.reason
+    assert data.spec.preprocessor.columns[0].indicator and torch.isfinite(data.train.x).all()

@@ -139,6 +139,7 @@ DATA_CASES = {
     "uneven-rows": (write("u.csv", "a,b,y\n1,2,0\n3,1\n"), "u.csv", [], ["line 3", "2 fields", "3"]),
     "bad-cell-after-blank-lines": (write("b.csv", "a,b,y\n1,2,0\n\n\n3,inf,1\n"), "b.csv", ["--val-fraction", "0"],
                                    ["'b'", "line 5", "infinite"]),
+    "semicolons": (write("s.csv", "a;b;y\n1;2;0\n"), "s.csv", [], ["s.csv", "semicolons", "commas"]),
     "empty-target": (write("e2.csv", "a,y\n1,\n2,NA\n"), "e2.csv", [], ["'y'", "empty in every row"]),
     "id-like-target": (write("i.csv", "a,name\n" + "".join(f"{i},p{i}\n" for i in range(30))), "i.csv", [],
                        ["'name'", "different in every row", "--target"]),
