@@ -84,7 +84,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise DDPTrainError(f"checkpoint {path} does not exist; check the path (runs/<name>/checkpoints/last.pt)")
     if path.is_dir():
-        raise DDPTrainError(f"checkpoint {path} is a folder; pass a .pt file such as {path / 'checkpoints' / LAST}")
+        inside = next((p for p in (path / LAST, path / "checkpoints" / LAST) if p.exists()),
+                      path / "checkpoints" / LAST)
+        raise DDPTrainError(f"checkpoint {path} is a folder; pass a .pt file such as {inside}")
     if not zipfile.is_zipfile(path):  # torch.save's format (ddptrain writes no other) is a zip archive
         raise _unreadable(path, ValueError("not a zip archive"))
     try:

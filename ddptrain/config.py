@@ -323,6 +323,9 @@ def validate(cfg: FitConfig) -> None:
         allowed = [c.value for c in choices]
         if getattr(cfg, name) not in allowed:
             raise UsageError(f"{flag(name)} {getattr(cfg, name)!r} is not one of: {', '.join(allowed)}")
+    for name in ("data", "target", "val_data", "out", "resume"):  # given, a name or a path is never blank
+        value = getattr(cfg, name)
+        _check(value is None or value.strip() != "", f"{flag(name)} is empty; give a value or leave the flag out")
     _check(cfg.lr > 0, f"--lr {cfg.lr} must be a finite number > 0, e.g. --lr 0.001")
     _check(0 <= cfg.seed <= MAX_SEED, f"--seed {cfg.seed} must be an integer from 0 to {MAX_SEED} (2**63 - 1)")
     _check(0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)")
