@@ -13,6 +13,7 @@ keeps its own schema. Every column arrives as one of four kinds:
 from __future__ import annotations
 
 import csv
+import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,8 @@ class Table:
     kinds: list[str]
     text: bool = False  # CSV/TSV: errors name the file's line numbers
     integer: set[str] = field(default_factory=set)  # number columns whose present values are whole numbers
-    _lines: list[int] | None = None
+    shards: list[tuple[str, int]] = field(default_factory=list)  # a dataset of several files: (file, first row)
+    _lines: dict[str, list[int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.columns[0]) if self.columns else 0
@@ -56,11 +58,13 @@ class Table:
 
     def where(self, row: int) -> str:
         """`line N` of a text file (blank lines counted as the file has them), or `row N`."""
+        shard, first = next(((f, start) for f, start in reversed(self.shards) if start <= row), (self.path, 0))
+        prefix = f"{shard} " if self.shards else ""
         if not self.text:
-            return f"row {row}"
-        if self._lines is None:
-            self._lines = data_line_numbers(Path(self.path))
-        return f"line {self._lines[row]}" if row < len(self._lines) else f"data row {row + 1}"
+            return f"{prefix}row {row - first}"
+        lines = self._lines.setdefault(shard, data_line_numbers(Path(shard)) if Path(shard).is_file() else [])
+        local = row - first
+        return f"{prefix}line {lines[local]}" if local < len(lines) else f"{prefix}data row {local + 1}"
 
     def select(self, rows: np.ndarray) -> Table:
         return Table(self.path, self.names, [c[rows] for c in self.columns], self.kinds, False, self.integer)
@@ -74,15 +78,36 @@ def numeric_table(path: str, names: list[str], columns: list[np.ndarray]) -> Tab
 
 
 def looks_like_path(spec: str) -> bool:
-    return spec.lower().endswith(SUFFIXES) or os.sep in spec or Path(spec).exists()
+    return spec.lower().endswith(SUFFIXES) or os.sep in spec or Path(spec).exists() or any(c in spec for c in "*?[")
+
+
+def shard_files(spec: str) -> list[Path]:
+    """A dataset's files: one file, a folder's .csv/.tsv/.parquet files, or a glob pattern's matches, sorted."""
+    if any(c in spec for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
+        if not files:
+            raise DDPTrainError(f"--data {spec}: no file matches the pattern; check it (quote it in the shell)")
+        return files
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".csv", ".tsv", ".parquet") and p.is_file())
+        if not files:
+            raise DDPTrainError(f"data path {path} is a folder without .csv, .tsv or .parquet files; pass a file, "
+                                "or a folder of shards of one table")
+        return files
+    return [path]
 
 
 def read_table(path_str: str) -> Table:
-    path = Path(path_str)
+    files = shard_files(path_str)
+    if len(files) == 1 and not Path(path_str).is_dir():
+        return _read_file(files[0])
+    return _read_shards(path_str, files)
+
+
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise DDPTrainError(f"data file {path} does not exist; check the path")
-    if path.is_dir():
-        raise DDPTrainError(f"data path {path} is a folder; pass a .csv, .tsv, .npz or .parquet file")
     if not os.access(path, os.R_OK):
         raise DDPTrainError(f"data file {path} is not readable; check its permissions")
     suffix = path.suffix.lower()
@@ -90,11 +115,46 @@ def read_table(path_str: str) -> Table:
         raise DDPTrainError(f"data file {path}: unknown format '{suffix}'; use .csv, .tsv, .npz or .parquet")
     if path.stat().st_size == 0:
         raise DDPTrainError(f"data file {path} is empty; it needs a header row and data rows")
+
+
+def _read_shards(spec: str, files: list[Path]) -> Table:
+    """Several files of one table (same format, same columns in the same order), read alike and stacked."""
+    suffixes = {f.suffix.lower() for f in files}
+    if len(suffixes) != 1 or suffixes & {".npz"}:
+        raise DDPTrainError(f"--data {spec}: the files mix formats ({', '.join(sorted(suffixes))}); a dataset of "
+                            "several files needs one format: .csv, .tsv or .parquet")
+    pa = _pyarrow()
+    arrows, shards, start = [], [], 0
+    for f in files:
+        _check_file(f)
+        table = _arrow_parquet(f) if f.suffix.lower() == ".parquet" else _arrow_delimited(f, _delimiter(f))
+        if arrows and table.column_names != arrows[0].column_names:
+            raise DDPTrainError(f"--data {spec}: {f} has columns {', '.join(table.column_names)} but {files[0]} has "
+                                f"{', '.join(arrows[0].column_names)}; the files of one table need the same columns")
+        arrows.append(table)
+        shards.append((str(f), start))
+        start += table.num_rows
+    try:
+        combined = pa.concat_tables(arrows, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise DDPTrainError(f"--data {spec}: the files' column types do not agree ({str(exc).splitlines()[0]})") from None
+    result = _from_arrow(combined, spec, text=suffixes != {".parquet"})
+    result.shards = shards
+    return result
+
+
+def _delimiter(path: Path) -> str:
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
+def _read_file(path: Path) -> Table:
+    _check_file(path)
+    suffix = path.suffix.lower()
     if suffix == ".npz":
         return _read_npz(path)
     if suffix == ".parquet":
-        return _read_parquet(path)
-    return _read_delimited(path, "\t" if suffix == ".tsv" else ",")
+        return _from_arrow(_arrow_parquet(path), str(path), text=False)
+    return _from_arrow(_arrow_delimited(path, _delimiter(path)), str(path), text=True)
 
 
 def _pyarrow():
@@ -107,7 +167,7 @@ def _pyarrow():
     return pyarrow
 
 
-def _read_delimited(path: Path, delimiter: str) -> Table:
+def _arrow_delimited(path: Path, delimiter: str):
     pa = _pyarrow()
     header = _header(path, delimiter)
     convert = pa.csv.ConvertOptions(
@@ -121,7 +181,7 @@ def _read_delimited(path: Path, delimiter: str) -> Table:
         raise _parse_error(path, delimiter, len(header), exc) from None
     if table.num_rows == 0:
         raise DDPTrainError(f"data file {path} has a header but no data rows")
-    return _from_arrow(table, str(path), text=True)
+    return table
 
 
 def _header(path: Path, delimiter: str) -> list[str]:
@@ -232,7 +292,7 @@ def _read_npz(path: Path) -> Table:
     return table
 
 
-def _read_parquet(path: Path) -> Table:
+def _arrow_parquet(path: Path):
     pa = _pyarrow()
     try:
         table = pa.parquet.read_table(path)
@@ -240,4 +300,4 @@ def _read_parquet(path: Path) -> Table:
         raise DDPTrainError(f"data file {path} is not a readable Parquet file ({exc})") from None
     if table.num_rows == 0:
         raise DDPTrainError(f"data file {path} has a header but no data rows")
-    return _from_arrow(table, str(path), text=False)
+    return table

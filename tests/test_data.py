@@ -298,3 +298,27 @@ def test_a_text_column_of_numbers_with_a_few_words_is_numeric(tmp_path):
     role = data.roles[0]
     assert (role.kind, role.role) == ("text", "numeric") and "1 text cells are missing" in role.reason
     assert data.spec.preprocessor.columns[0].indicator and torch.isfinite(data.train.x).all()
+
+
+@pytest.mark.parametrize("form", ["glob", "folder"])
+def test_a_table_in_several_files(form, tmp_path):
+    """`--data 'parts/part-*.csv'` or the folder: one table, read alike; errors name the file and its line."""
+    from ddptrain.errors import DDPTrainError
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    whole = real_table(tmp_path / "whole.csv", rows=90).read_text().splitlines()
+    for i in range(3):
+        (parts / f"part-{i}.csv").write_text("\n".join([whole[0]] + whole[1 + 30 * i:31 + 30 * i]) + "\n")
+    spec = str(parts / "part-*.csv") if form == "glob" else str(parts)
+    split = prepare_fit_data(FitConfig(data=spec, target="label", val_fraction=0))
+    single = prepare_fit_data(FitConfig(data=str(tmp_path / "whole.csv"), target="label", val_fraction=0))
+    assert torch.equal(split.train.x, single.train.x) and torch.equal(split.train.y, single.train.y)
+    bad = (parts / "part-2.csv").read_text().replace(",1000.00,", ",inf,").splitlines()
+    bad[5] = bad[5].replace(bad[5].split(",")[7], "inf")
+    (parts / "part-2.csv").write_text("\n".join(bad) + "\n")
+    with pytest.raises(DDPTrainError, match=r"'income' .*part-2\.csv line 6 is infinite"):
+        prepare_fit_data(FitConfig(data=spec, target="label", val_fraction=0))
+    (parts / "part-1.csv").write_text("other,columns\n1,2\n")
+    with pytest.raises(DDPTrainError, match="the same columns"):
+        prepare_fit_data(FitConfig(data=spec, target="label"))
