@@ -32,6 +32,7 @@ from ddptrain.rundir import (
     claim_run_folder,
     default_out,
 )
+from ddptrain.tables import looks_like_path
 from ddptrain.train import Parts, Trainer
 
 
@@ -49,6 +50,8 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     continues = cfg.resume == "auto" or env.restarted
     if env.rank == 0:  # the rank that owns the run folder decides; the others never touch it
         check_out_dir(out, resume_path, continues)
+    if looks_like_path(cfg.data):
+        console.line(f"ddptrain fit: reading {cfg.data} ...")  # a big table takes a while: say what is happening
     data = prepare_fit_data(cfg)
     if cfg.batch_size is None:
         cfg = resolve_batch(cfg, len(data.train))
