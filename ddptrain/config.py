@@ -83,6 +83,11 @@ class FitConfig:
                                            DATA, fixed=True)
     numeric: tuple[str, ...] = setting((), "Columns to treat as numbers (comma-separated).", DATA, fixed=True)
     drop: tuple[str, ...] = setting((), "Columns to leave out (comma-separated).", DATA, fixed=True)
+    cache: bool = setting(True, "Keep a file's prepared arrays in --cache-dir, built once per machine and "
+                                "memory-mapped by every rank; a rerun or resume skips the work.", DATA,
+                          flags=("--cache/--no-cache",))
+    cache_dir: str | None = setting(None, "Where prepared tables are kept (default: $XDG_CACHE_HOME/ddptrain or "
+                                          "~/.cache/ddptrain).", DATA)
     # model
     hidden: tuple[int, ...] = setting(
         (128, 128), "Hidden widths, comma-separated ('' for a linear model).", MODEL, fixed=True)

@@ -52,7 +52,7 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
         check_out_dir(out, resume_path, continues)
     if looks_like_path(cfg.data):
         console.line(f"ddptrain fit: reading {cfg.data} ...")  # a big table takes a while: say what is happening
-    data = prepare_fit_data(cfg)
+    data = prepare(cfg)
     if cfg.batch_size is None:
         cfg = resolve_batch(cfg, len(data.train))
         check_batch(cfg, env.world_size)
@@ -84,6 +84,18 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     summary["out"] = str(out)
     print_summary(summary, out, time.perf_counter() - started_at)
     return summary
+
+
+def prepare(cfg: FitConfig) -> FitData:
+    """The prepared data, through the per-machine cache unless --no-cache."""
+    if not cfg.cache:
+        return prepare_fit_data(cfg)
+    from ddptrain.cache import cached_fit_data, default_cache_dir
+
+    folder = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    data, how = cached_fit_data(cfg, lambda: prepare_fit_data(cfg), folder)
+    console.line(f"ddptrain fit: {how}")
+    return data
 
 
 def check_batch(cfg: FitConfig, world_size: int) -> None:

@@ -19,6 +19,7 @@ def clean_env(**extra: str) -> dict[str, str]:
                         "TORCHELASTIC_RESTART_COUNT", "DDPTRAIN_DEBUG", "DDPTRAIN_FAIL_AT_STEP")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
+    env["XDG_CACHE_HOME"] = os.environ["XDG_CACHE_HOME"]  # the session's own (pytest_configure), never ~/.cache
     env.update(extra)
     return env
 
@@ -64,6 +65,13 @@ def tiny_csv(tmp_path: Path) -> Path:
     lines = ["radius,texture,smooth,diagnosis"] + [f"{a:.5f},{b:.5f},{c:.5f},{d}" for (a, b, c), d in zip(x, label)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def pytest_configure(config):
+    """Prepared-table caches of the tests go to a folder of their own, not the user's ~/.cache."""
+    import tempfile
+
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ddptrain-test-cache-")
 
 
 _EXIT_STATUS: list[int] = []

@@ -322,3 +322,51 @@ def test_a_table_in_several_files(form, tmp_path):
     (parts / "part-1.csv").write_text("other,columns\n1,2\n")
     with pytest.raises(DDPTrainError, match="the same columns"):
         prepare_fit_data(FitConfig(data=spec, target="label"))
+
+
+# -- the prepared-table cache ----------------------------------------------------------------------------------------
+def test_the_prepared_table_is_cached_reused_and_rebuilt_when_stale_or_damaged(tmp_path, capsys):
+    from ddptrain.cache import cached_fit_data
+
+    path = real_table(tmp_path / "p.csv")
+    cfg = FitConfig(data=str(path), target="label", cache_dir=str(tmp_path / "cache"))
+    fresh = prepare_fit_data(cfg)
+    first, how = cached_fit_data(cfg, lambda: prepare_fit_data(cfg), tmp_path / "cache")
+    assert how.startswith("prepared table cached in")
+    folders = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert len(folders) == 1 and (folders[0] / "x_train.npy").is_file()
+
+    def never():
+        raise AssertionError("the cache should have been used")
+
+    again, how = cached_fit_data(cfg, never, tmp_path / "cache")
+    assert how.startswith("prepared table from the cache")
+    assert torch.equal(again.train.x, fresh.train.x) and torch.equal(again.val.y, fresh.val.y)
+    assert again.spec.preprocessor == fresh.spec.preprocessor and again.spec.notes == fresh.spec.notes
+    assert [r.name for r in again.roles] == [r.name for r in fresh.roles]
+    # damaged: rebuilt, never trusted
+    (folders[0] / "x_train.npy").write_bytes(b"\x93NUMPY garbage")
+    rebuilt, how = cached_fit_data(cfg, lambda: prepare_fit_data(cfg), tmp_path / "cache")
+    assert how.startswith("prepared table cached in") and torch.equal(rebuilt.train.x, fresh.train.x)
+    # the file changed: another key, another build
+    real_table(path, rows=130)
+    changed, how = cached_fit_data(cfg, lambda: prepare_fit_data(cfg), tmp_path / "cache")
+    assert how.startswith("prepared table cached in") and len(changed.train) + len(changed.val) == 130
+    # another setting that shapes the arrays: another key
+    other = FitConfig(data=str(path), target="label", drop=("since",))
+    assert cached_fit_data(other, lambda: prepare_fit_data(other), tmp_path / "cache")[1].startswith("prepared table cached")
+
+
+def test_fit_with_and_without_the_cache(tmp_path):
+    from ddptrain.run import fit
+
+    path = str(real_table(tmp_path / "p.csv"))
+    common = dict(data=path, target="label", epochs=2, hidden=(8,), quiet=True, cache_dir=str(tmp_path / "cache"))
+    fit(FitConfig(out=str(tmp_path / "a"), **common))
+    fit(FitConfig(out=str(tmp_path / "b"), **common))  # from the cache
+    fit(FitConfig(out=str(tmp_path / "c"), cache=False, **{**common, "cache_dir": str(tmp_path / "none")}))
+    from ddptrain.checkpoint import load_checkpoint
+
+    weights = [load_checkpoint(tmp_path / run / "checkpoints/last.pt")["model"] for run in "abc"]
+    assert all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in weights[0])
+    assert not (tmp_path / "none").exists()

@@ -1,0 +1,130 @@
+"""The prepared-table cache: a file's fitted preprocessing, applied once per machine and kept as memory-mappable
+arrays, so a rerun (or another rank, or a resume) skips the work and every rank of a machine maps one copy.
+
+Keyed by the data files' identity (path, size, modification time) and every setting that shapes the prepared
+arrays. One process builds it under a file lock while the others wait; the folder appears by an atomic rename, so a
+reader never sees half of it; anything stale or damaged is rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddptrain import __version__
+from ddptrain.config import FitConfig
+from ddptrain.data import DataSpec, FitData, Split
+from ddptrain.errors import DDPTrainError
+from ddptrain.preprocess import ColumnRole
+from ddptrain.tables import looks_like_path, shard_files
+
+CACHE_FORMAT = 1
+ARRAYS = ("x_train", "y_train", "x_val", "y_val")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ddptrain"
+
+
+def cache_key(cfg: FitConfig) -> str | None:
+    """None for data that is not a file (built-ins are generated in a blink)."""
+    if not looks_like_path(cfg.data):
+        return None
+    sources = [cfg.data] + ([cfg.val_data] if cfg.val_data else [])
+    files = []
+    try:
+        for source in sources:
+            if not looks_like_path(source):
+                return None
+            for f in shard_files(source):
+                stat = f.stat()
+                files.append([str(f.resolve()), stat.st_size, stat.st_mtime_ns])
+    except (OSError, DDPTrainError):
+        return None  # the reader will say what is wrong with the file
+    settings = {k: cfg.to_dict()[k] for k in ("target", "task", "val_fraction", "seed", "categorical", "numeric",
+                                              "drop", "embedding_dim", "n_samples", "n_features", "n_classes",
+                                              "noise")}
+    blob = json.dumps({"format": CACHE_FORMAT, "ddptrain": __version__, "files": files, "settings": settings},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def cached_fit_data(cfg: FitConfig, build: Callable[[], FitData], cache_dir: Path) -> tuple[FitData, str]:
+    """The prepared data from the cache, building it first if needed. Returns the data and what happened."""
+    key = cache_key(cfg)
+    if key is None:
+        return build(), "not cached (a built-in dataset)"
+    folder = cache_dir / key
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = os.open(cache_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return build(), f"not cached ({cache_dir} is not writable)"
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per machine (and per filesystem that honours flock)
+        data = _load(folder)
+        if data is not None:
+            return data, f"prepared table from the cache {folder}"
+        data = build()
+        _save(data, folder)
+        loaded = _load(folder)
+        return (loaded or data), f"prepared table cached in {folder}"
+    finally:
+        os.close(lock)
+
+
+def _save(data: FitData, folder: Path) -> None:
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        arrays = {"x_train": data.train.x, "y_train": data.train.y,
+                  "x_val": data.val.x if data.val is not None else None,
+                  "y_val": data.val.y if data.val is not None else None}
+        for name, tensor in arrays.items():
+            if tensor is not None:
+                np.save(tmp / f"{name}.npy", tensor.numpy())
+        meta = {"format": CACHE_FORMAT, "spec": data.spec.to_dict(), "notes": list(data.spec.notes),
+                "roles": [r.__dict__ for r in data.roles], "arrays": [k for k, v in arrays.items() if v is not None]}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        shutil.rmtree(folder, ignore_errors=True)  # a stale or damaged one
+        os.rename(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # no cache is fine: the data is in memory
+
+
+def _load(folder: Path) -> FitData | None:
+    """The cached data, memory-mapped; None (and the folder removed) when missing, stale or damaged."""
+    if not folder.is_dir():
+        return None
+    try:
+        meta: dict[str, Any] = json.loads((folder / "meta.json").read_text())
+        if meta.get("format") != CACHE_FORMAT:
+            raise ValueError("another cache format")
+        spec = DataSpec.from_dict(meta["spec"])
+        spec = DataSpec(spec.target_name, spec.task, spec.classes, spec.preprocessor, spec.y_mean, spec.y_std,
+                        tuple(meta["notes"]))
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="c") for name in meta["arrays"]}
+        width = spec.preprocessor.n_numeric + len(spec.preprocessor.embeddings)
+        for x, y in (("x_train", "y_train"), ("x_val", "y_val")):
+            if x in arrays and (arrays[x].shape[1:] != (width,) or len(arrays[x]) != len(arrays[y])):
+                raise ValueError(f"{x} has shape {arrays[x].shape}, not [rows, {width}]")
+        train = Split(torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"]))
+        val = (Split(torch.from_numpy(arrays["x_val"]), torch.from_numpy(arrays["y_val"]))
+               if "x_val" in arrays else None)
+        roles = tuple(ColumnRole(**r) for r in meta["roles"])
+        return FitData(spec, train, val, roles)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # damaged or foreign: rebuild it
+        del exc
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
