@@ -8,6 +8,7 @@ reader never sees half of it; anything stale or damaged is rebuilt, never truste
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -95,7 +96,7 @@ def _save(data: FitData, folder: Path) -> None:
             if tensor is not None:
                 np.save(tmp / f"{name}.npy", tensor.numpy())
         meta = {"format": CACHE_FORMAT, "spec": data.spec.to_dict(), "notes": list(data.spec.notes),
-                "roles": [r.__dict__ for r in data.roles], "arrays": [k for k, v in arrays.items() if v is not None]}
+                "roles": [dataclasses.asdict(r) for r in data.roles], "arrays": [k for k, v in arrays.items() if v is not None]}
         (tmp / "meta.json").write_text(json.dumps(meta))
         shutil.rmtree(folder, ignore_errors=True)  # a stale or damaged one
         os.rename(tmp, folder)
@@ -111,9 +112,7 @@ def _load(folder: Path) -> FitData | None:
         meta: dict[str, Any] = json.loads((folder / "meta.json").read_text())
         if meta.get("format") != CACHE_FORMAT:
             raise ValueError("another cache format")
-        spec = DataSpec.from_dict(meta["spec"])
-        spec = DataSpec(spec.target_name, spec.task, spec.classes, spec.preprocessor, spec.y_mean, spec.y_std,
-                        tuple(meta["notes"]))
+        spec = dataclasses.replace(DataSpec.from_dict(meta["spec"]), notes=tuple(meta["notes"]))
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="c") for name in meta["arrays"]}
         width = spec.preprocessor.n_numeric + len(spec.preprocessor.embeddings)
         for x, y in (("x_train", "y_train"), ("x_val", "y_val")):
@@ -124,7 +123,6 @@ def _load(folder: Path) -> FitData | None:
                if "x_val" in arrays else None)
         roles = tuple(ColumnRole(**r) for r in meta["roles"])
         return FitData(spec, train, val, roles)
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # damaged or foreign: rebuild it
-        del exc
+    except (OSError, ValueError, KeyError, TypeError):  # damaged or foreign: rebuild it
         shutil.rmtree(folder, ignore_errors=True)
         return None

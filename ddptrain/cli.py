@@ -98,6 +98,8 @@ def _setting_option(f: dataclasses.Field) -> Parameter:
                              annotation=Annotated[annotation, option])
 
 
+PLAN_SETTINGS = ("target", "task", "categorical", "numeric", "drop")
+
 _LAUNCH_OPTIONS = [
     Parameter("ctx", Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
     Parameter("nproc_per_node", Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
@@ -146,26 +148,27 @@ def predict(
     predict_to_csv(checkpoint, data, out, id_column, overwrite)
 
 
-@app.command()
-def describe(
-    data: Annotated[str, typer.Argument(help="A .csv/.tsv/.npz/.parquet file (or a built-in name).")],
-    target: Annotated[Optional[str], typer.Option(help="Target column (default: the last column).")] = None,
-    task: Annotated[str, typer.Option(help="auto, classification or regression.")] = "auto",
-    categorical: Annotated[str, typer.Option(help="Columns to treat as categories (comma-separated).")] = "",
-    numeric: Annotated[str, typer.Option(help="Columns to treat as numbers (comma-separated).")] = "",
-    drop: Annotated[str, typer.Option(help="Columns to leave out (comma-separated).")] = "",
-    config: Annotated[Optional[Path], typer.Option(help="A fit config (TOML or a run's config.json) to take these "
-                                                        "settings from; flags override it.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
+def describe(ctx: typer.Context, data: str, config: Optional[Path], json_out: bool, **settings: Any) -> None:
     """Show the plan `fit` would make of a table, before any training: each column's role, type, missing share and
     distinct values; the target, task and classes."""
     from ddptrain.describe import describe_table
 
-    given = {"data": data, "target": target, "task": task, "categorical": categorical, "numeric": numeric,
-             "drop": drop}
-    given = {k: v for k, v in given.items() if v not in (None, "") and not (k == "task" and v == "auto")}
-    describe_table(merge(read_config_file(config) if config else {}, given), json_out)
+    given = {name: value for name, value in settings.items() if _given_on_command_line(ctx, name)}
+    describe_table(merge(read_config_file(config) if config else {}, {"data": data, **given}), json_out)
+
+
+# the settings that decide a table's plan, as fit spells them
+describe.__signature__ = Signature([
+    Parameter("ctx", Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+    Parameter("data", Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+        str, typer.Argument(help="A .csv/.tsv/.npz/.parquet file, a folder or pattern of them, or a built-in name.")]),
+    Parameter("config", Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[Path], typer.Option(help="A fit config (TOML or a run's config.json); flags override it.")]),
+    Parameter("json_out", Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--json", help="Print one JSON object.")]),
+    *(_setting_option(f) for f in dataclasses.fields(FitConfig) if f.name in PLAN_SETTINGS),
+])
+app.command()(describe)
 
 
 @app.command()

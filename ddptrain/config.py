@@ -72,7 +72,7 @@ class FitConfig:
     data: str = setting(
         "spirals", 'Built-in dataset (xor, spirals, moons, blobs, regression) or a .csv/.tsv/.npz/.parquet file.', DATA, fixed=True)
     target: str | None = setting(None, 'Target column (default: the last column).', DATA, fixed=True)
-    task: str = setting("auto", "auto: from the target's values.", DATA, choices=Task, fixed=True)
+    task: str = setting("auto", "Task (auto: from the target's values).", DATA, choices=Task, fixed=True)
     val_fraction: float = setting(0.2, 'Seeded validation split of the data; 0 turns validation off.', DATA, fixed=True)
     val_data: str | None = setting(None, 'A separate validation file (instead of --val-fraction).', DATA, fixed=True)
     n_samples: int = setting(4000, 'Rows of a built-in dataset.', DATA, fixed=True)

@@ -16,7 +16,7 @@ a constant or empty column), inferred from the table and overridden by --categor
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -147,7 +147,6 @@ def _role(table: Table, name: str, kind: str, present: np.ndarray, distinct: int
 class Preprocessor:
     columns: tuple[ColumnPlan, ...]
     dropped: tuple[str, ...] = ()
-    notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def feature_columns(self) -> tuple[str, ...]:

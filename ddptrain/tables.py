@@ -204,25 +204,25 @@ def _header(path: Path, delimiter: str) -> list[str]:
     return names
 
 
-def data_line_numbers(path: Path, delimiter: str | None = None) -> list[int]:
-    """The file line of each data row (after the header), skipping blank lines as the readers do."""
-    delimiter = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
+def _numbered_rows(path: Path, delimiter: str) -> list[tuple[int, list[str]]]:
+    """Each data row (after the header) with its line in the file, blank lines skipped as the readers skip them.
+    Only read when an error needs a line number."""
     with path.open(newline="", encoding="utf-8-sig", errors="replace") as handle:
         reader = csv.reader(handle, delimiter=delimiter)
-        lines = [reader.line_num for row in reader if row]
-    return lines[1:]
+        return [(reader.line_num, row) for row in reader if row][1:]
+
+
+def data_line_numbers(path: Path) -> list[int]:
+    return [line for line, _ in _numbered_rows(path, _delimiter(path))]
 
 
 def _parse_error(path: Path, delimiter: str, width: int, exc: Exception) -> DDPTrainError:
-    with path.open(newline="", encoding="utf-8-sig", errors="replace") as handle:
-        reader = csv.reader(handle, delimiter=delimiter)
-        rows = [(reader.line_num, row) for row in reader if row]
-    for line, row in rows[1:]:
+    for line, row in _numbered_rows(path, delimiter):
         if len(row) != width:
             return DDPTrainError(f"data file {path}: line {line} has {len(row)} fields but the header has {width}; "
                                  "fix that row")
     first = (str(exc).splitlines() or [""])[0]
-    if "utf" in first.lower() or "invalid" in first.lower() and "utf" in first.lower():
+    if "utf" in first.lower():
         return DDPTrainError(f"data file {path} is not readable as text ({first}); save it as UTF-8 CSV")
     return DDPTrainError(f"data file {path} could not be parsed ({first}); check its quoting and delimiters")
 

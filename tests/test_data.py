@@ -370,3 +370,21 @@ def test_fit_with_and_without_the_cache(tmp_path):
     weights = [load_checkpoint(tmp_path / run / "checkpoints/last.pt")["model"] for run in "abc"]
     assert all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in weights[0])
     assert not (tmp_path / "none").exists()
+
+
+def test_describe_command_takes_fits_own_flags(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from ddptrain.cli import main
+
+    path = real_table(tmp_path / "p.csv")
+    monkeypatch.setattr(sys, "argv", ["ddptrain", "describe", str(path), "--target", "label", "--drop", "since",
+                                      "--categorical", "age", "--json"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    plan = json.loads(capsys.readouterr().out)
+    assert exited.value.code == 0
+    roles = {c["name"]: (c["role"], c["why"]) for c in plan["columns"]}
+    assert roles["since"] == ("dropped", "--drop") and roles["age"] == ("categorical", "--categorical")
+    assert plan["target"] == "label" and plan["classes"] == ["high", "low"]

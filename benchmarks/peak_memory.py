@@ -1,0 +1,70 @@
+"""Peak memory of a ddptrain job: the summed PSS of its worker processes (shared pages counted once per machine).
+
+    python benchmarks/peak_memory.py -- python -m torch.distributed.run --standalone --nproc-per-node=2 \\
+        -m ddptrain fit --data big.csv --epochs 1
+
+Samples /proc/PID/smaps_rollup of every descendant running `ddptrain` (not the launcher) every 0.2 s and prints
+the peak of the sum with the wall time. PSS divides a shared page among the processes that map it, so N ranks
+mapping one cached table count it once, where RSS would count it N times.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+
+def pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def is_worker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline") as handle:
+            cmd = handle.read()
+    except OSError:
+        return False
+    return "ddptrain" in cmd and "torch.distributed.run" not in cmd
+
+
+def main() -> int:
+    command = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else sys.argv[1:]
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        workers = [p for p in [proc.pid, *descendants(proc.pid)] if is_worker(p)]
+        peak = max(peak, sum(pss_bytes(p) for p in workers))
+        time.sleep(0.2)
+    err = proc.stderr.read()
+    print(f"exit {proc.returncode}; {time.perf_counter() - started:.1f} s; peak summed PSS of the ddptrain "
+          f"processes {peak / 1e9:.2f} GB" + (f"\n{err[-500:]}" if proc.returncode else ""))
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
