@@ -102,6 +102,9 @@ def _save(data: FitData, folder: Path) -> None:
         os.rename(tmp, folder)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # no cache is fine: the data is in memory
+    except BaseException:  # Ctrl-C mid-write: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _load(folder: Path) -> FitData | None:
