@@ -50,16 +50,7 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     continues = cfg.resume == "auto" or env.restarted
     if env.rank == 0:  # the rank that owns the run folder decides; the others never touch it
         check_out_dir(out, resume_path, continues)
-    if looks_like_path(cfg.data):
-        console.line(f"ddptrain fit: reading {cfg.data} ...")  # a big table takes a while: say what is happening
-    data = prepare(cfg)
-    if cfg.batch_size is None:
-        cfg = resolve_batch(cfg, len(data.train))
-        check_batch(cfg, env.world_size)
-    if cfg.batch_size > len(data.train):
-        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train)} training rows; "
-                         "lower it or add data")
-    check_monitor(cfg, data)
+    cfg, data = load_data(cfg, env.world_size)
     if cfg.tensorboard:
         check_tensorboard()
     resumed = checkpoint.load_checkpoint(resume_path) if resume_path else None
@@ -84,6 +75,21 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     summary["out"] = str(out)
     print_summary(summary, out, time.perf_counter() - started_at)
     return summary
+
+
+def load_data(cfg: FitConfig, world_size: int) -> tuple[FitConfig, FitData]:
+    """The prepared data, and the config with its batch decided and checked against the data."""
+    if looks_like_path(cfg.data):
+        console.line(f"ddptrain fit: reading {cfg.data} ...")  # a big table takes a while: say what is happening
+    data = prepare(cfg)
+    if cfg.batch_size is None:
+        cfg = resolve_batch(cfg, len(data.train))
+        check_batch(cfg, world_size)
+    if cfg.batch_size > len(data.train):
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train)} training rows; "
+                         "lower it or add data")
+    check_monitor(cfg, data)
+    return cfg, data
 
 
 def prepare(cfg: FitConfig) -> FitData:
