@@ -172,6 +172,22 @@ app.command()(describe)
 
 
 @app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by ddptrain fit.")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx: one graph from the raw columns to predictions "
+                                        "(onnxruntime); safetensors: the weights, the preprocessing as JSON metadata.")] = "onnx",
+    out: Annotated[Optional[Path], typer.Option(help="Output file (default: the checkpoint's path with .onnx or "
+                                                     ".safetensors).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset of the graph.")] = 18,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+) -> None:
+    """Write a model that serves without ddptrain, its preprocessing included (needs the export extra)."""
+    from ddptrain.export import export_checkpoint
+
+    export_checkpoint(checkpoint, fmt, out, opset, overwrite)
+
+
+@app.command()
 def inspect(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by ddptrain fit.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

@@ -52,6 +52,7 @@ Monitor auto val_loss val_accuracy val_rmse val_mae val_r2 train_loss
 (Task, Activation, Norm, Optimizer, Scheduler, Loss, Backend, Device, Precision, CommHook, MonitorMode, NanPolicy,
  Monitor) = (_choice(*line.split(maxsplit=1)) for line in CHOICE_VALUES.strip().splitlines())
 
+DEFAULT_VAL_FRACTION, VALIDATE_FROM_ROWS = 0.2, 1000
 DATA, MODEL, OPTIM, DIST, RUN = "Data", "Model", "Optimization", "Distributed", "Run folder and logging"
 
 
@@ -73,7 +74,9 @@ class FitConfig:
         "spirals", 'Built-in dataset (xor, spirals, moons, blobs, regression) or a .csv/.tsv/.npz/.parquet file.', DATA, fixed=True)
     target: str | None = setting(None, 'Target column (default: the last column).', DATA, fixed=True)
     task: str = setting("auto", "Task (auto: from the target's values).", DATA, choices=Task, fixed=True)
-    val_fraction: float = setting(0.2, 'Seeded validation split of the data; 0 turns validation off.', DATA, fixed=True)
+    val_fraction: float | None = setting(
+        None, f'Seeded validation split of the data; 0 turns validation off (default: {DEFAULT_VAL_FRACTION} for '
+              f'tables of {VALIDATE_FROM_ROWS:,} rows or more; a smaller table trains on every row).', DATA, fixed=True)
     val_data: str | None = setting(None, 'A separate validation file (instead of --val-fraction).', DATA, fixed=True)
     n_samples: int = setting(4000, 'Rows of a built-in dataset.', DATA, fixed=True)
     n_features: int | None = setting(None, 'Features of blobs/regression.', DATA, fixed=True)
@@ -334,7 +337,7 @@ def validate(cfg: FitConfig) -> None:
     _check(cfg.lr > 0, f"--lr {cfg.lr} must be a finite number > 0, e.g. --lr 0.001")
     _check(0 <= cfg.seed <= MAX_SEED, f"--seed {cfg.seed} must be an integer from 0 to {MAX_SEED} (2**63 - 1)")
     _check(0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)")
-    _check(0.0 <= cfg.val_fraction < 1.0, f"--val-fraction {cfg.val_fraction} must be in [0, 1) (0 turns validation off)")
+    _check(cfg.val_fraction is None or 0.0 <= cfg.val_fraction < 1.0, f"--val-fraction {cfg.val_fraction} must be in [0, 1) (0 turns validation off)")
     _check(cfg.batch_size is None or cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be at least 1")
     for name in ("epochs", "grad_accum", "log_every", "n_samples"):
         _check(getattr(cfg, name) >= 1, f"{flag(name)} {getattr(cfg, name)} must be at least 1")
@@ -374,6 +377,14 @@ def _check(ok: bool, message: str) -> None:
 
 
 DEFAULT_BATCH = 64
+
+
+def resolve_val_fraction(cfg: FitConfig, rows: int) -> float:
+    """As given, or 0.2 for a table of 1,000 rows or more and 0 below: a few hundred rows are too few both to give
+    a fifth away and to pick a best epoch on (scikit-learn's models hold nothing out at this size either)."""
+    if cfg.val_fraction is not None:
+        return cfg.val_fraction
+    return DEFAULT_VAL_FRACTION if rows >= VALIDATE_FROM_ROWS else 0.0
 
 
 def resolve_batch(cfg: FitConfig, train_rows: int) -> FitConfig:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ddptrain import datasets
-from ddptrain.config import FitConfig
+from ddptrain.config import VALIDATE_FROM_ROWS, FitConfig, resolve_val_fraction
 from ddptrain.errors import DDPTrainError, UsageError
 from ddptrain.preprocess import (
     ColumnPlan,
@@ -238,7 +238,11 @@ def prepare_fit_data(cfg: FitConfig) -> FitData:
     if cfg.val_data:
         train_rows, val_rows = np.arange(len(table)), np.array([], dtype=np.int64)
     else:
-        train_rows, val_rows = _split_rows(len(table), cfg.val_fraction, cfg.seed)
+        fraction = resolve_val_fraction(cfg, len(table))
+        if fraction == 0 and cfg.val_fraction is None:
+            notes.append(f"no validation split: the table has {len(table):,} rows, under {VALIDATE_FROM_ROWS:,}, and "
+                         "every row trains; hold some out with --val-fraction 0.2 or --val-data FILE")
+        train_rows, val_rows = _split_rows(len(table), fraction, cfg.seed)
     pre = fit_preprocessor(table, roles, train_rows, cfg.embedding_dim)
     if task == "classification":
         y = encode_classes(table, target, classes, np.arange(len(table)))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -85,17 +84,7 @@ def predict_rows(model: nn.Module, split: Split, spec: DataSpec) -> torch.Tensor
 
 
 def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, overwrite: bool) -> None:
-    if out.is_dir():
-        raise DDPTrainError(f"--out {out} is a folder; pass a file path such as {out / 'predictions.csv'}")
-    if not out.parent.is_dir():
-        raise DDPTrainError(f"--out {out}: folder {out.parent} does not exist; create it or pick another path")
-    if not os.access(out.parent, os.W_OK):
-        raise DDPTrainError(f"--out {out}: folder {out.parent} is not writable; pick another path")
-    if out.exists() and not overwrite:
-        raise DDPTrainError(f"--out {out} already exists; pass --overwrite or pick another path")
-    for name, given in (("checkpoint", path), ("--data file", Path(source))):
-        if out.exists() and given.exists() and out.resolve() == given.resolve():
-            raise DDPTrainError(f"--out {out} is the {name} itself; --overwrite would destroy it; pick another path")
+    atomic.check_new_file(out, overwrite, {"checkpoint": path, "--data file": Path(source)})
     state = load_checkpoint(path)
     model, spec, cfg = inference_model(state, torch.device("cpu"), path)
     table = _table_for(cfg, source, None)

@@ -67,6 +67,29 @@ def tiny_csv(tmp_path: Path) -> Path:
     return path
 
 
+REAL_HEADER = ",name,city,joined,since,vip,age,income,label"
+NA = ["", "NA", "N/A", "null", "NaN", "None", "?"]
+
+
+def real_table(path, rows=120, seed=0, cities=("Paris", "Rome", "Oslo", "Lima")):
+    """As pandas' to_csv writes it: an unnamed index column, a name per row, text with empty cells, ISO and
+    YYYY/MM/DD dates, True/False with gaps, numbers with every NA token; the label follows city and age."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lines = [REAL_HEADER]
+    for i in range(rows):
+        city = cities[i % len(cities)] if i % 9 else ""
+        age = int(rng.integers(18, 80))
+        age_cell = NA[i % len(NA)] if i % 5 == 0 else str(age)
+        vip = ["True", "False", ""][i % 3]
+        label = "high" if (city in ("Paris", "Oslo")) ^ (age > 50) else "low"
+        lines.append(f"{i},person {i},{city},2021-{1 + i % 12:02d}-{1 + i % 28:02d},2019/{1 + i % 12:02d}/15,{vip},"
+                     f"{age_cell},{1000 + 7.5 * i:.2f},{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def pytest_configure(config):
     """Prepared-table caches of the tests go to a folder of their own, not the user's ~/.cache."""
     import tempfile

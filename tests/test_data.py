@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import real_table
 from ddptrain.config import FitConfig
 from ddptrain.data import epoch_indices, eval_shard, infer_task, prepare_fit_data
 
@@ -127,27 +128,6 @@ def test_builtin_problem_is_fixed_by_the_problem_seed_and_rows_by_the_seed():
 
 
 # -- real tables: roles, missing values, categories, dates, targets ------------------------------------------------
-REAL_HEADER = ",name,city,joined,since,vip,age,income,label"
-NA = ["", "NA", "N/A", "null", "NaN", "None", "?"]
-
-
-def real_table(path, rows=120, seed=0, cities=("Paris", "Rome", "Oslo", "Lima")):
-    """As pandas' to_csv writes it: an unnamed index column, a name per row, text with empty cells, ISO and
-    YYYY/MM/DD dates, True/False with gaps, numbers with every NA token; the label follows city and age."""
-    rng = np.random.default_rng(seed)
-    lines = [REAL_HEADER]
-    for i in range(rows):
-        city = cities[i % len(cities)] if i % 9 else ""
-        age = int(rng.integers(18, 80))
-        age_cell = NA[i % len(NA)] if i % 5 == 0 else str(age)
-        vip = ["True", "False", ""][i % 3]
-        label = "high" if (city in ("Paris", "Oslo")) ^ (age > 50) else "low"
-        lines.append(f"{i},person {i},{city},2021-{1 + i % 12:02d}-{1 + i % 28:02d},2019/{1 + i % 12:02d}/15,{vip},"
-                     f"{age_cell},{1000 + 7.5 * i:.2f},{label}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def test_a_real_table_gets_a_role_for_every_column(tmp_path):
     data = prepare_fit_data(FitConfig(data=str(real_table(tmp_path / "people.csv")), target="label"))
     roles = {r.name: (r.kind, r.role) for r in data.roles}
@@ -211,8 +191,22 @@ def test_a_regression_target_with_blank_cells_stays_regression(tmp_path):
     path.write_text("a,price\n" + "\n".join(rows) + "\n")
     data = prepare_fit_data(FitConfig(data=str(path)))
     assert data.spec.task == "regression"
-    assert len(data.train) + len(data.val) == 96
+    assert len(data.train) == 96 and data.val is None  # under 1,000 rows every row trains
     assert any("4 of 100 rows have no 'price' value" in note for note in data.spec.notes)
+
+
+def test_validation_is_held_out_from_1000_rows_or_when_asked(tmp_path):
+    """Under 1,000 rows every row trains (with a note saying how to hold some out); from 1,000 rows, or with
+    --val-fraction, a seeded fifth validates."""
+    small = prepare_fit_data(FitConfig(data="moons", n_samples=999))
+    assert len(small.train) == 999 and small.val is None
+    assert any("no validation split: the table has 999 rows" in note for note in small.spec.notes)
+    big = prepare_fit_data(FitConfig(data="moons", n_samples=1000))
+    assert (len(big.train), len(big.val)) == (800, 200)
+    assert not any("no validation" in note for note in big.spec.notes)
+    asked = prepare_fit_data(FitConfig(data="moons", n_samples=999, val_fraction=0.2))
+    assert (len(asked.train), len(asked.val)) == (799, 200)
+    assert len(prepare_fit_data(FitConfig(data="moons", n_samples=1000, val_fraction=0)).train) == 1000
 
 
 @pytest.mark.parametrize("suffix", ["csv", "parquet"])
@@ -229,7 +223,7 @@ def test_an_empty_class_label_is_never_a_class(suffix, tmp_path):
         pq.write_table(pa.table({"a": list(range(60)), "animal": [v or None for v in labels]}), path)
     data = prepare_fit_data(FitConfig(data=str(path)))
     assert data.spec.classes == ("cat", "dog")
-    assert len(data.train) + len(data.val) == 48
+    assert len(data.train) == 48
 
 
 def test_parquet_keeps_its_schema(tmp_path):
@@ -329,7 +323,7 @@ def test_the_prepared_table_is_cached_reused_and_rebuilt_when_stale_or_damaged(t
     from ddptrain.cache import cached_fit_data
 
     path = real_table(tmp_path / "p.csv")
-    cfg = FitConfig(data=str(path), target="label", cache_dir=str(tmp_path / "cache"))
+    cfg = FitConfig(data=str(path), target="label", cache_dir=str(tmp_path / "cache"), val_fraction=0.2)
     fresh = prepare_fit_data(cfg)
     first, how = cached_fit_data(cfg, lambda: prepare_fit_data(cfg), tmp_path / "cache")
     assert how.startswith("prepared table cached in")

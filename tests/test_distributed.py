@@ -123,7 +123,7 @@ def test_resume_at_another_world_size(tmp_path):
 def test_a_real_table_trains_alike_on_1_and_2_processes_and_predicts_from_the_raw_file(tmp_path):
     """Text categories, dates, booleans and empty cells, with only --target: the same losses at world sizes 1 and
     2, then eval and predict on a raw test file with a level never seen in training."""
-    from test_data import real_table
+    from conftest import real_table
 
     real_table(tmp_path / "train.csv", rows=240)
     real_table(tmp_path / "test.csv", rows=40, seed=7, cities=("Paris", "Rome", "Kyiv"))

@@ -17,7 +17,7 @@ from ddptrain.run import fit
 
 def small(tmp_path, name="run", **overrides) -> FitConfig:
     values = dict(data="moons", n_samples=512, epochs=3, batch_size=32, hidden=(16,), out=str(tmp_path / name),
-                  log_every=5, quiet=True)
+                  log_every=5, quiet=True, val_fraction=0.2)
     values.update(overrides)
     return FitConfig(**values)
 
@@ -183,7 +183,7 @@ def test_epochs_whose_every_step_was_skipped_log_no_loss_and_never_become_best(t
 
 
 def test_resume_with_categorical_embeddings_is_bit_exact(tmp_path):
-    from test_data import real_table
+    from conftest import real_table
 
     data = str(real_table(tmp_path / "p.csv", rows=200))
     opts = dict(data=data, target="label", hidden=(16,), dropout=0.1, checkpoint_every=5, keep_last=100)
@@ -195,7 +195,7 @@ def test_resume_with_categorical_embeddings_is_bit_exact(tmp_path):
 
 
 def test_describe_shows_the_plan_fit_uses(tmp_path, capsys):
-    from test_data import real_table
+    from conftest import real_table
 
     from ddptrain.describe import describe_table
 
@@ -234,7 +234,7 @@ def test_the_default_batch_fits_a_small_table_and_resumes(tmp_path):
     cfg = FitConfig(data="xor", n_samples=100, epochs=1, hidden=(8,), out=str(tmp_path / "run"), quiet=True)
     assert cfg.batch_size is None
     fit(cfg)
-    assert json.loads((tmp_path / "run/config.json").read_text())["batch_size"] == 16  # 80 training rows
+    assert json.loads((tmp_path / "run/config.json").read_text())["batch_size"] == 24  # 100 rows, no validation
     fit(FitConfig(data="xor", n_samples=100, epochs=2, hidden=(8,), out=str(tmp_path / "run"), quiet=True,
                   resume="auto"))
     assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["position"]["epoch"] == 2

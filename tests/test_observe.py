@@ -88,7 +88,7 @@ def test_tensorboard_events_hold_the_metrics(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     fit(FitConfig(data="moons", n_samples=600, epochs=2, hidden=(16,), out=str(tmp_path / "run"), quiet=True,
-                  tensorboard=True, log_every=3))
+                  tensorboard=True, log_every=3, val_fraction=0.2))
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -97,7 +97,7 @@ def test_tensorboard_events_hold_the_metrics(tmp_path):
     assert [e.value for e in events.Scalars("epoch/val_loss")] == pytest.approx([r["val_loss"] for r in rows])
     # a resume continues the same scalars without a second copy of any step
     fit(FitConfig(data="moons", n_samples=600, epochs=3, hidden=(16,), out=str(tmp_path / "run"), quiet=True,
-                  tensorboard=True, log_every=3, resume="auto"))
+                  tensorboard=True, log_every=3, resume="auto", val_fraction=0.2))
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     steps = [e.step for e in events.Scalars("epoch/val_loss")]

@@ -1,0 +1,154 @@
+"""`ddptrain export`: ONNX served by onnxruntime in a process without torch or ddptrain agrees with `ddptrain
+predict` on the raw file; safetensors loads with the safetensors package alone; refusals are one line."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, clean_env, cli, error_lines, real_table
+from ddptrain.config import FitConfig
+from ddptrain.errors import DDPTrainError, UsageError
+from ddptrain.evaluate import predict_to_csv
+from ddptrain.export import NAT, date_parts, export_checkpoint
+from ddptrain.preprocess import _numeric_parts
+from ddptrain.run import fit
+from ddptrain.tables import Table
+
+SERVE = ROOT / "benchmarks" / "serve_onnx.py"
+
+
+def trained(tmp_path, target="label", rows=240, **settings):
+    """A run on a table with text categories, dates, booleans and empty cells (every NA token)."""
+    train = real_table(tmp_path / "train.csv", rows=rows)
+    fit(FitConfig(data=str(train), target=target, epochs=4, hidden=(16, 16), out=str(tmp_path / "run"),
+                  quiet=True, **settings))
+    # new rows: a city never seen in training (unknown level), empty cells everywhere
+    real_table(tmp_path / "test.csv", rows=45, seed=7, cities=("Paris", "Rome", "Kyiv"))
+    return tmp_path / "run" / "checkpoints" / "best.pt"
+
+
+def served(model, data) -> dict:
+    """onnxruntime on the raw CSV in a fresh process that imports neither torch nor ddptrain (the script asserts it)."""
+    done = subprocess.run([sys.executable, str(SERVE), str(model), str(data), "--json"], capture_output=True,
+                          text=True, timeout=120, env=clean_env())
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_onnx_classification_serves_the_same_labels_and_probabilities_as_predict(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    ckpt = trained(tmp_path)
+    before = digest(ckpt)
+    out = export_checkpoint(ckpt, "onnx", None, 18, overwrite=False)
+    assert out == ckpt.with_suffix(".onnx") and digest(ckpt) == before  # the checkpoint is only read
+    predict_to_csv(ckpt, str(tmp_path / "test.csv"), tmp_path / "p.csv", None, overwrite=False)
+    expected = list(csv.DictReader((tmp_path / "p.csv").open()))
+    got = served(out, tmp_path / "test.csv")
+    assert got["label"] == [row["prediction"] for row in expected]  # every row
+    probs = np.array([[float(row[f"prob_{c}"]) for c in ("high", "low")] for row in expected])
+    assert np.abs(np.array(got["probabilities"]) - probs).max() < 1e-4
+    assert len(set(got["label"])) == 2  # the model is not a constant, so the comparison means something
+
+
+@pytest.mark.slow
+def test_onnx_regression_serves_values_in_target_units(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    ckpt = trained(tmp_path, target="income", drop=("label",))
+    out = export_checkpoint(ckpt, "onnx", tmp_path / "model.onnx", 18, overwrite=False)
+    test = tmp_path / "test.csv"
+    lines = test.read_text().splitlines()  # the served file may lack the target, as at prediction time
+    test.write_text("\n".join(",".join(line.split(",")[:-2]) for line in lines) + "\n")
+    predict_to_csv(ckpt, str(test), tmp_path / "p.csv", None, overwrite=False)
+    expected = np.array([float(row["prediction"]) for row in csv.DictReader((tmp_path / "p.csv").open())])
+    got = np.array(served(out, test)["value"])
+    assert expected.std() > 1 and np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_date_parts_in_the_graph_match_the_preprocessor():
+    """The served calendar arithmetic (float64 floor division) against numpy's datetime64, across leap years,
+    1970 and earlier, and missing dates."""
+    days = np.arange(np.datetime64("1899-12-25"), np.datetime64("2101-01-05"), 37).astype("datetime64[s]")
+    stamps = np.concatenate([days, days + np.timedelta64(13 * 3600 + 7, "s"), [np.datetime64("NaT")],
+                             np.array(["2000-02-29", "2024-12-31", "1970-01-01", "1969-12-31"], dtype="datetime64[s]")])
+    table = Table("t.csv", ["when"], [stamps.astype("datetime64[s]")], ["datetime"])
+    expected, _ = _numeric_parts(table, "when", "datetime")
+    got = date_parts(torch.from_numpy(stamps.astype(np.int64))[:, None]).numpy()
+    assert stamps.astype(np.int64)[len(days) * 2] == NAT
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    np.testing.assert_allclose(got[~np.isnan(got)], expected[~np.isnan(expected)], rtol=0, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_safetensors_holds_the_weights_and_the_whole_preprocessing(tmp_path):
+    safetensors = pytest.importorskip("safetensors")
+    from safetensors.numpy import load_file
+
+    ckpt = trained(tmp_path)
+    out = export_checkpoint(ckpt, "safetensors", None, 18, overwrite=False)
+    tensors = load_file(str(out))
+    state = torch.load(ckpt, weights_only=True)
+    assert set(tensors) == set(state["model"])
+    for name, value in state["model"].items():
+        np.testing.assert_array_equal(tensors[name], value.numpy())
+    with safetensors.safe_open(str(out), framework="numpy") as handle:
+        meta = json.loads(handle.metadata()["ddptrain"])
+    assert meta["model_spec"] == state["model_spec"] and meta["data_spec"] == state["data_spec"]
+    columns = {c["name"]: c for c in meta["data_spec"]["preprocessor"]["columns"]}
+    assert columns["city"]["levels"] == ["Lima", "Oslo", "Paris", "Rome"] and columns["age"]["indicator"]
+
+
+def test_export_refuses_clearly_and_overwrites_nothing(tmp_path, monkeypatch):
+    ckpt = trained(tmp_path)
+    with pytest.raises(UsageError, match="--format 'xml' is not one of onnx, safetensors"):
+        export_checkpoint(ckpt, "xml", None, 18, overwrite=False)
+    with pytest.raises(UsageError, match="--opset 9 is not supported"):
+        export_checkpoint(ckpt, "onnx", None, 9, overwrite=False)
+    taken = tmp_path / "taken.onnx"
+    taken.write_text("mine")
+    with pytest.raises(DDPTrainError, match="already exists; pass --overwrite"):
+        export_checkpoint(ckpt, "onnx", taken, 18, overwrite=False)
+    with pytest.raises(DDPTrainError, match="is the checkpoint itself"):
+        export_checkpoint(ckpt, "safetensors", ckpt, 18, overwrite=True)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(DDPTrainError, match=r"--format onnx needs the onnx package: pip install 'ddptrain\[export\]'"):
+        export_checkpoint(ckpt, "onnx", tmp_path / "new.onnx", 18, overwrite=False)
+    assert taken.read_text() == "mine" and not (tmp_path / "new.onnx").exists()
+
+
+def test_a_feature_named_like_an_output_is_refused(tmp_path):
+    pytest.importorskip("onnx")
+    rows = ["probabilities,label,y"] + [f"{i % 7},{'ab'[i % 2]},{'xy'[(i // 3) % 2]}" for i in range(60)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    fit(FitConfig(data=str(tmp_path / "t.csv"), target="y", epochs=1, hidden=(4,), out=str(tmp_path / "run"),
+                  quiet=True))
+    with pytest.raises(DDPTrainError, match="feature column 'label' has the name of an ONNX output"):
+        export_checkpoint(tmp_path / "run/checkpoints/best.pt", "onnx", None, 18, overwrite=False)
+
+
+@pytest.mark.slow
+def test_the_export_command(tmp_path):
+    pytest.importorskip("onnx")
+    ckpt = trained(tmp_path)
+    done = cli("export", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "exported" in done.stdout and (tmp_path / "m.safetensors").is_file()
+    again = cli("export", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors"), cwd=tmp_path)
+    assert again.returncode == 1 and error_lines(again.stderr) == [
+        f"error: --out {tmp_path / 'm.safetensors'} already exists; pass --overwrite or pick another path"]
+    bad = cli("export", str(ckpt), "--format", "pickle", cwd=tmp_path)
+    assert bad.returncode == 2 and len(error_lines(bad.stderr)) == 1 and "Traceback" not in bad.stderr
