@@ -165,9 +165,9 @@ def onnx_bytes(model: nn.Module, spec: DataSpec, opset: int) -> bytes:
     _require("onnxscript", "onnx")  # torch's exporter needs it
     from onnx import TensorProto, helper
 
-    n_params = sum(p.numel() * p.element_size() for p in model.parameters())
-    if n_params > ONNX_LIMIT:
-        raise DDPTrainError(f"the model's weights take {n_params / 1e9:.1f} GB, more than one ONNX file holds "
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if weight_bytes > ONNX_LIMIT:
+        raise DDPTrainError(f"the model's weights take {weight_bytes / 1e9:.1f} GB, more than one ONNX file holds "
                             "(2 GB); export --format safetensors instead")
     columns = list(spec.feature_names)
     classification = spec.task == "classification"

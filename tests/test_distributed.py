@@ -127,7 +127,8 @@ def test_a_real_table_trains_alike_on_1_and_2_processes_and_predicts_from_the_ra
 
     real_table(tmp_path / "train.csv", rows=240)
     real_table(tmp_path / "test.csv", rows=40, seed=7, cities=("Paris", "Rome", "Kyiv"))
-    args = ["fit", "--data", "train.csv", "--target", "label", "--epochs", "3", "--batch-size", "32", "--lr", "0.01"]
+    args = ["fit", "--data", "train.csv", "--target", "label", "--epochs", "3", "--batch-size", "32", "--lr", "0.01",
+            "--val-fraction", "0.2"]
     one = cli(*args, "--out", "ws1", cwd=tmp_path)
     two = torchrun(2, *args, "--out", "ws2", cwd=tmp_path)
     assert one.returncode == 0, one.stderr

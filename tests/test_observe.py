@@ -14,7 +14,8 @@ from ddptrain.config import FitConfig
 from ddptrain.errors import DDPTrainError
 from ddptrain.run import fit
 
-QUICK = ["fit", "--data", "moons", "--n-samples", "600", "--epochs", "2", "--hidden", "16", "--log-every", "3"]
+QUICK = ["fit", "--data", "moons", "--n-samples", "600", "--epochs", "2", "--hidden", "16", "--log-every", "3",
+         "--val-fraction", "0.2"]
 
 
 def run_on_terminal(args: list[str], cwd) -> str:
