@@ -48,11 +48,13 @@ CommHook none fp16 bf16 powersgd
 MonitorMode auto min max
 NanPolicy stop skip
 Monitor auto val_loss val_accuracy val_rmse val_mae val_r2 train_loss
+Shuffle auto exact block
 """
 (Task, Activation, Norm, Optimizer, Scheduler, Loss, Backend, Device, Precision, CommHook, MonitorMode, NanPolicy,
- Monitor) = (_choice(*line.split(maxsplit=1)) for line in CHOICE_VALUES.strip().splitlines())
+ Monitor, Shuffle) = (_choice(*line.split(maxsplit=1)) for line in CHOICE_VALUES.strip().splitlines())
 
 DEFAULT_VAL_FRACTION, VALIDATE_FROM_ROWS = 0.2, 1000
+BLOCK_SHUFFLE_BYTES = 10 ** 9
 DATA, MODEL, OPTIM, DIST, RUN = "Data", "Model", "Optimization", "Distributed", "Run folder and logging"
 
 
@@ -86,6 +88,11 @@ class FitConfig:
                                            DATA, fixed=True)
     numeric: tuple[str, ...] = setting((), "Columns to treat as numbers (comma-separated).", DATA, fixed=True)
     drop: tuple[str, ...] = setting((), "Columns to leave out (comma-separated).", DATA, fixed=True)
+    shuffle: str = setting(
+        "auto", "Row order each epoch: exact (a permutation of all rows) or block (blocks of rows in a random "
+                "order, rows shuffled within windows of blocks: near-sequential reads for tables larger than "
+                "memory); auto: block when the training arrays exceed 1 GB. Both depend on seed and epoch alone.",
+        DATA, choices=Shuffle, fixed=True)
     cache: bool = setting(True, "Keep a file's prepared arrays in --cache-dir, built once per machine and "
                                 "memory-mapped by every rank; a rerun or resume skips the work.", DATA,
                           flags=("--cache/--no-cache",))
@@ -385,6 +392,14 @@ def resolve_val_fraction(cfg: FitConfig, rows: int) -> float:
     if cfg.val_fraction is not None:
         return cfg.val_fraction
     return DEFAULT_VAL_FRACTION if rows >= VALIDATE_FROM_ROWS else 0.0
+
+
+def resolve_shuffle(cfg: FitConfig, train_bytes: int) -> FitConfig:
+    """The config with its shuffle decided: as given, or block for training arrays over BLOCK_SHUFFLE_BYTES (the
+    table's size alone decides, so a resume anywhere decides alike)."""
+    if cfg.shuffle != "auto":
+        return cfg
+    return dataclasses.replace(cfg, shuffle="block" if train_bytes > BLOCK_SHUFFLE_BYTES else "exact")
 
 
 def resolve_batch(cfg: FitConfig, train_rows: int) -> FitConfig:

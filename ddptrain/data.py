@@ -315,16 +315,43 @@ def labelled_split(spec: DataSpec, table: Table, require_target: bool = True,
     return _to_split(spec, x, y)
 
 
-def epoch_indices(n_rows: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's rows for one epoch, a function of (seed, epoch) alone.
+SHUFFLE_BLOCK_ROWS = 4096  # at most; a small table's blocks are smaller, so its order still has blocks
+SHUFFLE_WINDOW_BLOCKS = 16
 
-    Exactly torch's DistributedSampler(shuffle=True, drop_last=True) order (tested against it), computed as
-    tensors rather than a Python list. One seeded permutation is interleaved across ranks, so the union of the
-    ranks' step-s slices is the permutation's s-th global batch whatever the world size.
+
+def epoch_order(n_rows: int, seed: int, epoch: int, shuffle: str = "exact") -> torch.Tensor:
+    """The epoch's global row order, a function of (seed, epoch) alone.
+
+    exact: one seeded permutation of all rows (torch's DistributedSampler order). block: blocks of contiguous rows
+    (SHUFFLE_BLOCK_ROWS, or n_rows // 64 for a small table) in a seeded random order, then the rows of each window
+    of SHUFFLE_WINDOW_BLOCKS consecutive blocks shuffled among themselves: a step reads from a few blocks, an epoch
+    reads the table window by window, so a memory-mapped table larger than memory is read near-sequentially.
     """
     generator = torch.Generator()
     generator.manual_seed(seed + epoch)
-    order = torch.randperm(n_rows, generator=generator)
+    if shuffle == "exact":
+        return torch.randperm(n_rows, generator=generator)
+    block = max(1, min(SHUFFLE_BLOCK_ROWS, n_rows // 64))
+    blocks = torch.randperm(-(-n_rows // block), generator=generator)
+    rows = (blocks[:, None] * block + torch.arange(block)).flatten()
+    rows = rows[rows < n_rows]  # the last block may be short
+    ends = torch.cumsum((n_rows - blocks * block).clamp(max=block), 0)[SHUFFLE_WINDOW_BLOCKS - 1::SHUFFLE_WINDOW_BLOCKS]
+    start = 0
+    for end in [*ends.tolist(), n_rows]:  # each window: whole blocks, its rows shuffled among themselves
+        rows[start:end] = rows[start:end][torch.randperm(end - start, generator=generator)]
+        start = end
+    return rows
+
+
+def epoch_indices(n_rows: int, seed: int, epoch: int, rank: int, world_size: int,
+                  shuffle: str = "exact") -> torch.Tensor:
+    """This rank's rows for one epoch, a function of (seed, epoch) alone.
+
+    The global order (`epoch_order`; with exact, torch's DistributedSampler(shuffle=True, drop_last=True) order,
+    tested against it) is interleaved across ranks, so the union of the ranks' step-s slices is the order's s-th
+    global batch whatever the world size.
+    """
+    order = epoch_order(n_rows, seed, epoch, shuffle)
     return order[: n_rows // world_size * world_size][rank::world_size].contiguous()
 
 

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddptrain import checkpoint
 from ddptrain.checkpoint import Position
-from ddptrain.config import FitConfig, resolve_batch, resolve_val_fraction
+from ddptrain.config import FitConfig, resolve_batch, resolve_shuffle, resolve_val_fraction
 from ddptrain.console import console
 from ddptrain.data import FitData, prepare_fit_data
 from ddptrain.dist import DistInfo, process_group
@@ -79,13 +79,15 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
 
 
 def load_data(cfg: FitConfig, world_size: int) -> tuple[FitConfig, FitData]:
-    """The prepared data, and the config with its validation share and batch decided and checked against the data."""
+    """The prepared data, and the config with its validation share, shuffle and batch decided and checked against
+    the data."""
     if looks_like_path(cfg.data):
         console.line(f"ddptrain fit: reading {cfg.data} ...")  # a big table takes a while: say what is happening
     data = prepare(cfg)
     if cfg.val_fraction is None and not cfg.val_data:  # recorded as decided, so a resume compares like with like
         rows = len(data.train) + (len(data.val) if data.val is not None else 0)
         cfg = dataclasses.replace(cfg, val_fraction=resolve_val_fraction(cfg, rows))
+    cfg = resolve_shuffle(cfg, data.train.x.numel() * data.train.x.element_size())
     if cfg.batch_size is None:
         cfg = resolve_batch(cfg, len(data.train))
         check_batch(cfg, world_size)

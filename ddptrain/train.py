@@ -137,7 +137,8 @@ class Trainer:
         self.window.restart_clock()
         cpu0 = time.process_time()
         train = p.data.train
-        order = epoch_indices(len(train), p.cfg.seed, pos.epoch, p.dist.rank, p.dist.world_size).to(train.x.device)
+        order = epoch_indices(len(train), p.cfg.seed, pos.epoch, p.dist.rank, p.dist.world_size,
+                              p.cfg.shuffle).to(train.x.device)
         if pos.step_in_epoch == 0:
             pos.epoch_loss_sum, pos.epoch_loss_steps, pos.epoch_skipped_steps = 0.0, 0, 0
         first_step = pos.step_in_epoch

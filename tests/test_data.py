@@ -85,17 +85,38 @@ def test_builtin_datasets_are_seeded(name):
     assert a.spec.task == ("regression" if name == "regression" else "classification")
 
 
+@pytest.mark.parametrize("shuffle", ["exact", "block"])
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_global_batches_do_not_depend_on_world_size(world_size):
-    n, batch, seed, epoch = 103, 8, 5, 2
-    single = epoch_indices(n, seed, epoch, 0, 1)
-    shards = [epoch_indices(n, seed, epoch, r, world_size) for r in range(world_size)]
+def test_global_batches_do_not_depend_on_world_size(world_size, shuffle):
+    n, batch, seed, epoch = 1003, 8, 5, 2
+    single = epoch_indices(n, seed, epoch, 0, 1, shuffle)
+    shards = [epoch_indices(n, seed, epoch, r, world_size, shuffle) for r in range(world_size)]
     per_rank = batch // world_size
     for step in range(n // batch):
         union = torch.cat([s[step * per_rank:(step + 1) * per_rank] for s in shards])
         assert sorted(union.tolist()) == sorted(single[step * batch:(step + 1) * batch].tolist())
         assert len(set(union.tolist())) == batch  # disjoint shards
-    assert not torch.equal(single, epoch_indices(n, seed, epoch + 1, 0, 1))  # a new order each epoch
+    assert not torch.equal(single, epoch_indices(n, seed, epoch + 1, 0, 1, shuffle))  # a new order each epoch
+
+
+def test_block_shuffle_reads_a_few_blocks_at_a_time_and_still_mixes():
+    """Every row once; each window of 16 blocks holds 16 whole blocks (near-sequential reads of a mapped table);
+    the block order and the rows within a window change with the epoch, and depend on (seed, epoch) alone."""
+    from ddptrain.data import SHUFFLE_WINDOW_BLOCKS, epoch_order
+
+    short = epoch_order(64 * 100 + 37, 3, 0, "block")  # blocks of 100 rows, the last one short
+    assert sorted(short.tolist()) == list(range(64 * 100 + 37))
+    n = 64 * 100
+    order = epoch_order(n, 3, 0, "block")
+    assert sorted(order.tolist()) == list(range(n))
+    assert torch.equal(order, epoch_order(n, 3, 0, "block")) and not torch.equal(order, epoch_order(n, 3, 1, "block"))
+    window = 100 * SHUFFLE_WINDOW_BLOCKS
+    for start in range(0, n, window):
+        blocks = set((order[start:start + window] // 100).tolist())
+        assert len(blocks) == SHUFFLE_WINDOW_BLOCKS  # whole blocks, and only 16 of them
+    first = order[:window]
+    assert not torch.equal(first, torch.sort(first).values)  # rows are mixed inside the window
+    assert (order[:64] // 100).unique().numel() > 4  # a batch draws from several blocks
 
 
 @pytest.mark.parametrize("n, world", [(100, 1), (103, 2), (1000, 3), (7, 4)])

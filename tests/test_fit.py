@@ -104,6 +104,20 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path):
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
 
 
+def test_block_shuffle_resumes_bit_exact_and_is_recorded(tmp_path):
+    opts = dict(epochs=3, dropout=0.2, checkpoint_every=7, keep_last=100, shuffle="block")
+    fit(small(tmp_path, "straight", **opts))
+    fit(small(tmp_path, "resumed", resume=str(tmp_path / "straight/checkpoints/step-00000021.pt"), **opts))
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+    assert json.loads((tmp_path / "straight/config.json").read_text())["shuffle"] == "block"
+    fit(small(tmp_path, "auto", epochs=1))  # a small table: auto is exact, recorded as decided
+    assert json.loads((tmp_path / "auto/config.json").read_text())["shuffle"] == "exact"
+    fit(small(tmp_path, "exact", epochs=1, shuffle="exact"))
+    assert_same_weights(weights(tmp_path / "auto"), weights(tmp_path / "exact"))
+    fit(small(tmp_path, "block", epochs=1, shuffle="block"))
+    assert not torch.equal(weights(tmp_path / "block")["0.weight"], weights(tmp_path / "exact")["0.weight"])
+
+
 def test_resume_refuses_changed_settings(tmp_path):
     fit(small(tmp_path, epochs=1))
     with pytest.raises(UsageError) as err:
