@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -33,6 +34,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "export_speed")
     args = parser.parse_args()
 
+    import tempfile
+
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -47,6 +50,7 @@ def main() -> int:
     from ddptrain.run import fit
     from ddptrain.tables import read_table
 
+    os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="ddptrain-bench-cache-"))
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     data = real_table(args.out / "rows.csv", rows=args.rows)
