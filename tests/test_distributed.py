@@ -19,9 +19,10 @@ COMMON = ["--data", "blobs", "--n-samples", "1000", "--n-features", "6", "--n-cl
 
 
 @pytest.mark.slow
-def test_loss_does_not_depend_on_world_size(tmp_path):
-    one = cli("fit", *COMMON, "--out", "ws1", cwd=tmp_path)
-    two = torchrun(2, "fit", *COMMON, "--out", "ws2", cwd=tmp_path)
+@pytest.mark.parametrize("shuffle", ["exact", "block"])
+def test_loss_does_not_depend_on_world_size(tmp_path, shuffle):
+    one = cli("fit", *COMMON, "--shuffle", shuffle, "--out", "ws1", cwd=tmp_path)
+    two = torchrun(2, "fit", *COMMON, "--shuffle", shuffle, "--out", "ws2", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     rows1, rows2 = epoch_rows(tmp_path / "ws1"), epoch_rows(tmp_path / "ws2")
