@@ -178,7 +178,7 @@ def export(
                                         "(onnxruntime); safetensors: the weights, the preprocessing as JSON metadata.")] = "onnx",
     out: Annotated[Optional[Path], typer.Option(help="Output file (default: the checkpoint's path with .onnx or "
                                                      ".safetensors).")] = None,
-    opset: Annotated[int, typer.Option(help="ONNX opset of the graph.")] = 18,
+    opset: Annotated[int, typer.Option(help="ONNX opset of the graph (18 to 23).")] = 18,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
 ) -> None:
     """Write a model that serves without ddptrain, its preprocessing included (needs the export extra)."""

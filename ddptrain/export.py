@@ -32,7 +32,6 @@ from ddptrain.tables import NA_TOKENS
 
 FORMATS = ("onnx", "safetensors")
 OPSETS = range(18, 24)  # torch's exporter and onnxruntime both handle these
-DEFAULT_OPSET = 18
 ML_OPSET = 3  # ai.onnx.ml: LabelEncoder with string keys and int64 values
 NAT = -(2 ** 63)  # numpy's NaT as int64: a missing date
 ONNX_LIMIT = 2 ** 31 - 2 ** 24  # protobuf's 2 GB, less room for the graph itself
@@ -113,11 +112,11 @@ def date_parts(seconds: torch.Tensor) -> torch.Tensor:
     civil_from_days, in float64 with floor division (exact for any date a table holds)."""
     missing = seconds == NAT
     s = torch.where(missing, torch.zeros_like(seconds), seconds).double()
-    days = torch.floor(s / 86400.0)
 
     def fdiv(a: torch.Tensor, b: float) -> torch.Tensor:
         return torch.floor(a / b)
 
+    days = fdiv(s, 86400.0)
     z = days + 719468.0
     era = fdiv(z, 146097.0)
     doe = z - era * 146097.0
@@ -148,8 +147,7 @@ def category_keys(plan: ColumnPlan) -> tuple[list[str], list[int]]:
     keys: dict[str, int] = {}
     for token in NA_TOKENS:
         keys[token] = MISSING
-    for i, level in enumerate(plan.levels):
-        code = i + 2
+    for level, code in plan.level_codes().items():
         spellings = [level]
         if plan.kind == "bool":
             spellings += [level.capitalize(), level.upper()]

@@ -27,7 +27,7 @@ from ddptrain.tables import Table
 ROLES = ("numeric", "categorical", "datetime", "dropped")
 DATE_PARTS = ("year", "month", "day", "dayofweek", "dayofyear", "elapsed_days")
 RARE_COUNT = 3  # a level seen fewer times in the training rows is "unknown"
-UNKNOWN, MISSING = 0, 1  # the first two codes of every categorical column; known levels follow
+UNKNOWN, MISSING, FIRST_LEVEL = 0, 1, 2  # the first two codes of every categorical column; known levels follow
 UNIQUE_MIN_ROWS = 20  # a text column unique in every row of a table this long is an ID or a name
 MOSTLY_NUMBERS = 0.95  # a text column whose present cells are numbers this often is numeric (the rest: missing)
 
@@ -65,7 +65,11 @@ class ColumnPlan:
 
     @property
     def cardinality(self) -> int:
-        return len(self.levels) + 2
+        return len(self.levels) + FIRST_LEVEL
+
+    def level_codes(self) -> dict[str, int]:
+        """Each known level's code (after UNKNOWN and MISSING)."""
+        return {level: FIRST_LEVEL + i for i, level in enumerate(self.levels)}
 
 
 def embedding_size(cardinality: int) -> int:
@@ -246,7 +250,7 @@ def fit_preprocessor(table: Table, roles: list[ColumnRole], train_rows: np.ndarr
         if r.role == "categorical":
             levels = _vocabulary(table, r.name, train_rows)
             plans.append(ColumnPlan(r.name, r.role, r.kind, levels=levels,
-                                    embedding_dim=embedding_dim or embedding_size(len(levels) + 2)))
+                                    embedding_dim=embedding_dim or embedding_size(len(levels) + FIRST_LEVEL)))
             continue
         values, missing = _numeric_parts(table, r.name, r.role)
         infinite = np.flatnonzero(np.isinf(values).any(axis=1))
@@ -284,7 +288,7 @@ def _vocabulary(table: Table, name: str, rows: np.ndarray) -> tuple[str, ...]:
 
 
 def _encode(table: Table, plan: ColumnPlan) -> tuple[np.ndarray, int]:
-    index = {level: i + 2 for i, level in enumerate(plan.levels)}
+    index = plan.level_codes()
     codes = np.empty(len(table), dtype=np.float64)
     unseen = 0
     for i, value in enumerate(table.column(plan.name).tolist()):
