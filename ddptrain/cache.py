@@ -23,7 +23,7 @@ import torch
 
 from ddptrain import __version__
 from ddptrain.config import FitConfig
-from ddptrain.data import DataSpec, FitData, Split
+from ddptrain.data import Allocate, DataSpec, FitData, Split
 from ddptrain.errors import DDPTrainError
 from ddptrain.preprocess import ColumnRole
 from ddptrain.tables import looks_like_path, shard_files
@@ -60,51 +60,71 @@ def cache_key(cfg: FitConfig) -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def cached_fit_data(cfg: FitConfig, build: Callable[[], FitData], cache_dir: Path) -> tuple[FitData, str]:
-    """The prepared data from the cache, building it first if needed. Returns the data and what happened."""
+def cached_fit_data(cfg: FitConfig, build: Callable[[Allocate | None], FitData],
+                    cache_dir: Path) -> tuple[FitData, str]:
+    """The prepared data from the cache, building it first if needed: `build(allocate)` fills its feature matrices
+    straight into the cache's memory-mapped files (or into memory, given None). Returns the data and what
+    happened."""
     key = cache_key(cfg)
     if key is None:
-        return build(), "not cached (a built-in dataset)"
+        return build(None), "not cached (a built-in dataset)"
     folder = cache_dir / key
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         lock = os.open(cache_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
-        return build(), f"not cached ({cache_dir} is not writable)"
+        return build(None), f"not cached ({cache_dir} is not writable)"
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per machine (and per filesystem that honours flock)
         data = _load(folder)
         if data is not None:
             return data, f"prepared table from the cache {folder}"
-        data = build()
-        _save(data, folder)
-        loaded = _load(folder)
-        return (loaded or data), f"prepared table cached in {folder}"
+        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        try:
+            _save(build(_files_in(tmp)), tmp, folder)
+        except OSError as exc:  # no room or no permission: no cache is fine, the data fits in memory
+            shutil.rmtree(tmp, ignore_errors=True)
+            return build(None), f"not cached ({exc.strerror or exc})"
+        except BaseException:  # Ctrl-C mid-build: leave no half-written folder behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return _load(folder) or build(None), f"prepared table cached in {folder}"
     finally:
         os.close(lock)
 
 
-def _save(data: FitData, folder: Path) -> None:
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        arrays = {"x_train": data.train.x, "y_train": data.train.y,
-                  "x_val": data.val.x if data.val is not None else None,
-                  "y_val": data.val.y if data.val is not None else None}
-        for name, tensor in arrays.items():
-            if tensor is not None:
-                np.save(tmp / f"{name}.npy", tensor.numpy())
-        meta = {"format": CACHE_FORMAT, "spec": data.spec.to_dict(), "notes": list(data.spec.notes),
-                "roles": [dataclasses.asdict(r) for r in data.roles], "arrays": [k for k, v in arrays.items() if v is not None]}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        shutil.rmtree(folder, ignore_errors=True)  # a stale or damaged one
-        os.rename(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # no cache is fine: the data is in memory
-    except BaseException:  # Ctrl-C mid-write: leave no half-written folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _files_in(folder: Path) -> Allocate:
+    """Allocate float32 arrays as .npy files in `folder`, their space reserved up front (a full disk is an
+    OSError here, not a SIGBUS when a mapped page is first written)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+
+    def allocate(name: str, shape: tuple[int, int]) -> np.ndarray:
+        path = folder / f"{name}.npy"
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, path.stat().st_size)
+        finally:
+            os.close(fd)
+        return array
+
+    return allocate
+
+
+def _save(data: FitData, tmp: Path, folder: Path) -> None:
+    """Complete `tmp` (the feature matrices are already there) and publish it as `folder` by an atomic rename."""
+    arrays = {"x_train": data.train.x, "y_train": data.train.y,
+              "x_val": data.val.x if data.val is not None else None,
+              "y_val": data.val.y if data.val is not None else None}
+    for name, tensor in arrays.items():
+        if tensor is not None and not (tmp / f"{name}.npy").exists():
+            np.save(tmp / f"{name}.npy", tensor.numpy())
+    meta = {"format": CACHE_FORMAT, "spec": data.spec.to_dict(), "notes": list(data.spec.notes),
+            "roles": [dataclasses.asdict(r) for r in data.roles], "arrays": [k for k, v in arrays.items() if v is not None]}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(folder, ignore_errors=True)  # a stale or damaged one
+    os.rename(tmp, folder)
 
 
 def _load(folder: Path) -> FitData | None:

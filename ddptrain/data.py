@@ -8,6 +8,7 @@ checkpoint so that eval and predict apply exactly what training applied, to the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -231,7 +232,13 @@ def table_plan(cfg: FitConfig, table: Table) -> tuple[str, str, tuple[str, ...],
     return target, task, classes, rows, notes, roles
 
 
-def prepare_fit_data(cfg: FitConfig) -> FitData:
+Allocate = Callable[[str, tuple[int, int]], np.ndarray]  # (name, shape) -> a float32 array to fill
+
+
+def prepare_fit_data(cfg: FitConfig, allocate: Allocate | None = None) -> FitData:
+    """The table read, planned, split and fitted, its feature matrices filled into `allocate`d arrays (default:
+    memory; the cache passes memory-mapped files, so the prepared table is never held twice)."""
+    allocate = allocate or (lambda name, shape: np.empty(shape, dtype=np.float32))
     table = load_table(cfg.data, cfg.seed, cfg.n_samples, cfg.n_features, cfg.n_classes, cfg.noise)
     target, task, classes, rows, notes, roles = table_plan(cfg, table)
     table = table.select(rows) if len(rows) < len(table) else table
@@ -252,13 +259,17 @@ def prepare_fit_data(cfg: FitConfig) -> FitData:
         std = float(y[train_rows].std())
         y_mean, y_std = float(y[train_rows].mean()), std if std > 0 else 1.0
     spec = DataSpec(target, task, classes, pre, y_mean, y_std, tuple(notes))
-    x, _ = pre.transform(table)
-    train = _to_split(spec, x[train_rows], y[train_rows])
+
+    def split(name: str, part: np.ndarray) -> Split:
+        x, _ = pre.transform(table, part, allocate(name, (len(part), pre.width)))
+        return _to_split(spec, x, y[part])
+
+    train = split("x_train", train_rows)
     if cfg.val_data:
         val: Split | None = labelled_split(spec, load_table(cfg.val_data, cfg.seed + 1, cfg.n_samples, cfg.n_features,
                                                             cfg.n_classes, cfg.noise, problem_seed=cfg.seed))
     else:
-        val = _to_split(spec, x[val_rows], y[val_rows]) if len(val_rows) else None
+        val = split("x_val", val_rows) if len(val_rows) else None
     return FitData(spec, train, val, tuple(roles))
 
 

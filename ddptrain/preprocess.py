@@ -175,32 +175,39 @@ class Preprocessor:
                 names.append(f"{c.name}.missing")
         return names
 
-    def transform(self, table: Table) -> tuple[np.ndarray, dict[str, int]]:
-        """float32 [rows, n_numeric + categorical columns]: standardized numbers, then category codes; and how many
-        cells of each categorical column held a level unseen in training."""
-        n = len(table)
-        numbers = np.empty((n, self.n_numeric), dtype=np.float64)
-        codes = np.empty((n, len(self.embeddings)), dtype=np.float64)
+    @property
+    def width(self) -> int:
+        """Columns of the transformed matrix: the numbers, then one code per categorical column."""
+        return self.n_numeric + len(self.embeddings)
+
+    def transform(self, table: Table, rows: np.ndarray | None = None,
+                  out: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, int]]:
+        """float32 [rows, width]: standardized numbers, then category codes; and how many cells of each column
+        held a level unseen in training (or, for a number or date column, text that does not parse).
+
+        `rows` picks and orders the table's rows (default: all); `out` (e.g. a memory-mapped file) receives the
+        result. Filled one column at a time, so beyond `out` only a few columns' worth of memory is used."""
+        rows = np.arange(len(table)) if rows is None else rows
+        out = np.empty((len(rows), self.width), dtype=np.float32) if out is None else out
         unseen: dict[str, int] = {}
-        j = k = 0
+        j, k = 0, self.n_numeric
         for c in self.columns:
             if c.role == "categorical":
-                codes[:, k], unseen[c.name] = _encode(table, c)
+                codes, unseen[c.name] = _encode(table, c, rows)
+                out[:, k] = codes
                 k += 1
                 continue
-            values, missing = _numeric_parts(table, c.name, c.role)
+            values, missing = _numeric_parts(table, c.name, c.role, rows)
             if table.kind(c.name) != c.kind and c.kind in ("number", "datetime"):
-                unparsed = int(missing.sum() - table.missing(c.name).sum())
-                if unparsed:
-                    unseen[c.name] = unparsed
-            filled = np.where(np.isnan(values), np.array(c.median), values)
-            width = values.shape[1]
-            numbers[:, j:j + width] = (filled - np.array(c.mean)) / np.array(c.std)
-            j += width
-            if c.indicator:
-                numbers[:, j] = missing
+                unseen[c.name] = int(missing.sum() - table.missing(c.name)[rows].sum())
+            for part in range(values.shape[1]):
+                filled = np.where(np.isnan(values[:, part]), c.median[part], values[:, part])
+                out[:, j] = (filled - c.mean[part]) / c.std[part]
                 j += 1
-        return np.concatenate([numbers, codes], axis=1).astype(np.float32), {k: v for k, v in unseen.items() if v}
+            if c.indicator:
+                out[:, j] = missing
+                j += 1
+        return out, {name: count for name, count in unseen.items() if count}
 
     def to_dict(self) -> dict[str, Any]:
         return {"columns": [{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(c).items()}
@@ -287,11 +294,11 @@ def _vocabulary(table: Table, name: str, rows: np.ndarray) -> tuple[str, ...]:
     return tuple(sorted(level for level, count in counts.items() if count >= RARE_COUNT))
 
 
-def _encode(table: Table, plan: ColumnPlan) -> tuple[np.ndarray, int]:
+def _encode(table: Table, plan: ColumnPlan, rows: np.ndarray) -> tuple[np.ndarray, int]:
     index = plan.level_codes()
-    codes = np.empty(len(table), dtype=np.float64)
+    codes = np.empty(len(rows), dtype=np.float32)
     unseen = 0
-    for i, value in enumerate(table.column(plan.name).tolist()):
+    for i, value in enumerate(table.column(plan.name)[rows].tolist()):
         if value is None or (isinstance(value, float) and math.isnan(value)):
             codes[i] = MISSING
         else:
@@ -315,9 +322,12 @@ def _to_float(value: Any) -> float:
         return math.nan
 
 
-def _numeric_parts(table: Table, name: str, role: str) -> tuple[np.ndarray, np.ndarray]:
-    """[rows, parts] float64 with NaN where missing, and the missing mask."""
+def _numeric_parts(table: Table, name: str, role: str,
+                   rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """[rows, parts] float64 with NaN where missing, and the missing mask (of `rows`, default all)."""
     col, kind = table.column(name), table.kind(name)
+    if rows is not None:
+        col = col[rows]
     if role == "datetime":
         if kind != "datetime":  # dates in training, not here: what parses is a date, the rest missing
             col = np.array([_to_date(v) for v in col], dtype="datetime64[s]")

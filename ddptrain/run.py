@@ -105,7 +105,7 @@ def prepare(cfg: FitConfig) -> FitData:
     from ddptrain.cache import cached_fit_data, default_cache_dir
 
     folder = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    data, how = cached_fit_data(cfg, lambda: prepare_fit_data(cfg), folder)
+    data, how = cached_fit_data(cfg, lambda allocate: prepare_fit_data(cfg, allocate), folder)
     console.line(f"ddptrain fit: {how}")
     return data
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -346,12 +348,12 @@ def test_the_prepared_table_is_cached_reused_and_rebuilt_when_stale_or_damaged(t
     path = real_table(tmp_path / "p.csv")
     cfg = FitConfig(data=str(path), target="label", cache_dir=str(tmp_path / "cache"), val_fraction=0.2)
     fresh = prepare_fit_data(cfg)
-    first, how = cached_fit_data(cfg, lambda: prepare_fit_data(cfg), tmp_path / "cache")
+    first, how = cached_fit_data(cfg, lambda allocate: prepare_fit_data(cfg, allocate), tmp_path / "cache")
     assert how.startswith("prepared table cached in")
     folders = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert len(folders) == 1 and (folders[0] / "x_train.npy").is_file()
 
-    def never():
+    def never(allocate):
         raise AssertionError("the cache should have been used")
 
     again, how = cached_fit_data(cfg, never, tmp_path / "cache")
@@ -361,15 +363,75 @@ def test_the_prepared_table_is_cached_reused_and_rebuilt_when_stale_or_damaged(t
     assert [r.name for r in again.roles] == [r.name for r in fresh.roles]
     # damaged: rebuilt, never trusted
     (folders[0] / "x_train.npy").write_bytes(b"\x93NUMPY garbage")
-    rebuilt, how = cached_fit_data(cfg, lambda: prepare_fit_data(cfg), tmp_path / "cache")
+    rebuilt, how = cached_fit_data(cfg, lambda allocate: prepare_fit_data(cfg, allocate), tmp_path / "cache")
     assert how.startswith("prepared table cached in") and torch.equal(rebuilt.train.x, fresh.train.x)
     # the file changed: another key, another build
     real_table(path, rows=130)
-    changed, how = cached_fit_data(cfg, lambda: prepare_fit_data(cfg), tmp_path / "cache")
+    changed, how = cached_fit_data(cfg, lambda allocate: prepare_fit_data(cfg, allocate), tmp_path / "cache")
     assert how.startswith("prepared table cached in") and len(changed.train) + len(changed.val) == 130
     # another setting that shapes the arrays: another key
     other = FitConfig(data=str(path), target="label", drop=("since",))
-    assert cached_fit_data(other, lambda: prepare_fit_data(other), tmp_path / "cache")[1].startswith("prepared table cached")
+    assert cached_fit_data(other, lambda allocate: prepare_fit_data(other, allocate), tmp_path / "cache")[1].startswith("prepared table cached")
+
+
+def test_a_cache_build_that_fails_or_is_interrupted_leaves_nothing_behind(tmp_path):
+    """The feature matrices are written straight into the cache's files; a build that runs out of room falls back
+    to memory with a note, and Ctrl-C mid-build leaves no half-written folder."""
+    import errno
+
+    from ddptrain.cache import cached_fit_data
+
+    path = real_table(tmp_path / "p.csv")
+    cfg = FitConfig(data=str(path), target="label")
+    calls = []
+
+    def no_room(allocate):
+        calls.append(allocate)
+        if allocate is not None:
+            allocate("x_train", (10, 3))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return prepare_fit_data(cfg)
+
+    data, how = cached_fit_data(cfg, no_room, tmp_path / "cache")
+    assert how == "not cached (No space left on device)" and len(calls) == 2 and len(data.train) == 120
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == []
+
+    def interrupted(allocate):
+        prepare_fit_data(cfg, allocate)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cached_fit_data(cfg, interrupted, tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == []
+
+
+def _build_in_a_process(path, cache, marker):
+    """A worker of the concurrent-builders test: build or load, and record which."""
+    from ddptrain.cache import cached_fit_data
+
+    cfg = FitConfig(data=path, target="label")
+
+    def build(allocate):
+        with open(marker, "a") as handle:
+            handle.write("built\n")
+        return prepare_fit_data(cfg, allocate)
+
+    data, how = cached_fit_data(cfg, build, Path(cache))
+    return how.split()[2], data.train.x.sum().item()
+
+
+@pytest.mark.slow
+def test_concurrent_builders_build_once(tmp_path):
+    """Four processes at once on one cache: one builds (under the lock), the others map its result."""
+    import multiprocessing
+
+    path = str(real_table(tmp_path / "p.csv", rows=3000))
+    marker = tmp_path / "builds.txt"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        results = pool.starmap(_build_in_a_process, [(path, str(tmp_path / "cache"), str(marker))] * 4)
+    assert marker.read_text() == "built\n"
+    assert sorted(r[0] for r in results) == ["cached", "from", "from", "from"]
+    assert len({r[1] for r in results}) == 1
 
 
 def test_fit_with_and_without_the_cache(tmp_path):
