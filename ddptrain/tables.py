@@ -234,12 +234,15 @@ def _from_arrow(table, path: str, text: bool) -> Table:
 
     names, columns, kinds, integer = [], [], [], set()
     for name in table.column_names:
-        col = table.column(name)
+        col = table.column(0)
+        table = table.remove_column(0)  # each column's Arrow memory goes as it is converted: never two copies
         kind = col.type
         if pat.is_dictionary(kind):
             col, kind = col.cast(kind.value_type), kind.value_type
         if pat.is_boolean(kind):
             values, tag = np.array(col.to_pylist(), dtype=object), "bool"
+        elif pat.is_float32(kind):  # kept at its width (float32 -> float64 is exact wherever it is computed on)
+            values, tag = col.to_numpy(zero_copy_only=False).astype(np.float32), "number"
         elif pat.is_integer(kind) or pat.is_floating(kind) or pat.is_decimal(kind):
             values = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
             tag = "number"
@@ -259,6 +262,8 @@ def _from_arrow(table, path: str, text: bool) -> Table:
         names.append(str(name))
         columns.append(values)
         kinds.append(tag)
+        del col
+    pa.default_memory_pool().release_unused()
     return Table(path, names, columns, kinds, text, integer)
 
 

@@ -374,6 +374,25 @@ def test_the_prepared_table_is_cached_reused_and_rebuilt_when_stale_or_damaged(t
     assert cached_fit_data(other, lambda allocate: prepare_fit_data(other, allocate), tmp_path / "cache")[1].startswith("prepared table cached")
 
 
+def test_a_float32_parquet_column_prepares_exactly_like_its_float64_copy(tmp_path):
+    """float32 columns are kept at their width while reading (half the memory) and widened where computed on:
+    statistics, splits and the prepared matrix equal those of the same values stored as float64."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 3)).astype(np.float32)
+    x[::7, 1] = np.nan
+    y = (x[:, 0] > 0).astype(np.int64)
+    for dtype in ("float32", "float64"):
+        pq.write_table(pa.table({**{f"f{j}": x[:, j].astype(dtype) for j in range(3)}, "y": y}),
+                       tmp_path / f"{dtype}.parquet")
+    narrow = prepare_fit_data(FitConfig(data=str(tmp_path / "float32.parquet"), target="y"))
+    wide = prepare_fit_data(FitConfig(data=str(tmp_path / "float64.parquet"), target="y"))
+    assert narrow.spec == wide.spec and narrow.spec.preprocessor.columns[1].indicator
+    assert torch.equal(narrow.train.x, wide.train.x) and torch.equal(narrow.train.y, wide.train.y)
+
+
 def test_a_cache_build_that_fails_or_is_interrupted_leaves_nothing_behind(tmp_path):
     """The feature matrices are written straight into the cache's files; a build that runs out of room falls back
     to memory with a note, and Ctrl-C mid-build leaves no half-written folder."""
