@@ -330,6 +330,10 @@ SHUFFLE_BLOCK_ROWS = 4096  # at most; a small table's blocks are smaller, so its
 SHUFFLE_WINDOW_BLOCKS = 16
 
 
+def shuffle_block_rows(n_rows: int) -> int:
+    return max(1, min(SHUFFLE_BLOCK_ROWS, n_rows // 64))
+
+
 def epoch_order(n_rows: int, seed: int, epoch: int, shuffle: str = "exact") -> torch.Tensor:
     """The epoch's global row order, a function of (seed, epoch) alone.
 
@@ -342,7 +346,7 @@ def epoch_order(n_rows: int, seed: int, epoch: int, shuffle: str = "exact") -> t
     generator.manual_seed(seed + epoch)
     if shuffle == "exact":
         return torch.randperm(n_rows, generator=generator)
-    block = max(1, min(SHUFFLE_BLOCK_ROWS, n_rows // 64))
+    block = shuffle_block_rows(n_rows)
     blocks = torch.randperm(-(-n_rows // block), generator=generator)
     rows = (blocks[:, None] * block + torch.arange(block)).flatten()
     rows = rows[rows < n_rows]  # the last block may be short

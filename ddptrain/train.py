@@ -26,6 +26,7 @@ from ddptrain.faults import InjectedFault
 from ddptrain.losswindow import LossWindow, WindowResult
 from ddptrain.metrics import evaluation_sums, metrics_from_sums, validation_row
 from ddptrain.model import ModelSpec
+from ddptrain.readahead import ReadAhead
 from ddptrain.rundir import SilentRunDir
 from ddptrain.signals import StopRequest
 
@@ -143,7 +144,11 @@ class Trainer:
             pos.epoch_loss_sum, pos.epoch_loss_steps, pos.epoch_skipped_steps = 0.0, 0, 0
         first_step = pos.step_in_epoch
         self.progress.start_epoch(pos.epoch, self.steps_per_epoch, first_step)
+        ahead = ReadAhead(train.x, order, len(train), p.dist.world_size) \
+            if p.cfg.shuffle == "block" and train.x.device.type == "cpu" else None
         for step in range(first_step, self.steps_per_epoch):
+            if ahead is not None:
+                ahead.before(step * self.rank_batch)
             idx = order[step * self.rank_batch:(step + 1) * self.rank_batch]
             # index_select, not train.x[idx]: the same rows, without advanced indexing's overhead (benchmarks/micro.py)
             self.window.add(self.train_step(train.x.index_select(0, idx), train.y.index_select(0, idx)))

@@ -484,3 +484,27 @@ def test_describe_command_takes_fits_own_flags(tmp_path, monkeypatch, capsys):
     roles = {c["name"]: (c["role"], c["why"]) for c in plan["columns"]}
     assert roles["since"] == ("dropped", "--drop") and roles["age"] == ("categorical", "--categorical")
     assert plan["target"] == "label" and plan["classes"] == ["high", "low"]
+
+
+def test_read_ahead_asks_for_the_blocks_of_the_next_window_once():
+    """Under --shuffle block, each window's blocks are advised (whole blocks, page-aligned) before its rows are
+    used, up to one window ahead, and never twice."""
+    import mmap
+
+    from ddptrain.data import SHUFFLE_WINDOW_BLOCKS, epoch_indices, shuffle_block_rows
+    from ddptrain.readahead import ReadAhead
+
+    n, world, width = 64 * 100, 2, 1024  # rows of one page each, in page-aligned memory as a mapped file is
+    x = torch.frombuffer(mmap.mmap(-1, n * width * 4), dtype=torch.float32).view(n, width)
+    order = epoch_indices(n, 1, 0, 1, world, "block")
+    ahead = ReadAhead(x, order, n, world)
+    advised = []
+    ahead.advise = lambda addr, length, advice: advised.append((addr - x.data_ptr(), length))
+    block, span = shuffle_block_rows(n), 100 * SHUFFLE_WINDOW_BLOCKS // world
+    assert block == 100
+    for position in range(0, len(order), 80):
+        ahead.before(position)
+        needed = {int(r) // block for r in order[:min(len(order), position + span + 1)]}
+        assert needed <= {offset // (block * width * 4) for offset, _ in advised}
+        assert not {offset // (block * width * 4) for offset, _ in advised} - {int(r) // block for r in order[:position + 2 * span]}
+    assert len(advised) == len(set(advised)) and all(length == block * width * 4 for _, length in advised)
