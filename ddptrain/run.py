@@ -51,7 +51,9 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     continues = cfg.resume == "auto" or env.restarted
     if env.rank == 0:  # the rank that owns the run folder decides; the others never touch it
         check_out_dir(out, resume_path, continues)
+    data_started = time.perf_counter()
     cfg, data = load_data(cfg, env.world_size)
+    data_s = time.perf_counter() - data_started
     if cfg.tensorboard:
         check_tensorboard()
     resumed = checkpoint.load_checkpoint(resume_path) if resume_path else None
@@ -67,7 +69,7 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
                 run.rewind(position.global_step)
                 run.write_config(cfg.to_dict())
                 announce(parts, out)
-                summary = Trainer(parts, position, started_at).fit()
+                summary = Trainer(parts, position, started_at, data_s).fit()
             finally:
                 run.close()
     finally:
@@ -244,7 +246,7 @@ def print_summary(summary: dict[str, Any], out: Path, total_s: float) -> None:
     if "samples_per_s" in last:
         rows.append(("throughput (last epoch)", f"{last['samples_per_s']:,.0f} samples/s"))
     if summary["time_to_first_step_s"] is not None:
-        rows.append(("time to first step", f"{summary['time_to_first_step_s']:.2f} s"))
+        rows.append(("time to first step", f"{summary['time_to_first_step_s']:.2f} s (data {summary['data_s']:.2f} s)"))
     if summary["skipped_steps"]:
         rows.append(("skipped steps (non-finite)", str(summary["skipped_steps"])))
     rows += [("total time", f"{total_s:.1f} s"), ("checkpoints", str(out / "checkpoints")),

@@ -52,10 +52,11 @@ class Parts:
 
 
 class Trainer:
-    def __init__(self, parts: Parts, position: Position, started_at: float) -> None:
+    def __init__(self, parts: Parts, position: Position, started_at: float, data_s: float = 0.0) -> None:
         self.parts = parts
         self.position = position
         self.started_at = started_at
+        self.data_s = data_s  # reading and preparing the table (or mapping its cache), this process
         cfg, dist = parts.cfg, parts.dist
         self.rank_batch = cfg.batch_size // dist.world_size
         self.micro_batch = self.rank_batch // cfg.grad_accum
@@ -191,6 +192,7 @@ class Trainer:
             row["epoch_skipped_steps"] = pos.epoch_skipped_steps
         if self.time_to_first_step is not None and not self.reported_start:
             row["time_to_first_step_s"] = self.time_to_first_step  # from the command's start to the first step's end
+            row["data_s"] = self.data_s
             self.reported_start = True
         return row
 
@@ -266,5 +268,5 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         pos = self.position
         return {"epochs": pos.epoch, "steps": pos.global_step, "best": pos.best, "best_epoch": pos.best_epoch + 1,
-                "time_to_first_step_s": self.time_to_first_step, "last": self.last_metrics,
+                "time_to_first_step_s": self.time_to_first_step, "data_s": self.data_s, "last": self.last_metrics,
                 "skipped_steps": pos.skipped_steps}

@@ -255,3 +255,11 @@ def test_the_default_batch_fits_a_small_table_and_resumes(tmp_path):
     big = FitConfig(data="xor", n_samples=1000, epochs=1, hidden=(8,), out=str(tmp_path / "big"), quiet=True)
     fit(big)
     assert json.loads((tmp_path / "big/config.json").read_text())["batch_size"] == 64
+
+
+def test_time_spent_on_the_data_is_in_the_metrics_and_the_summary(tmp_path):
+    summary = fit(small(tmp_path, epochs=2))
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    first = [r for r in rows if "time_to_first_step_s" in r]
+    assert len(first) == 1 and 0 < first[0]["data_s"] < first[0]["time_to_first_step_s"]
+    assert summary["data_s"] == first[0]["data_s"]
