@@ -51,19 +51,24 @@ def is_worker(pid: int) -> bool:
     return "ddptrain" in cmd and "torch.distributed.run" not in cmd
 
 
-def main() -> int:
-    command = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else sys.argv[1:]
+def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[int, float, int, str]:
+    """Run `command`; (exit code, seconds, peak summed PSS in bytes of its ddptrain processes, stderr)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0
     while proc.poll() is None:
         workers = [p for p in [proc.pid, *descendants(proc.pid)] if is_worker(p)]
         peak = max(peak, sum(pss_bytes(p) for p in workers))
         time.sleep(0.2)
-    err = proc.stderr.read()
-    print(f"exit {proc.returncode}; {time.perf_counter() - started:.1f} s; peak summed PSS of the ddptrain "
-          f"processes {peak / 1e9:.2f} GB" + (f"\n{err[-500:]}" if proc.returncode else ""))
-    return proc.returncode
+    return proc.returncode, time.perf_counter() - started, peak, proc.stderr.read()
+
+
+def main() -> int:
+    command = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else sys.argv[1:]
+    code, seconds, peak, err = measure(command)
+    print(f"exit {code}; {seconds:.1f} s; peak summed PSS of the ddptrain processes {peak / 1e9:.2f} GB"
+          + (f"\n{err[-500:]}" if code else ""))
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,92 @@
+"""Issue 13's targets on a 1,000,000-row x 28-float CSV that this script writes (one sitting, same machine).
+
+    python benchmarks/big_table.py [--rows 1000000] [--out /tmp/ddptrain-big-table]
+
+Measures, each in a fresh process: pyarrow.csv.read_csv on the file (time, peak RSS); `ddptrain fit` the first
+time (the cache is built: time to first step from metrics.jsonl, peak PSS); the second time (a cache hit); and
+`--nproc-per-node 2` on a cache hit (summed PSS of both workers). Prints JSON with each target and whether it
+holds: first fit's time to first step <= 1.5 x pyarrow's read + 4 s, its peak <= pyarrow's; second fit's first
+step within 6 s of the command's start; 2 processes' summed PSS <= 1.4 x 1 process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from peak_memory import measure
+
+ROOT = Path(__file__).resolve().parents[1]
+READ = """
+import resource, sys, time
+import pyarrow.csv
+t = time.perf_counter(); pyarrow.csv.read_csv(sys.argv[1]); t = time.perf_counter() - t
+print(t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def write_csv(path: Path, rows: int) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, 28))
+    y = (x[:, :3].sum(axis=1) > 0).astype(np.int64)
+    pa.csv.write_csv(pa.table({**{f"f{j}": x[:, j] for j in range(28)}, "label": y}), path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/ddptrain-big-table"))
+    args = parser.parse_args()
+    shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True)
+    data = args.out / "big.csv"
+    write_csv(data, args.rows)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(args.out / "cache")}
+    read = subprocess.run([sys.executable, "-c", READ, str(data)], capture_output=True, text=True, check=True, env=env)
+    read_s, read_rss = (float(v) for v in read.stdout.split())
+    fit = ["-m", "ddptrain", "fit", "--data", str(data), "--target", "label", "--epochs", "1", "--batch-size", "4096",
+           "--hidden", "32", "--quiet"]
+
+    def run(name: str, launcher: list[str]) -> dict:
+        code, seconds, pss, err = measure([sys.executable, *launcher, *fit, "--out", str(args.out / name)], env)
+        if code:
+            raise RuntimeError(f"{name} failed: {err[-1000:]}")
+        row = next(json.loads(line) for line in (args.out / name / "metrics.jsonl").read_text().splitlines()
+                   if "time_to_first_step_s" in line)
+        return {"wall_s": round(seconds, 2), "time_to_first_step_s": round(row["time_to_first_step_s"], 2),
+                "data_s": round(row["data_s"], 2), "peak_pss_gb": round(pss / 1e9, 3)}
+
+    first = run("first", [])
+    second = run("second", [])
+    two = run("two", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"])
+    result = {
+        "rows": args.rows, "csv_mb": round(data.stat().st_size / 1e6),
+        "pyarrow_read": {"seconds": round(read_s, 2), "peak_rss_gb": round(read_rss / 1e9, 3)},
+        "first_fit": first, "second_fit": second, "two_processes_cache_hit": two,
+        "targets": {
+            "first fit: first step <= 1.5 x read + 4 s": [first["time_to_first_step_s"], round(1.5 * read_s + 4, 2),
+                                                          first["time_to_first_step_s"] <= 1.5 * read_s + 4],
+            "first fit: peak <= pyarrow's peak (GB)": [first["peak_pss_gb"], round(read_rss / 1e9, 3),
+                                                      first["peak_pss_gb"] <= read_rss / 1e9],
+            "second fit: first step within 6 s": [second["time_to_first_step_s"], 6,
+                                                  second["time_to_first_step_s"] <= 6],
+            "2 processes: summed PSS <= 1.4 x 1 process (GB)": [two["peak_pss_gb"], round(1.4 * second["peak_pss_gb"], 3),
+                                                               two["peak_pss_gb"] <= 1.4 * second["peak_pss_gb"]],
+        },
+    }
+    print(json.dumps(result, indent=2))
+    (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
