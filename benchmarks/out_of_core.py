@@ -1,6 +1,7 @@
 """A table larger than memory trains from the memory-mapped cache inside a memory cgroup (issue 13).
 
     sudo python benchmarks/out_of_core.py [--rows 12000000] [--features 64] [--limit-gib 1] [--out DIR]
+                                          [--repeats 2] [--reuse]
 
 Writes a Parquet table of --rows x --features float32 (+ a 0/1 target) in 1M-row pieces, builds its prepared
 cache with a first `fit` outside any limit (the build still holds the table in memory: streaming statistics are
@@ -63,31 +64,37 @@ def main() -> int:
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--limit-gib", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=Path("/tmp/ddptrain-out-of-core"))
+    parser.add_argument("--repeats", type=int, default=2, help="alternating baseline / limited runs")
+    parser.add_argument("--reuse", action="store_true", help="keep --out's tables and cache from an earlier run")
     args = parser.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
-    args.out.mkdir(parents=True)
-    big, small = args.out / "big.parquet", args.out / "small.parquet"
-    write_table(big, args.rows, args.features)
-    write_table(small, 1_000_000, args.features)
-    cache = args.out / "cache"
-    result: dict = {"rows": args.rows, "features": args.features, "limit_gib": args.limit_gib,
-                    "table_gb": round(big.stat().st_size / 1e9, 2)}
-    result["build"] = fit(big, args.out / "build", "block", cache, None)
-    fit(small, args.out / "small-build", "exact", cache, None)
-    result["in_memory_1m_exact"] = fit(small, args.out / "small", "exact", cache, None)
-    cgroup = CGROUP / f"ddptrain-ooc-{os.getpid()}"
-    cgroup.mkdir()
-    try:
-        (cgroup / "memory.limit_in_bytes").write_text(str(int(args.limit_gib * 2 ** 30)))
-        subprocess.run(["sync"], check=True)
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        result["in_cgroup_block"] = fit(big, args.out / "limited", "block", cache, cgroup)
-        result["cgroup_peak_gib"] = round(int((cgroup / "memory.max_usage_in_bytes").read_text()) / 2 ** 30, 3)
-        result["cgroup_oom_kills"] = (cgroup / "memory.oom_control").read_text().split()[-1]
-    finally:
-        cgroup.rmdir()
-    result["ratio_cgroup_block / in_memory_exact"] = round(
-        result["in_cgroup_block"]["samples_per_s"] / result["in_memory_1m_exact"]["samples_per_s"], 3)
+    big, small, cache = args.out / "big.parquet", args.out / "small.parquet", args.out / "cache"
+    result: dict = {"rows": args.rows, "features": args.features, "limit_gib": args.limit_gib}
+    if not (args.reuse and big.exists() and small.exists()):
+        shutil.rmtree(args.out, ignore_errors=True)
+        args.out.mkdir(parents=True)
+        write_table(big, args.rows, args.features)
+        write_table(small, 1_000_000, args.features)
+        result["build"] = fit(big, args.out / "build", "block", cache, None)
+        fit(small, args.out / "small-build", "exact", cache, None)
+    result["table_gb"] = round(big.stat().st_size / 1e9, 2)
+    baseline, limited, peaks, kills = [], [], [], []
+    for i in range(args.repeats):
+        baseline.append(fit(small, args.out / f"small-{i}", "exact", cache, None)["samples_per_s"])
+        cgroup = CGROUP / f"ddptrain-ooc-{os.getpid()}-{i}"
+        cgroup.mkdir()
+        try:
+            (cgroup / "memory.limit_in_bytes").write_text(str(int(args.limit_gib * 2 ** 30)))
+            subprocess.run(["sync"], check=True)
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            limited.append(fit(big, args.out / f"limited-{i}", "block", cache, cgroup)["samples_per_s"])
+            peaks.append(round(int((cgroup / "memory.max_usage_in_bytes").read_text()) / 2 ** 30, 3))
+            kills.append(int((cgroup / "memory.oom_control").read_text().split()[-1]))
+        finally:
+            cgroup.rmdir()
+    result.update({"in_memory_1m_exact_samples_per_s": [round(v) for v in baseline],
+                   "in_cgroup_block_samples_per_s": [round(v) for v in limited], "cgroup_peak_gib": peaks,
+                   "cgroup_oom_kills": kills,
+                   "ratio_cgroup_block / in_memory_exact (paired)": [round(b / a, 3) for a, b in zip(baseline, limited)]})
     print(json.dumps(result, indent=2))
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -262,7 +262,7 @@ def prepare_fit_data(cfg: FitConfig, allocate: Allocate | None = None) -> FitDat
 
     def split(name: str, part: np.ndarray) -> Split:
         x, _ = pre.transform(table, part, allocate(name, (len(part), pre.width)))
-        return _to_split(spec, x, y[part])
+        return to_split(spec, x, y[part])
 
     train = split("x_train", train_rows)
     if cfg.val_data:
@@ -273,7 +273,7 @@ def prepare_fit_data(cfg: FitConfig, allocate: Allocate | None = None) -> FitDat
     return FitData(spec, train, val, tuple(roles))
 
 
-def _to_split(spec: DataSpec, x: np.ndarray, y: np.ndarray | None) -> Split:
+def to_split(spec: DataSpec, x: np.ndarray, y: np.ndarray | None) -> Split:
     if y is None:
         ys = None
     elif spec.task == "classification":
@@ -295,6 +295,20 @@ def check_columns(spec: DataSpec, table: Table, allowed_extra: tuple[str, ...] =
                             f"it expects {', '.join(spec.feature_names)}")
 
 
+def features(spec: DataSpec, table: Table, allowed_extra: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[str, int]]:
+    """A new table's feature matrix through the training preprocessor, and its unseen-value counts per column."""
+    check_columns(spec, table, allowed_extra)
+    return spec.preprocessor.transform(table)
+
+
+def unseen_notes(spec: DataSpec, unseen: dict[str, int]) -> list[str]:
+    """One note per column whose cells held a level unseen in training or text where numbers or dates were."""
+    roles = {c.name: c.role for c in spec.preprocessor.columns}
+    return [f"column '{name}': {count} cells hold " + ("a level not seen in training (treated as unknown)"
+            if roles[name] == "categorical" else f"values that are not {'dates' if roles[name] == 'datetime' else 'numbers'} "
+            "(treated as missing)") for name, count in unseen.items()]
+
+
 def labelled_split(spec: DataSpec, table: Table, require_target: bool = True,
                    allowed_extra: tuple[str, ...] = (), notes: list[str] | None = None) -> Split:
     """Rows of a new table through the training preprocessor; targets encoded when present (rows without one are
@@ -309,21 +323,18 @@ def labelled_split(spec: DataSpec, table: Table, require_target: bool = True,
             notes.append(f"{int((~present).sum())} of {len(table)} rows have no '{spec.target_name}' value and "
                          "are not scored")
             table = table.select(np.flatnonzero(present))
-    x, unseen = spec.preprocessor.transform(table)
-    roles = {c.name: c.role for c in spec.preprocessor.columns}
-    notes += [f"column '{name}': {count} cells hold " + ("a level not seen in training (treated as unknown)"
-              if roles[name] == "categorical" else f"values that are not {'dates' if roles[name] == 'datetime' else 'numbers'} "
-              "(treated as missing)") for name, count in unseen.items()]
+    x, unseen = features(spec, table, allowed_extra)
+    notes += unseen_notes(spec, unseen)
     if spec.target_name not in table.names or not require_target:
         if require_target:
             raise DDPTrainError(f"{table.path} has no target column '{spec.target_name}' to score against")
-        return _to_split(spec, x, None)
+        return to_split(spec, x, None)
     rows = np.arange(len(table))
     if spec.task == "classification":
         y = encode_classes(table, spec.target_name, spec.classes, rows)
     else:
         y = regression_target(table, spec.target_name, rows)
-    return _to_split(spec, x, y)
+    return to_split(spec, x, y)
 
 
 SHUFFLE_BLOCK_ROWS = 4096  # at most; a small table's blocks are smaller, so its order still has blocks

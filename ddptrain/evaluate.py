@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +17,22 @@ from ddptrain import atomic
 from ddptrain.checkpoint import describe, inference_model, load_checkpoint
 from ddptrain.config import FitConfig
 from ddptrain.console import console
-from ddptrain.data import DataSpec, Split, labelled_split, load_table
+from ddptrain.data import (
+    DataSpec,
+    Split,
+    features,
+    labelled_split,
+    load_table,
+    to_split,
+    unseen_notes,
+)
 from ddptrain.dist import process_group
 from ddptrain.errors import DDPTrainError, Interrupted
 from ddptrain.metrics import evaluation_sums, metrics_from_sums
 from ddptrain.optim import build_loss
 from ddptrain.preprocess import label_text
 from ddptrain.signals import sigterm_as_interrupt
+from ddptrain.tables import MixedTypes, Table, looks_like_path, read_pieces
 
 PREDICT_CHUNK = 65536
 
@@ -84,46 +95,62 @@ def predict_rows(model: nn.Module, split: Split, spec: DataSpec) -> torch.Tensor
 
 
 def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, overwrite: bool) -> None:
+    """Predictions for every row of `source`, written as they are made: a file is read in pieces of PREDICT_CHUNK
+    rows (a CSV whose column types change after its first block is read whole instead)."""
     atomic.check_new_file(out, overwrite, {"checkpoint": path, "--data file": Path(source)})
     state = load_checkpoint(path)
     model, spec, cfg = inference_model(state, torch.device("cpu"), path)
-    table = _table_for(cfg, source, None)
-    if id_column is not None and id_column not in table.names:
-        raise DDPTrainError(f"--id-column '{id_column}' is not a column of {table.path}; its columns: "
-                            f"{', '.join(table.names)}")
-    notes: list[str] = []
-    split = labelled_split(spec, table, require_target=False, allowed_extra=(id_column,) if id_column else (),
-                           notes=notes)
-    for note in notes:
-        console.note(note)
-    result = predict_rows(model, split, spec)
-    ids = None
-    if id_column:  # as the file had it: whole numbers without '.0', missing cells empty
-        missing = table.missing(id_column)
-        ids = ["" if gone else label_text(value) for value, gone in zip(table.column(id_column).tolist(), missing)]
+
+    def whole() -> Iterator[Table]:
+        yield _table_for(cfg, source, None)
+
+    pieces = read_pieces(source, PREDICT_CHUNK) if looks_like_path(source) else whole()
+    unseen: Counter[str] = Counter()
     try:
         with sigterm_as_interrupt(), atomic.replacing(out, "w", newline="") as handle:
-            write_predictions(handle, result, spec, id_column, ids)
+            try:
+                rows = write_predictions(handle, pieces, model, spec, id_column, unseen)
+            except MixedTypes:
+                handle.seek(0)
+                handle.truncate()
+                unseen.clear()
+                rows = write_predictions(handle, whole(), model, spec, id_column, unseen)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; --out {out} was not written (the partial file was removed)") from None
     except OSError as exc:
         raise DDPTrainError(f"could not write --out {out} ({exc.strerror}); free space or pick another path; "
                             "the partial file was removed") from None
-    console.line(f"wrote {len(split):,} predictions to {out}", force=True)
+    for note in unseen_notes(spec, dict(unseen)):
+        console.note(note)
+    console.line(f"wrote {rows:,} predictions to {out}", force=True)
 
 
-def write_predictions(handle: Any, result: torch.Tensor, spec: DataSpec, id_column: str | None,
-                      ids: list[Any] | None) -> None:
+def write_predictions(handle: Any, tables: Iterable[Table], model: nn.Module, spec: DataSpec, id_column: str | None,
+                      unseen: Counter[str]) -> int:
+    """Header, then one row per input row, piece by piece; counts unseen values into `unseen`. Returns the rows."""
     writer = csv.writer(handle)
-    writer.writerow(([id_column] if ids is not None else []) + ["prediction"]
+    writer.writerow(([id_column] if id_column else []) + ["prediction"]
                     + ([f"prob_{label}" for label in spec.classes] if spec.task == "classification" else []))
-    for i, row in enumerate(result.tolist()):
-        lead = [ids[i]] if ids is not None else []
-        if spec.task == "classification":
-            best = max(range(len(row)), key=row.__getitem__)
-            writer.writerow(lead + [spec.classes[best]] + [f"{p:.6f}" for p in row])
-        else:
-            writer.writerow(lead + [f"{row:.6g}"])
+    rows = 0
+    for table in tables:
+        if id_column is not None and id_column not in table.names:
+            raise DDPTrainError(f"--id-column '{id_column}' is not a column of {table.path}; its columns: "
+                                f"{', '.join(table.names)}")
+        x, counts = features(spec, table, (id_column,) if id_column else ())
+        unseen.update(counts)
+        result = predict_rows(model, to_split(spec, x, None), spec).tolist()
+        lead = [[]] * len(result)
+        if id_column:  # as the file had it: whole numbers without '.0', missing cells empty
+            lead = [["" if gone else label_text(value)]
+                    for value, gone in zip(table.column(id_column).tolist(), table.missing(id_column))]
+        for first, row in zip(lead, result):
+            if spec.task == "classification":
+                best = max(range(len(row)), key=row.__getitem__)
+                writer.writerow(first + [spec.classes[best]] + [f"{p:.6f}" for p in row])
+            else:
+                writer.writerow(first + [f"{row:.6g}"])
+        rows += len(result)
+    return rows
 
 
 def inspect_checkpoint(path: Path, as_json: bool) -> dict[str, Any]:

@@ -15,7 +15,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddptrain import checkpoint
 from ddptrain.checkpoint import Position
-from ddptrain.config import FitConfig, resolve_batch, resolve_shuffle, resolve_val_fraction
+from ddptrain.config import (
+    FitConfig,
+    resolve_batch,
+    resolve_shuffle,
+    resolve_val_fraction,
+)
 from ddptrain.console import console
 from ddptrain.data import FitData, prepare_fit_data
 from ddptrain.dist import DistInfo, process_group

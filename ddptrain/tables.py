@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,46 @@ def read_table(path_str: str) -> Table:
     return _read_shards(path_str, files)
 
 
+class MixedTypes(Exception):
+    """A streamed CSV column changed type after its first block (e.g. numbers, then text): read it whole."""
+
+
+def read_pieces(path_str: str, rows: int) -> Iterator[Table]:
+    """The table in pieces of about `rows` rows, in file order, without holding it whole: Parquet by row batches,
+    CSV/TSV by blocks (types inferred on the first block; MixedTypes if a later block disagrees), NPZ whole."""
+    pa = _pyarrow()
+    for f in shard_files(path_str):
+        _check_file(f)
+        suffix = f.suffix.lower()
+        if suffix == ".npz":
+            yield _read_npz(f)
+        elif suffix == ".parquet":
+            try:
+                batches = pa.parquet.ParquetFile(f).iter_batches(batch_size=rows)
+            except Exception as exc:
+                raise DDPTrainError(f"data file {f} is not a readable Parquet file ({exc})") from None
+            for batch in batches:
+                yield _from_arrow(pa.Table.from_batches([batch]), str(f), text=False)
+        else:
+            yield from _csv_pieces(f, rows)
+
+
+def _csv_pieces(path: Path, rows: int) -> Iterator[Table]:
+    pa = _pyarrow()
+    delimiter = _delimiter(path)
+    header = _header(path, delimiter)
+    read = pa.csv.ReadOptions(column_names=header, skip_rows=1, encoding="utf8", block_size=rows * 64 * len(header))
+    try:
+        reader = pa.csv.open_csv(path, read_options=read, convert_options=_convert_options(),
+                                 parse_options=pa.csv.ParseOptions(delimiter=delimiter))
+        for batch in reader:
+            yield _from_arrow(pa.Table.from_batches([batch]), str(path), text=True)
+    except pa.ArrowInvalid as exc:
+        if "conversion error" in str(exc) or "In CSV column" in str(exc):
+            raise MixedTypes(str(exc)) from None
+        raise _parse_error(path, delimiter, len(header), exc) from None
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise DDPTrainError(f"data file {path} does not exist; check the path")
@@ -138,6 +179,7 @@ def _read_shards(spec: str, files: list[Path]) -> Table:
         combined = pa.concat_tables(arrows, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise DDPTrainError(f"--data {spec}: the files' column types do not agree ({str(exc).splitlines()[0]})") from None
+    arrows.clear()  # `combined` alone holds the columns now, so converting releases them one by one
     result = _from_arrow(combined, spec, text=suffixes != {".parquet"})
     result.shards = shards
     return result
@@ -170,18 +212,22 @@ def _pyarrow():
 def _arrow_delimited(path: Path, delimiter: str):
     pa = _pyarrow()
     header = _header(path, delimiter)
-    convert = pa.csv.ConvertOptions(
-        null_values=list(NA_TOKENS), strings_can_be_null=True, true_values=["true", "True", "TRUE"],
-        false_values=["false", "False", "FALSE"], timestamp_parsers=[pa.csv.ISO8601, "%Y/%m/%d"])
     read = pa.csv.ReadOptions(column_names=header, skip_rows=1, encoding="utf8")
     try:
-        table = pa.csv.read_csv(path, read_options=read, convert_options=convert,
+        table = pa.csv.read_csv(path, read_options=read, convert_options=_convert_options(),
                                 parse_options=pa.csv.ParseOptions(delimiter=delimiter))
     except pa.ArrowInvalid as exc:
         raise _parse_error(path, delimiter, len(header), exc) from None
     if table.num_rows == 0:
         raise DDPTrainError(f"data file {path} has a header but no data rows")
     return table
+
+
+def _convert_options():
+    pa = _pyarrow()
+    return pa.csv.ConvertOptions(
+        null_values=list(NA_TOKENS), strings_can_be_null=True, true_values=["true", "True", "TRUE"],
+        false_values=["false", "False", "FALSE"], timestamp_parsers=[pa.csv.ISO8601, "%Y/%m/%d"])
 
 
 def _header(path: Path, delimiter: str) -> list[str]:
