@@ -47,6 +47,7 @@ def fit(data: Path, out: Path, shuffle: str, cache_dir: Path, cgroup: Path | Non
            "--batch-size", "1024", "--hidden", "64", "--val-fraction", "0", "--shuffle", shuffle, "--out", str(out),
            "--cache-dir", str(cache_dir), "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run folder each time (fit never overwrites a run)
     if cgroup is not None:  # the child joins the cgroup before exec: everything it maps is charged there
         cmd = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *cmd]
     started = time.perf_counter()
