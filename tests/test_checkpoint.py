@@ -177,6 +177,58 @@ def test_predict_speaks_the_original_labels(trained):
     assert again.returncode == 1 and "already exists" in again.stderr
 
 
+def _predict(ckpt, data, out, chunk, monkeypatch, id_column=None):
+    from ddptrain import evaluate
+
+    monkeypatch.setattr(evaluate, "PREDICT_CHUNK", chunk)
+    evaluate.predict_to_csv(ckpt, str(data), out, id_column, overwrite=True)
+    return out.read_text()
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_predict_in_pieces_writes_what_predict_whole_writes(suffix, tmp_path, monkeypatch, capsys):
+    """A file read in pieces of 7 rows (several shards too) gives the same file, byte for byte, as one piece;
+    the id column rides along and unseen levels are counted once over all pieces."""
+    from conftest import real_table
+    from ddptrain.tables import read_table
+
+    fit(FitConfig(data=str(real_table(tmp_path / "train.csv", rows=150)), target="label", epochs=2, hidden=(8,),
+                  quiet=True, out=str(tmp_path / "run")))
+    ckpt = tmp_path / "run/checkpoints/last.pt"
+    new = real_table(tmp_path / "new.csv", rows=40, seed=3, cities=("Paris", "Kyiv"))
+    if suffix == "parquet":
+        pq = pytest.importorskip("pyarrow.parquet")
+        import pyarrow.csv as pacsv
+
+        (tmp_path / "shards").mkdir()
+        whole = pacsv.read_csv(new)
+        pq.write_table(whole.slice(0, 25), tmp_path / "shards/a.parquet")
+        pq.write_table(whole.slice(25), tmp_path / "shards/b.parquet")
+        new = tmp_path / "shards"
+    capsys.readouterr()
+    one = _predict(ckpt, new, tmp_path / "one.csv", 10 ** 6, monkeypatch, id_column="name")
+    notes_one = capsys.readouterr().err
+    pieces = _predict(ckpt, new, tmp_path / "pieces.csv", 7, monkeypatch, id_column="name")
+    notes_pieces = capsys.readouterr().err
+    assert pieces == one and len(one.splitlines()) == 41 and one.splitlines()[1].startswith("person 0,")
+    assert notes_pieces == notes_one and notes_one.count("column 'city'") == 1 and len(read_table(str(new))) == 40
+
+
+def test_predict_reads_a_csv_whole_when_its_types_change_after_the_first_block(tmp_path, monkeypatch, capsys):
+    """Numbers in the first block, text further down: the streamed read gives up and the file is read whole, as
+    before; the text cells are missing values, counted in one note."""
+    rows = ["a,b,y"] + [f"{i % 13},{i % 7},{'xy'[i % 2]}" for i in range(300)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    fit(FitConfig(data=str(tmp_path / "t.csv"), target="y", epochs=1, hidden=(4,), quiet=True,
+                  out=str(tmp_path / "run")))
+    late = ["a,b"] + [f"{i % 13},{i % 7}" for i in range(3000)] + ["oops,1"]
+    (tmp_path / "late.csv").write_text("\n".join(late) + "\n")
+    capsys.readouterr()
+    text = _predict(tmp_path / "run/checkpoints/last.pt", tmp_path / "late.csv", tmp_path / "p.csv", 50, monkeypatch)
+    assert len(text.splitlines()) == 3002
+    assert "column 'a': 1 cells hold values that are not numbers (treated as missing)" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_inspect(trained):
     result = cli("inspect", "run/checkpoints/last.pt", "--json", cwd=trained)
