@@ -23,7 +23,7 @@ import torch
 
 from ddptrain import __version__
 from ddptrain.config import FitConfig
-from ddptrain.data import Allocate, DataSpec, FitData, Split
+from ddptrain.data import STAGED, DataSpec, FitData, Split
 from ddptrain.errors import DDPTrainError
 from ddptrain.preprocess import ColumnRole
 from ddptrain.tables import looks_like_path, shard_files
@@ -60,11 +60,11 @@ def cache_key(cfg: FitConfig) -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def cached_fit_data(cfg: FitConfig, build: Callable[[Allocate | None], FitData],
+def cached_fit_data(cfg: FitConfig, build: Callable[[Path | None], FitData],
                     cache_dir: Path) -> tuple[FitData, str]:
-    """The prepared data from the cache, building it first if needed: `build(allocate)` fills its feature matrices
-    straight into the cache's memory-mapped files (or into memory, given None). Returns the data and what
-    happened."""
+    """The prepared data from the cache, building it first if needed: `build(workspace)` prepares the table with its
+    number columns staged on disk and its matrices written into memory-mapped files in `workspace` (or all in
+    memory, given None). Returns the data and what happened."""
     key = cache_key(cfg)
     if key is None:
         return build(None), "not cached (a built-in dataset)"
@@ -81,7 +81,9 @@ def cached_fit_data(cfg: FitConfig, build: Callable[[Allocate | None], FitData],
             return data, f"prepared table from the cache {folder}"
         tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
         try:
-            _save(build(_files_in(tmp)), tmp, folder)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            _save(build(tmp), tmp, folder)
         except OSError as exc:  # no room or no permission: no cache is fine, the data fits in memory
             shutil.rmtree(tmp, ignore_errors=True)
             return build(None), f"not cached ({exc.strerror or exc})"
@@ -91,25 +93,6 @@ def cached_fit_data(cfg: FitConfig, build: Callable[[Allocate | None], FitData],
         return _load(folder) or build(None), f"prepared table cached in {folder}"
     finally:
         os.close(lock)
-
-
-def _files_in(folder: Path) -> Allocate:
-    """Allocate float32 arrays as .npy files in `folder`, their space reserved up front (a full disk is an
-    OSError here, not a SIGBUS when a mapped page is first written)."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-
-    def allocate(name: str, shape: tuple[int, int]) -> np.ndarray:
-        path = folder / f"{name}.npy"
-        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-        fd = os.open(path, os.O_RDWR)
-        try:
-            os.posix_fallocate(fd, 0, path.stat().st_size)
-        finally:
-            os.close(fd)
-        return array
-
-    return allocate
 
 
 def _save(data: FitData, tmp: Path, folder: Path) -> None:
@@ -123,6 +106,7 @@ def _save(data: FitData, tmp: Path, folder: Path) -> None:
     meta = {"format": CACHE_FORMAT, "spec": data.spec.to_dict(), "notes": list(data.spec.notes),
             "roles": [dataclasses.asdict(r) for r in data.roles], "arrays": [k for k, v in arrays.items() if v is not None]}
     (tmp / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(tmp / STAGED, ignore_errors=True)  # the staged table's columns served the build only
     shutil.rmtree(folder, ignore_errors=True)  # a stale or damaged one
     os.rename(tmp, folder)
 

@@ -8,8 +8,8 @@ checkpoint so that eval and predict apply exactly what training applied, to the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 from ddptrain import datasets
 from ddptrain.config import VALIDATE_FROM_ROWS, FitConfig, resolve_val_fraction
 from ddptrain.errors import DDPTrainError, UsageError
+from ddptrain.ondisk import allocate_in, stage_table
 from ddptrain.preprocess import (
     ColumnPlan,
     ColumnRole,
@@ -232,14 +233,21 @@ def table_plan(cfg: FitConfig, table: Table) -> tuple[str, str, tuple[str, ...],
     return target, task, classes, rows, notes, roles
 
 
-Allocate = Callable[[str, tuple[int, int]], np.ndarray]  # (name, shape) -> a float32 array to fill
+STAGED = "staged"  # a workspace's folder of the staged table's columns
 
 
-def prepare_fit_data(cfg: FitConfig, allocate: Allocate | None = None) -> FitData:
-    """The table read, planned, split and fitted, its feature matrices filled into `allocate`d arrays (default:
-    memory; the cache passes memory-mapped files, so the prepared table is never held twice)."""
-    allocate = allocate or (lambda name, shape: np.empty(shape, dtype=np.float32))
-    table = load_table(cfg.data, cfg.seed, cfg.n_samples, cfg.n_features, cfg.n_classes, cfg.noise)
+def prepare_fit_data(cfg: FitConfig, workspace: Path | None = None) -> FitData:
+    """The table read, planned, split and fitted. Given a `workspace` folder (the cache's), a file's number and date
+    columns are staged there on disk and the feature matrices written into memory-mapped files there, so that a
+    table larger than memory can be prepared; without one, everything is in memory."""
+    if workspace is None:
+        table = load_table(cfg.data, cfg.seed, cfg.n_samples, cfg.n_features, cfg.n_classes, cfg.noise)
+        def allocate(name: str, shape: tuple[int, int]) -> np.ndarray:
+            return np.empty(shape, dtype=np.float32)
+    else:
+        table = stage_table(cfg.data, workspace / STAGED) if looks_like_path(cfg.data) else \
+            load_table(cfg.data, cfg.seed, cfg.n_samples, cfg.n_features, cfg.n_classes, cfg.noise)
+        allocate = allocate_in(workspace)
     target, task, classes, rows, notes, roles = table_plan(cfg, table)
     table = table.select(rows) if len(rows) < len(table) else table
     if cfg.val_data:

@@ -112,7 +112,7 @@ def prepare(cfg: FitConfig) -> FitData:
     from ddptrain.cache import cached_fit_data, default_cache_dir
 
     folder = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    data, how = cached_fit_data(cfg, lambda allocate: prepare_fit_data(cfg, allocate), folder)
+    data, how = cached_fit_data(cfg, lambda workspace: prepare_fit_data(cfg, workspace), folder)
     console.line(f"ddptrain fit: {how}")
     return data
 

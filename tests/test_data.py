@@ -348,12 +348,12 @@ def test_the_prepared_table_is_cached_reused_and_rebuilt_when_stale_or_damaged(t
     path = real_table(tmp_path / "p.csv")
     cfg = FitConfig(data=str(path), target="label", cache_dir=str(tmp_path / "cache"), val_fraction=0.2)
     fresh = prepare_fit_data(cfg)
-    first, how = cached_fit_data(cfg, lambda allocate: prepare_fit_data(cfg, allocate), tmp_path / "cache")
+    first, how = cached_fit_data(cfg, lambda workspace: prepare_fit_data(cfg, workspace), tmp_path / "cache")
     assert how.startswith("prepared table cached in")
     folders = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert len(folders) == 1 and (folders[0] / "x_train.npy").is_file()
 
-    def never(allocate):
+    def never(workspace):
         raise AssertionError("the cache should have been used")
 
     again, how = cached_fit_data(cfg, never, tmp_path / "cache")
@@ -363,15 +363,15 @@ def test_the_prepared_table_is_cached_reused_and_rebuilt_when_stale_or_damaged(t
     assert [r.name for r in again.roles] == [r.name for r in fresh.roles]
     # damaged: rebuilt, never trusted
     (folders[0] / "x_train.npy").write_bytes(b"\x93NUMPY garbage")
-    rebuilt, how = cached_fit_data(cfg, lambda allocate: prepare_fit_data(cfg, allocate), tmp_path / "cache")
+    rebuilt, how = cached_fit_data(cfg, lambda workspace: prepare_fit_data(cfg, workspace), tmp_path / "cache")
     assert how.startswith("prepared table cached in") and torch.equal(rebuilt.train.x, fresh.train.x)
     # the file changed: another key, another build
     real_table(path, rows=130)
-    changed, how = cached_fit_data(cfg, lambda allocate: prepare_fit_data(cfg, allocate), tmp_path / "cache")
+    changed, how = cached_fit_data(cfg, lambda workspace: prepare_fit_data(cfg, workspace), tmp_path / "cache")
     assert how.startswith("prepared table cached in") and len(changed.train) + len(changed.val) == 130
     # another setting that shapes the arrays: another key
     other = FitConfig(data=str(path), target="label", drop=("since",))
-    assert cached_fit_data(other, lambda allocate: prepare_fit_data(other, allocate), tmp_path / "cache")[1].startswith("prepared table cached")
+    assert cached_fit_data(other, lambda workspace: prepare_fit_data(other, workspace), tmp_path / "cache")[1].startswith("prepared table cached")
 
 
 def test_a_float32_parquet_column_prepares_exactly_like_its_float64_copy(tmp_path):
@@ -393,6 +393,52 @@ def test_a_float32_parquet_column_prepares_exactly_like_its_float64_copy(tmp_pat
     assert torch.equal(narrow.train.x, wide.train.x) and torch.equal(narrow.train.y, wide.train.y)
 
 
+@pytest.mark.parametrize("layout", ["csv", "parquet", "csv shards", "parquet shards"])
+def test_a_staged_table_is_the_table_with_its_numbers_on_disk(layout, tmp_path, monkeypatch):
+    """Read in pieces of 16 rows, numbers and dates appended to files and mapped back: the same names, kinds,
+    values, whole-number columns and error locations (file and line) as the whole read; nothing in memory for them."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from ddptrain import ondisk
+    from ddptrain.tables import read_table
+
+    monkeypatch.setattr(ondisk, "STAGE_PIECE_ROWS", 16)
+    source = real_table(tmp_path / "t.csv", rows=400)
+    if layout != "csv":
+        whole = pacsv.read_csv(source)
+        (tmp_path / "d").mkdir()
+        parts = [whole.slice(0, 170), whole.slice(170)] if "shards" in layout else [whole]
+        for i, part in enumerate(parts):
+            if layout.startswith("parquet"):
+                pq.write_table(part, tmp_path / f"d/{i}.parquet")
+            else:
+                pacsv.write_csv(part, tmp_path / f"d/{i}.csv")
+        source = tmp_path / "d" if "shards" in layout else tmp_path / "d/0.parquet"
+    staged = ondisk.stage_table(str(source), tmp_path / "staged")
+    read = read_table(str(source))
+    assert (staged.names, staged.kinds, staged.integer, staged.path) == (read.names, read.kinds, read.integer, read.path)
+    for name in read.names:
+        a, b = staged.column(name), read.column(name)
+        assert a.dtype == b.dtype and len(a) == len(b) == 400
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f") if a.dtype != object else a.tolist() == b.tolist()
+        if staged.kind(name) in ("number", "datetime"):
+            assert isinstance(a, np.memmap)
+    assert [staged.where(r) for r in (0, 200, 399)] == [read.where(r) for r in (0, 200, 399)]
+
+
+def test_a_csv_whose_types_change_mid_file_is_staged_by_a_whole_read(tmp_path, monkeypatch):
+    from ddptrain import ondisk
+    from ddptrain.tables import read_table
+
+    monkeypatch.setattr(ondisk, "STAGE_PIECE_ROWS", 16)
+    rows = ["a,b"] + [f"{i},{i % 3}" for i in range(3000)] + ["x,1"]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    staged = ondisk.stage_table(str(tmp_path / "t.csv"), tmp_path / "staged")
+    assert staged.kinds == read_table(str(tmp_path / "t.csv")).kinds == ["text", "number"]
+    assert not (tmp_path / "staged").exists()
+
+
 def test_a_cache_build_that_fails_or_is_interrupted_leaves_nothing_behind(tmp_path):
     """The feature matrices are written straight into the cache's files; a build that runs out of room falls back
     to memory with a note, and Ctrl-C mid-build leaves no half-written folder."""
@@ -404,10 +450,10 @@ def test_a_cache_build_that_fails_or_is_interrupted_leaves_nothing_behind(tmp_pa
     cfg = FitConfig(data=str(path), target="label")
     calls = []
 
-    def no_room(allocate):
-        calls.append(allocate)
-        if allocate is not None:
-            allocate("x_train", (10, 3))
+    def no_room(workspace):
+        calls.append(workspace)
+        if workspace is not None:
+            (workspace / "x_train.npy").write_bytes(b"half")
             raise OSError(errno.ENOSPC, "No space left on device")
         return prepare_fit_data(cfg)
 
@@ -415,8 +461,8 @@ def test_a_cache_build_that_fails_or_is_interrupted_leaves_nothing_behind(tmp_pa
     assert how == "not cached (No space left on device)" and len(calls) == 2 and len(data.train) == 120
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == []
 
-    def interrupted(allocate):
-        prepare_fit_data(cfg, allocate)
+    def interrupted(workspace):
+        prepare_fit_data(cfg, workspace)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -430,10 +476,10 @@ def _build_in_a_process(path, cache, marker):
 
     cfg = FitConfig(data=path, target="label")
 
-    def build(allocate):
+    def build(workspace):
         with open(marker, "a") as handle:
             handle.write("built\n")
-        return prepare_fit_data(cfg, allocate)
+        return prepare_fit_data(cfg, workspace)
 
     data, how = cached_fit_data(cfg, build, Path(cache))
     return how.split()[2], data.train.x.sum().item()
