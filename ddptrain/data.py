@@ -236,18 +236,19 @@ def table_plan(cfg: FitConfig, table: Table) -> tuple[str, str, tuple[str, ...],
 STAGED = "staged"  # a workspace's folder of the staged table's columns
 
 
+def _in_memory(name: str, shape: tuple[int, int]) -> np.ndarray:
+    return np.empty(shape, dtype=np.float32)
+
+
 def prepare_fit_data(cfg: FitConfig, workspace: Path | None = None) -> FitData:
     """The table read, planned, split and fitted. Given a `workspace` folder (the cache's), a file's number and date
     columns are staged there on disk and the feature matrices written into memory-mapped files there, so that a
     table larger than memory can be prepared; without one, everything is in memory."""
-    if workspace is None:
+    if workspace is None or not looks_like_path(cfg.data):
         table = load_table(cfg.data, cfg.seed, cfg.n_samples, cfg.n_features, cfg.n_classes, cfg.noise)
-        def allocate(name: str, shape: tuple[int, int]) -> np.ndarray:
-            return np.empty(shape, dtype=np.float32)
     else:
-        table = stage_table(cfg.data, workspace / STAGED) if looks_like_path(cfg.data) else \
-            load_table(cfg.data, cfg.seed, cfg.n_samples, cfg.n_features, cfg.n_classes, cfg.noise)
-        allocate = allocate_in(workspace)
+        table = stage_table(cfg.data, workspace / STAGED)
+    allocate = allocate_in(workspace) if workspace is not None else _in_memory
     target, task, classes, rows, notes, roles = table_plan(cfg, table)
     table = table.select(rows) if len(rows) < len(table) else table
     if cfg.val_data:
