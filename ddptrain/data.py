@@ -135,8 +135,14 @@ def infer_task(table: Table, target: str, present: np.ndarray) -> str:
     return "classification" if integral and len(np.unique(values)) <= MAX_INTEGER_CLASSES else "regression"
 
 
-def class_labels(table: Table, target: str, rows: np.ndarray) -> np.ndarray:
-    return np.array([label_text(v) for v in table.column(target)[rows].tolist()], dtype=object)
+def class_labels(table: Table, target: str, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The distinct labels (as text) among the rows' target cells, and each row's index into them. Labels are
+    made once per distinct value, not per row (a million rows hold a handful of classes)."""
+    values, inverse = np.unique(table.column(target)[rows], return_inverse=True)
+    texts = [label_text(v) for v in values.tolist()]
+    distinct = sorted(set(texts))  # 1 and 1.0 are one label
+    position = {label: i for i, label in enumerate(distinct)}
+    return distinct, np.array([position[t] for t in texts], dtype=np.int64)[inverse.reshape(-1)]
 
 
 def _sort_classes(labels: set[str]) -> tuple[str, ...]:
@@ -147,13 +153,13 @@ def _sort_classes(labels: set[str]) -> tuple[str, ...]:
 
 
 def encode_classes(table: Table, target: str, classes: tuple[str, ...], rows: np.ndarray) -> np.ndarray:
-    labels = class_labels(table, target, rows)
+    distinct, inverse = class_labels(table, target, rows)
     index = {label: i for i, label in enumerate(classes)}
-    unknown = sorted({label for label in labels if label not in index})
+    unknown = [label for label in distinct if label not in index]
     if unknown:
         raise DDPTrainError(f"{table.path}: column '{target}' has labels the model never saw: "
                             f"{', '.join(unknown[:5])}; it knows {', '.join(classes)}")
-    return np.array([index[label] for label in labels], dtype=np.int64)
+    return np.array([index[label] for label in distinct], dtype=np.int64)[inverse]
 
 
 def regression_target(table: Table, target: str, rows: np.ndarray) -> np.ndarray:
@@ -162,7 +168,9 @@ def regression_target(table: Table, target: str, rows: np.ndarray) -> np.ndarray
         row = next((int(r) for r in rows if col[r] is not None and not _is_number(col[r])), int(rows[0]))
         raise DDPTrainError(f"{table.path}: the regression target '{target}' {table.where(row)} holds "
                             f"'{col[row]}', not a number; pick another --target or --task classification")
-    values = np.array([np.nan if v is None else float(v) for v in table.column(target)[rows]], dtype=np.float64)
+    col = table.column(target)[rows]
+    values = col.astype(np.float64) if table.kind(target) == "number" else \
+        np.array([np.nan if v is None else float(v) for v in col], dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(values))
     if len(bad):
         raise DDPTrainError(f"{table.path}: column '{target}' {table.where(int(rows[bad[0]]))} is "
@@ -207,8 +215,8 @@ def plan_target(table: Table, target: str, task: str) -> tuple[str, tuple[str, .
     task = task if task != "auto" else infer_task(table, target, present)
     if task == "regression":
         return task, (), rows, notes
-    labels = class_labels(table, target, rows)
-    classes = _sort_classes(set(labels.tolist()))
+    distinct, _ = class_labels(table, target, rows)
+    classes = _sort_classes(set(distinct))
     if len(classes) < 2:
         raise DDPTrainError(f"{table.path}: target '{target}' has one class ({classes[0]}); "
                             "classification needs at least two (or pass --task regression)")
