@@ -7,6 +7,7 @@ a runtime failure is reported by the rank that failed.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
@@ -124,6 +125,50 @@ class EpochProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class RowProgress:
+    """Rows done while a table is read: a Rich bar (rows, rows/s, time left when the total is known) on a terminal;
+    a plain line every PLAIN_EVERY_S seconds elsewhere, and one at the end."""
+
+    PLAIN_EVERY_S = 5.0
+
+    def __init__(self, what: str, total: int | None) -> None:
+        self.what, self.total, self.rows = what, total, 0
+        self.enabled = console.is_main and not console.quiet
+        self.started = self.last = time.perf_counter()
+        self._progress: Progress | None = None
+        if self.enabled and console.is_terminal:
+            self._progress = Progress(TextColumn(what), BarColumn(), TextColumn("{task.completed:,} rows"),
+                                      TextColumn("{task.fields[speed]} rows/s"), TimeRemainingColumn(),
+                                      console=console.out, transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task(what, total=total, speed="-")
+
+    def advance(self, rows: int) -> None:
+        self.rows += rows
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        speed = self.rows / max(now - self.started, 1e-9)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=self.rows, speed=f"{speed:,.0f}")
+        elif now - self.last >= self.PLAIN_EVERY_S:
+            self.last = now
+            console.line(self._line(speed))
+
+    def _line(self, speed: float) -> str:
+        of = f" of {self.total:,}" if self.total else ""
+        left = f", {(self.total - self.rows) / speed:.0f} s left" if self.total and speed > 0 else ""
+        return f"{self.what}: {self.rows:,}{of} rows, {speed:,.0f} rows/s{left}"
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self.enabled:
+            seconds = time.perf_counter() - self.started
+            console.line(f"{self.what}: {self.rows:,} rows in {seconds:.1f} s")
 
 
 def _number(value: float | None) -> str:

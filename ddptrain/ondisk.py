@@ -16,7 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ddptrain.tables import MixedTypes, Table, read_pieces, read_table, shard_files
+from ddptrain.console import RowProgress
+from ddptrain.tables import (
+    MixedTypes,
+    Table,
+    count_rows,
+    read_pieces,
+    read_table,
+    shard_files,
+)
 
 Allocate = Callable[[str, tuple[int, int]], np.ndarray]  # (name, shape) -> a float32 array to fill
 STAGE_PIECE_ROWS = 65536
@@ -60,6 +68,7 @@ def _stage(source: str, folder: Path) -> Table:
     shards: list[tuple[str, int]] = []
     integer: set[str] = set()
     rows = 0
+    progress = RowProgress(f"reading {source}", count_rows(source))
     try:
         for piece in read_pieces(source, STAGE_PIECE_ROWS):
             if first is None:
@@ -81,7 +90,9 @@ def _stage(source: str, folder: Path) -> Table:
                 else:
                     in_memory[j].append(col)
             rows += len(piece)
+            progress.advance(len(piece))
     finally:
+        progress.close()
         for handle in files.values():
             handle.close()
     if first is None:

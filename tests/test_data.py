@@ -554,3 +554,25 @@ def test_read_ahead_asks_for_the_blocks_of_the_next_window_once():
         assert needed <= {offset // (block * width * 4) for offset, _ in advised}
         assert not {offset // (block * width * 4) for offset, _ in advised} - {int(r) // block for r in order[:position + 2 * span]}
     assert len(advised) == len(set(advised)) and all(length == block * width * 4 for _, length in advised)
+
+
+def test_staging_reports_rows_as_it_reads(tmp_path, monkeypatch, capsys):
+    """Off a terminal: a plain line as pieces are read (rows, rows/s, time left when Parquet says the total), and
+    one at the end."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from ddptrain import ondisk
+    from ddptrain.console import RowProgress, console
+
+    monkeypatch.setattr(console, "quiet", False)  # an earlier in-process fit may have left --quiet on
+    monkeypatch.setattr(ondisk, "STAGE_PIECE_ROWS", 50)
+    monkeypatch.setattr(RowProgress, "PLAIN_EVERY_S", 0.0)
+    pq.write_table(pacsv.read_csv(real_table(tmp_path / "t.csv", rows=200)), tmp_path / "t.parquet")
+    capsys.readouterr()
+    ondisk.stage_table(str(tmp_path / "t.parquet"), tmp_path / "staged")
+    lines = capsys.readouterr().out.splitlines()
+    source = tmp_path / "t.parquet"
+    assert lines[0].startswith(f"reading {source}: 50 of 200 rows, ") and lines[0].endswith(" s left")
+    assert lines[-2].startswith(f"reading {source}: 200 of 200 rows")
+    assert lines[-1].startswith(f"reading {source}: 200 rows in ")
