@@ -8,6 +8,7 @@ checkpoint so that eval and predict apply exactly what training applied, to the 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,21 +328,26 @@ def unseen_notes(spec: DataSpec, unseen: dict[str, int]) -> list[str]:
 
 
 def labelled_split(spec: DataSpec, table: Table, require_target: bool = True,
-                   allowed_extra: tuple[str, ...] = (), notes: list[str] | None = None) -> Split:
+                   allowed_extra: tuple[str, ...] = (), notes: list[str] | None = None,
+                   tally: Counter[Any] | None = None) -> Split:
     """Rows of a new table through the training preprocessor; targets encoded when present (rows without one are
-    left out when scoring). `notes` collects what is worth one line: unseen levels, rows left out."""
+    left out when scoring). What is worth a line (unseen levels, rows left out) is counted into `tally` (over
+    several pieces of a file) and, given `notes`, said there for this table alone."""
     check_columns(spec, table, allowed_extra)
-    notes = notes if notes is not None else []
+    counts: Counter[Any] = Counter(rows=len(table))
     if spec.target_name in table.names and require_target:
         present = ~table.missing(spec.target_name)
-        if not present.any():
+        if not present.any() and tally is None:
             raise DDPTrainError(f"{table.path}: the target '{spec.target_name}' is empty in every row")
         if not present.all():
-            notes.append(f"{int((~present).sum())} of {len(table)} rows have no '{spec.target_name}' value and "
-                         "are not scored")
+            counts["unscored"] = int((~present).sum())
             table = table.select(np.flatnonzero(present))
     x, unseen = features(spec, table, allowed_extra)
-    notes += unseen_notes(spec, unseen)
+    counts.update({("unseen", name): count for name, count in unseen.items()})
+    if notes is not None:
+        notes += tally_notes(spec, counts)
+    if tally is not None:
+        tally.update(counts)
     if spec.target_name not in table.names or not require_target:
         if require_target:
             raise DDPTrainError(f"{table.path} has no target column '{spec.target_name}' to score against")
@@ -352,6 +358,15 @@ def labelled_split(spec: DataSpec, table: Table, require_target: bool = True,
     else:
         y = regression_target(table, spec.target_name, rows)
     return to_split(spec, x, y)
+
+
+def tally_notes(spec: DataSpec, tally: Counter[Any]) -> list[str]:
+    """The notes of a `labelled_split` tally: rows left out for want of a target, then unseen values."""
+    notes = []
+    if tally["unscored"]:
+        notes.append(f"{tally['unscored']} of {tally['rows']} rows have no '{spec.target_name}' value and are not "
+                     "scored")
+    return notes + unseen_notes(spec, {key[1]: n for key, n in tally.items() if isinstance(key, tuple)})
 
 
 SHUFFLE_BLOCK_ROWS = 4096  # at most; a small table's blocks are smaller, so its order still has blocks

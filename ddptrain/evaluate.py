@@ -23,10 +23,11 @@ from ddptrain.data import (
     features,
     labelled_split,
     load_table,
+    tally_notes,
     to_split,
     unseen_notes,
 )
-from ddptrain.dist import process_group
+from ddptrain.dist import all_reduce_sum, process_group
 from ddptrain.errors import DDPTrainError, Interrupted
 from ddptrain.metrics import evaluation_sums, metrics_from_sums
 from ddptrain.optim import build_loss
@@ -45,14 +46,35 @@ def _table_for(cfg: FitConfig, source: str, seed: int | None):
 
 
 def evaluate_checkpoint(path: Path, source: str, seed: int | None, as_json: bool, device_name: str) -> dict[str, Any]:
+    """Metrics of a checkpoint on labelled rows. A file is read in pieces (a CSV whose types change mid-file: whole),
+    each rank scoring its share of every piece; the sums are all-reduced once at the end."""
     state = load_checkpoint(path)
     with process_group(device_name, "auto", None) as dist:
         model, spec, cfg = inference_model(state, dist.device, path)
-        notes: list[str] = []
-        split = labelled_split(spec, _table_for(cfg, source, seed), notes=notes)
-        for note in notes:
-            console.note(note)
-        sums = evaluation_sums(model, split, spec, build_loss(cfg, spec.task), dist.rank, dist.world_size)
+        loss_fn = build_loss(cfg, spec.task)
+
+        def whole() -> Iterator[Table]:
+            yield _table_for(cfg, source, seed)
+
+        def score(tables: Iterable[Table]) -> tuple[torch.Tensor | None, Counter[Any]]:
+            sums, tally = None, Counter()
+            for table in tables:
+                split = labelled_split(spec, table, tally=tally)
+                if len(split):
+                    part = evaluation_sums(model, split, spec, loss_fn, dist.rank, dist.world_size, reduce=False)
+                    sums = part if sums is None else sums + part
+            return sums, tally
+
+        try:
+            sums, tally = score(read_pieces(source, PREDICT_CHUNK) if looks_like_path(source) else whole())
+        except MixedTypes:
+            sums, tally = score(whole())
+        if sums is None:
+            raise DDPTrainError(f"{source}: the target '{spec.target_name}' is empty in every row")
+        if dist.world_size > 1:
+            all_reduce_sum(sums)
+    for note in tally_notes(spec, tally):
+        console.note(note)
     metrics = metrics_from_sums(sums, spec)
     if as_json:
         console.line(json.dumps(metrics), force=True)

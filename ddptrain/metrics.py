@@ -20,8 +20,9 @@ EVAL_CHUNK = 65536
 
 @torch.no_grad()
 def evaluation_sums(model: nn.Module, split: Split, spec: DataSpec, loss_fn: nn.Module,
-                    rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    """float64 sums over this rank's shard, all-reduced across ranks.
+                    rank: int = 0, world_size: int = 1, reduce: bool = True) -> torch.Tensor:
+    """float64 sums over this rank's shard, all-reduced across ranks (unless `reduce` is off: the caller adds up
+    several pieces first).
 
     classification: [n, loss_sum, confusion (C*C, true-major)]; regression: [n, loss_sum, sse, sae, sy, syy]
     (errors and targets in the original units).
@@ -49,7 +50,7 @@ def evaluation_sums(model: nn.Module, split: Split, spec: DataSpec, loss_fn: nn.
             err = pred_u - y_u
             sums[2:] += torch.stack([(err * err).sum(), err.abs().sum(), y_u.sum(), (y_u * y_u).sum()])
     model.train(was_training)
-    if world_size > 1:
+    if world_size > 1 and reduce:
         all_reduce_sum(sums)
     return sums
 

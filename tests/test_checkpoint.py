@@ -214,6 +214,34 @@ def test_predict_in_pieces_writes_what_predict_whole_writes(suffix, tmp_path, mo
     assert notes_pieces == notes_one and notes_one.count("column 'city'") == 1 and len(read_table(str(new))) == 40
 
 
+def test_eval_in_pieces_scores_what_eval_whole_scores(tmp_path, monkeypatch, capsys):
+    """Pieces of 9 rows, one of them without any target: the same metrics as one piece, and one note per kind."""
+    from conftest import real_table
+    from ddptrain import evaluate
+
+    fit(FitConfig(data=str(real_table(tmp_path / "train.csv", rows=150)), target="label", epochs=2, hidden=(8,),
+                  quiet=True, out=str(tmp_path / "run")))
+    new = real_table(tmp_path / "new.csv", rows=60, seed=3, cities=("Paris", "Kyiv"))
+    lines = new.read_text().splitlines()
+    lines[1:10] = [line.rsplit(",", 1)[0] + "," for line in lines[1:10]]  # a first piece without any label
+    new.write_text("\n".join(lines) + "\n")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow.csv as pacsv
+
+    pq.write_table(pacsv.read_csv(new), tmp_path / "new.parquet")  # row batches of exactly 9
+    new = tmp_path / "new.parquet"
+    ckpt = tmp_path / "run/checkpoints/last.pt"
+    results = []
+    for chunk in (10 ** 6, 9):
+        monkeypatch.setattr(evaluate, "PREDICT_CHUNK", chunk)
+        capsys.readouterr()
+        results.append((evaluate.evaluate_checkpoint(ckpt, str(new), None, True, "cpu"), capsys.readouterr().err))
+    (whole, notes_whole), (pieces, notes_pieces) = results
+    assert whole["rows"] == 51 and pieces["loss"] == pytest.approx(whole["loss"], rel=1e-6)  # summed in pieces
+    assert {k: v for k, v in pieces.items() if k != "loss"} == {k: v for k, v in whole.items() if k != "loss"}
+    assert notes_pieces == notes_whole and notes_whole.count("9 of 60 rows have no 'label' value") == 1
+
+
 def test_predict_reads_a_csv_whole_when_its_types_change_after_the_first_block(tmp_path, monkeypatch, capsys):
     """Numbers in the first block, text further down: the streamed read gives up and the file is read whole, as
     before; the text cells are missing values, counted in one note."""
