@@ -162,11 +162,12 @@ class RowProgress:
         left = f", {(self.total - self.rows) / speed:.0f} s left" if self.total and speed > 0 else ""
         return f"{self.what}: {self.rows:,}{of} rows, {speed:,.0f} rows/s{left}"
 
-    def close(self) -> None:
+    def close(self, summary: bool = True) -> None:
+        """Stop the bar; `summary`: say how many rows took how long (not after a failed read)."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        if self.enabled:
+        if self.enabled and summary:
             seconds = time.perf_counter() - self.started
             console.line(f"{self.what}: {self.rows:,} rows in {seconds:.1f} s")
 

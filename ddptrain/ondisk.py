@@ -13,6 +13,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -63,17 +64,18 @@ def stage_table(source: str, folder: Path) -> Table:
 def _stage(source: str, folder: Path) -> Table:
     folder.mkdir(parents=True, exist_ok=True)
     first: Table | None = None
-    files: dict[int, object] = {}
+    files: dict[int, IO[bytes]] = {}
     in_memory: dict[int, list[np.ndarray]] = {}
     shards: list[tuple[str, int]] = []
     integer: set[str] = set()
     rows = 0
     progress = RowProgress(f"reading {source}", count_rows(source))
+    finished = False
     try:
         for piece in read_pieces(source, STAGE_PIECE_ROWS):
             if first is None:
                 first, integer = piece, set(piece.integer)
-                for j, (kind, col) in enumerate(zip(piece.kinds, piece.columns)):
+                for j, kind in enumerate(piece.kinds):
                     if kind in MAPPED_KINDS:
                         files[j] = open(folder / f"column-{j}.bin", "wb")  # noqa: SIM115 (closed below)
                     else:
@@ -91,8 +93,9 @@ def _stage(source: str, folder: Path) -> Table:
                     in_memory[j].append(col)
             rows += len(piece)
             progress.advance(len(piece))
+        finished = True
     finally:
-        progress.close()
+        progress.close(summary=finished)
         for handle in files.values():
             handle.close()
     if first is None:
