@@ -30,6 +30,7 @@ from ddptrain.data import (
 from ddptrain.dist import all_reduce_sum, process_group
 from ddptrain.errors import DDPTrainError, Interrupted
 from ddptrain.metrics import evaluation_sums, metrics_from_sums
+from ddptrain.ondisk import whole_read_below
 from ddptrain.optim import build_loss
 from ddptrain.preprocess import label_text
 from ddptrain.signals import sigterm_as_interrupt
@@ -66,7 +67,7 @@ def evaluate_checkpoint(path: Path, source: str, seed: int | None, as_json: bool
             return sums, tally
 
         try:
-            sums, tally = score(read_pieces(source, PREDICT_CHUNK) if looks_like_path(source) else whole())
+            sums, tally = score(read_pieces(source, PREDICT_CHUNK, whole_read_below()) if looks_like_path(source) else whole())
         except MixedTypes:
             sums, tally = score(whole())
         if sums is None:
@@ -126,7 +127,7 @@ def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, ov
     def whole() -> Iterator[Table]:
         yield _table_for(cfg, source, None)
 
-    pieces = read_pieces(source, PREDICT_CHUNK) if looks_like_path(source) else whole()
+    pieces = read_pieces(source, PREDICT_CHUNK, whole_read_below()) if looks_like_path(source) else whole()
     unseen: Counter[str] = Counter()
     try:
         with sigterm_as_interrupt(), atomic.replacing(out, "w", newline="") as handle:

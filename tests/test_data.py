@@ -404,6 +404,7 @@ def test_a_staged_table_is_the_table_with_its_numbers_on_disk(layout, tmp_path, 
     from ddptrain.tables import read_table
 
     monkeypatch.setattr(ondisk, "STAGE_PIECE_ROWS", 16)
+    monkeypatch.setattr(ondisk, "WHOLE_READ_SHARE", 2 ** 62)  # stream even a small CSV
     source = real_table(tmp_path / "t.csv", rows=400)
     if layout != "csv":
         whole = pacsv.read_csv(source)
@@ -432,6 +433,7 @@ def test_a_csv_whose_types_change_mid_file_is_staged_by_a_whole_read(tmp_path, m
     from ddptrain.tables import read_table
 
     monkeypatch.setattr(ondisk, "STAGE_PIECE_ROWS", 16)
+    monkeypatch.setattr(ondisk, "WHOLE_READ_SHARE", 2 ** 62)
     rows = ["a,b"] + [f"{i},{i % 3}" for i in range(3000)] + ["x,1"]
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     staged = ondisk.stage_table(str(tmp_path / "t.csv"), tmp_path / "staged")
