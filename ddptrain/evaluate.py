@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -36,7 +36,8 @@ from ddptrain.preprocess import label_text
 from ddptrain.signals import sigterm_as_interrupt
 from ddptrain.tables import MixedTypes, Table, looks_like_path, read_pieces
 
-PREDICT_CHUNK = 65536
+PREDICT_CHUNK = 65536  # rows of a piece when eval and predict read a file
+T = TypeVar("T")
 
 
 def _table_for(cfg: FitConfig, source: str, seed: int | None):
@@ -46,16 +47,29 @@ def _table_for(cfg: FitConfig, source: str, seed: int | None):
                       cfg.n_classes, cfg.noise, problem_seed=cfg.seed)
 
 
+def read_in_pieces(cfg: FitConfig, source: str, seed: int | None, consume: Callable[[Iterable[Table]], T],
+                   restart: Callable[[], None] = lambda: None) -> T:
+    """`consume(tables)` over the pieces of a file (a built-in dataset: one table); if a CSV's column types change
+    after its first block, `restart()` and consume the file read whole."""
+    def whole() -> Iterator[Table]:
+        yield _table_for(cfg, source, seed)
+
+    if not looks_like_path(source):
+        return consume(whole())
+    try:
+        return consume(read_pieces(source, PREDICT_CHUNK, whole_read_below()))
+    except MixedTypes:
+        restart()
+        return consume(whole())
+
+
 def evaluate_checkpoint(path: Path, source: str, seed: int | None, as_json: bool, device_name: str) -> dict[str, Any]:
-    """Metrics of a checkpoint on labelled rows. A file is read in pieces (a CSV whose types change mid-file: whole),
-    each rank scoring its share of every piece; the sums are all-reduced once at the end."""
+    """Metrics of a checkpoint on labelled rows. A file is read in pieces, each rank scoring its share of every
+    piece; the sums are all-reduced once at the end."""
     state = load_checkpoint(path)
     with process_group(device_name, "auto", None) as dist:
         model, spec, cfg = inference_model(state, dist.device, path)
         loss_fn = build_loss(cfg, spec.task)
-
-        def whole() -> Iterator[Table]:
-            yield _table_for(cfg, source, seed)
 
         def score(tables: Iterable[Table]) -> tuple[torch.Tensor | None, Counter[Any]]:
             sums, tally = None, Counter()
@@ -66,10 +80,7 @@ def evaluate_checkpoint(path: Path, source: str, seed: int | None, as_json: bool
                     sums = part if sums is None else sums + part
             return sums, tally
 
-        try:
-            sums, tally = score(read_pieces(source, PREDICT_CHUNK, whole_read_below()) if looks_like_path(source) else whole())
-        except MixedTypes:
-            sums, tally = score(whole())
+        sums, tally = read_in_pieces(cfg, source, seed, score)
         if sums is None:
             raise DDPTrainError(f"{source}: the target '{spec.target_name}' is empty in every row")
         if dist.world_size > 1:
@@ -118,26 +129,22 @@ def predict_rows(model: nn.Module, split: Split, spec: DataSpec) -> torch.Tensor
 
 
 def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, overwrite: bool) -> None:
-    """Predictions for every row of `source`, written as they are made: a file is read in pieces of PREDICT_CHUNK
-    rows (a CSV whose column types change after its first block is read whole instead)."""
+    """Predictions for every row of `source`, written as they are made, piece by piece (`read_in_pieces`)."""
     atomic.check_new_file(out, overwrite, {"checkpoint": path, "--data file": Path(source)})
     state = load_checkpoint(path)
     model, spec, cfg = inference_model(state, torch.device("cpu"), path)
 
-    def whole() -> Iterator[Table]:
-        yield _table_for(cfg, source, None)
-
-    pieces = read_pieces(source, PREDICT_CHUNK, whole_read_below()) if looks_like_path(source) else whole()
     unseen: Counter[str] = Counter()
     try:
         with sigterm_as_interrupt(), atomic.replacing(out, "w", newline="") as handle:
-            try:
-                rows = write_predictions(handle, pieces, model, spec, id_column, unseen)
-            except MixedTypes:
+            def restart() -> None:  # the pieces so far are written again from the whole read
                 handle.seek(0)
                 handle.truncate()
                 unseen.clear()
-                rows = write_predictions(handle, whole(), model, spec, id_column, unseen)
+
+            rows = read_in_pieces(cfg, source, None,
+                                  lambda tables: write_predictions(handle, tables, model, spec, id_column, unseen),
+                                  restart)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; --out {out} was not written (the partial file was removed)") from None
     except OSError as exc:
