@@ -76,6 +76,8 @@ def cached_fit_data(cfg: FitConfig, build: Callable[[Path | None], FitData],
         return build(None), f"not cached ({cache_dir} is not writable)"
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per machine (and per filesystem that honours flock)
+        for stale in cache_dir.glob(f"{key}.tmp-*"):  # a builder killed outright (SIGKILL, power): under the lock,
+            shutil.rmtree(stale, ignore_errors=True)  # no one else is building this key, so its leftovers go
         data = _load(folder)
         if data is not None:
             return data, f"prepared table from the cache {folder}"

@@ -471,6 +471,15 @@ def test_a_cache_build_that_fails_or_is_interrupted_leaves_nothing_behind(tmp_pa
         cached_fit_data(cfg, interrupted, tmp_path / "cache")
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == []
 
+    # a builder killed outright leaves its work folder (a staged table can be large): the next one removes it
+    from ddptrain.cache import cache_key
+
+    stale = tmp_path / "cache" / f"{cache_key(cfg)}.tmp-999999"
+    (stale / "staged").mkdir(parents=True)
+    (stale / "staged" / "column-3.bin").write_bytes(b"x" * 1000)
+    cached_fit_data(cfg, lambda workspace: prepare_fit_data(cfg, workspace), tmp_path / "cache")
+    assert not stale.exists()
+
 
 def _build_in_a_process(path, cache, marker):
     """A worker of the concurrent-builders test: build or load, and record which."""
