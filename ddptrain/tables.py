@@ -124,9 +124,12 @@ def read_pieces(path_str: str, rows: int, whole_below: int = 0) -> Iterator[Tabl
         elif suffix == ".parquet":
             try:
                 # pre_buffer off: by default pyarrow buffers the whole file ahead (3.5 GB for a 3.5 GB file)
-                batches = pa.parquet.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20).iter_batches(batch_size=rows)
+                parquet = pa.parquet.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
+                batches = parquet.iter_batches(batch_size=rows)
             except Exception as exc:
                 raise DDPTrainError(f"data file {f} is not a readable Parquet file ({exc})") from None
+            if parquet.metadata.num_rows == 0:
+                raise DDPTrainError(f"data file {f} has a header but no data rows")
             for batch in batches:
                 yield _from_arrow(pa.Table.from_batches([batch]), str(f), text=False)
         else:

@@ -587,3 +587,20 @@ def test_staging_reports_rows_as_it_reads(tmp_path, monkeypatch, capsys):
     assert lines[0].startswith(f"reading {source}: 50 of 200 rows, ") and lines[0].endswith(" s left")
     assert lines[-2].startswith(f"reading {source}: 200 of 200 rows")
     assert lines[-1].startswith(f"reading {source}: 200 rows in ")
+
+
+def test_pieces_of_an_empty_or_damaged_parquet_file_are_refused_like_a_whole_read(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from ddptrain.errors import DDPTrainError
+    from ddptrain.tables import read_pieces, read_table
+
+    pq.write_table(pa.table({"a": pa.array([], pa.float64())}), tmp_path / "empty.parquet")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    for name, words in (("empty", "has a header but no data rows"), ("bad", "is not a readable Parquet file")):
+        path = str(tmp_path / f"{name}.parquet")
+        with pytest.raises(DDPTrainError, match=words):
+            list(read_pieces(path, 10))
+        with pytest.raises(DDPTrainError, match=words):
+            read_table(path)
