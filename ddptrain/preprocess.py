@@ -29,6 +29,7 @@ DATE_PARTS = ("year", "month", "day", "dayofweek", "dayofyear", "elapsed_days")
 RARE_COUNT = 3  # a level seen fewer times in the training rows is "unknown"
 UNKNOWN, MISSING, FIRST_LEVEL = 0, 1, 2  # the first two codes of every categorical column; known levels follow
 UNIQUE_MIN_ROWS = 20  # a text column unique in every row of a table this long is an ID or a name
+CHUNK_ROWS = 1 << 20  # rows per step of column work (transform, checks)
 MOSTLY_NUMBERS = 0.95  # a text column whose present cells are numbers this often is numeric (the rest: missing)
 
 
@@ -192,21 +193,25 @@ class Preprocessor:
         unseen: dict[str, int] = {}
         j, k = 0, self.n_numeric
         for c in self.columns:
+            unseen[c.name] = 0
+            for start, chunk in zip(range(0, len(rows), CHUNK_ROWS), _row_chunks(rows)):
+                at = slice(start, start + len(chunk))
+                if c.role == "categorical":
+                    out[at, k], count = _encode(table, c, chunk)
+                    unseen[c.name] += count
+                    continue
+                values, missing = _numeric_parts(table, c.name, c.role, chunk)
+                if table.kind(c.name) != c.kind and c.kind in ("number", "datetime"):
+                    unseen[c.name] += int(missing.sum() - table.missing(c.name)[chunk].sum())
+                for part in range(values.shape[1]):
+                    filled = np.where(np.isnan(values[:, part]), c.median[part], values[:, part])
+                    out[at, j + part] = (filled - c.mean[part]) / c.std[part]
+                if c.indicator:
+                    out[at, j + values.shape[1]] = missing
             if c.role == "categorical":
-                codes, unseen[c.name] = _encode(table, c, rows)
-                out[:, k] = codes
                 k += 1
-                continue
-            values, missing = _numeric_parts(table, c.name, c.role, rows)
-            if table.kind(c.name) != c.kind and c.kind in ("number", "datetime"):
-                unseen[c.name] = int(missing.sum() - table.missing(c.name)[rows].sum())
-            for part in range(values.shape[1]):
-                filled = np.where(np.isnan(values[:, part]), c.median[part], values[:, part])
-                out[:, j] = (filled - c.mean[part]) / c.std[part]
-                j += 1
-            if c.indicator:
-                out[:, j] = missing
-                j += 1
+            else:
+                j += c.width
         return out, {name: count for name, count in unseen.items() if count}
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,12 +264,11 @@ def fit_preprocessor(table: Table, roles: list[ColumnRole], train_rows: np.ndarr
             plans.append(ColumnPlan(r.name, r.role, r.kind, levels=levels,
                                     embedding_dim=embedding_dim or embedding_size(len(levels) + FIRST_LEVEL)))
             continue
-        values, missing = _numeric_parts(table, r.name, r.role)
-        infinite = np.flatnonzero(np.isinf(values).any(axis=1))
-        if len(infinite):
-            bad.append(f"'{r.name}' {table.where(int(infinite[0]))} is infinite")
+        infinite = _first_infinite(table, r.name, r.role)
+        if infinite is not None:
+            bad.append(f"'{r.name}' {table.where(infinite)} is infinite")
             continue
-        train = values[train_rows]
+        train, missing = _numeric_parts(table, r.name, r.role, train_rows)
         if np.isnan(train).all():
             median = np.zeros(train.shape[1])
         else:
@@ -273,7 +277,7 @@ def fit_preprocessor(table: Table, roles: list[ColumnRole], train_rows: np.ndarr
         filled = np.where(np.isnan(train), median, train)
         std = filled.std(axis=0)
         plans.append(ColumnPlan(r.name, r.role, r.kind, tuple(median.tolist()), tuple(filled.mean(axis=0).tolist()),
-                                tuple(np.where(std > 0, std, 1.0).tolist()), bool(missing[train_rows].any())))
+                                tuple(np.where(std > 0, std, 1.0).tolist()), bool(missing.any())))
     if bad:
         raise DDPTrainError(f"{table.path}: features must be finite: {'; '.join(bad)} (empty or NA cells are "
                             "fine: they are missing values)")
@@ -282,6 +286,20 @@ def fit_preprocessor(table: Table, roles: list[ColumnRole], train_rows: np.ndarr
                             f"{', '.join(r.name + ' (' + r.reason + ')' for r in roles) or 'none'}); keep one with "
                             "--numeric or --categorical")
     return Preprocessor(tuple(plans), tuple(r.name for r in roles if r.role == "dropped"))
+
+
+def _row_chunks(rows: np.ndarray) -> list[np.ndarray]:
+    """`rows` in pieces of CHUNK_ROWS: column work on a long table holds a chunk's temporaries, not a column's."""
+    return [rows[i:i + CHUNK_ROWS] for i in range(0, len(rows), CHUNK_ROWS)] or [rows]
+
+
+def _first_infinite(table: Table, name: str, role: str) -> int | None:
+    for chunk in _row_chunks(np.arange(len(table))):
+        values, _ = _numeric_parts(table, name, role, chunk)
+        hits = np.flatnonzero(np.isinf(values).any(axis=1))
+        if len(hits):
+            return int(chunk[hits[0]])
+    return None
 
 
 def _vocabulary(table: Table, name: str, rows: np.ndarray) -> tuple[str, ...]:

@@ -604,3 +604,18 @@ def test_pieces_of_an_empty_or_damaged_parquet_file_are_refused_like_a_whole_rea
             list(read_pieces(path, 10))
         with pytest.raises(DDPTrainError, match=words):
             read_table(path)
+
+
+def test_the_transform_in_row_chunks_equals_the_transform_in_one(tmp_path, monkeypatch):
+    """Columns are filled a chunk of rows at a time (bounded temporaries on long tables): the same matrix, the same
+    unseen counts, whatever the chunk."""
+    from ddptrain import preprocess
+    from ddptrain.tables import read_table
+
+    data = prepare_fit_data(FitConfig(data=str(real_table(tmp_path / "train.csv", rows=150)), target="label"))
+    later = read_table(str(real_table(tmp_path / "later.csv", rows=50, seed=2, cities=("Paris", "Kyiv"))))
+    rows = np.arange(49, -1, -3)  # picked and reordered
+    whole = data.spec.preprocessor.transform(later, rows)
+    monkeypatch.setattr(preprocess, "CHUNK_ROWS", 7)
+    chunked = data.spec.preprocessor.transform(later, rows)
+    assert np.array_equal(whole[0], chunked[0], equal_nan=True) and whole[1] == chunked[1] and whole[1]
