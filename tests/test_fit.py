@@ -118,6 +118,21 @@ def test_block_shuffle_resumes_bit_exact_and_is_recorded(tmp_path):
     assert not torch.equal(weights(tmp_path / "block")["0.weight"], weights(tmp_path / "exact")["0.weight"])
 
 
+def test_a_cached_table_resumes_bit_exact_in_both_shuffle_modes(tmp_path):
+    """Training from the memory-mapped cache (a file's prepared arrays), stopped mid-epoch and resumed."""
+    from conftest import real_table
+
+    data = str(real_table(tmp_path / "t.csv", rows=300))
+    for shuffle in ("exact", "block"):
+        opts = dict(data=data, target="label", epochs=3, hidden=(8,), batch_size=24, dropout=0.2, checkpoint_every=7,
+                    keep_last=100, shuffle=shuffle, quiet=True, cache_dir=str(tmp_path / "cache"))
+        fit(FitConfig(out=str(tmp_path / f"straight-{shuffle}"), **opts))
+        fit(FitConfig(out=str(tmp_path / f"resumed-{shuffle}"), **opts,
+                      resume=str(tmp_path / f"straight-{shuffle}/checkpoints/step-00000021.pt")))
+        assert_same_weights(weights(tmp_path / f"straight-{shuffle}"), weights(tmp_path / f"resumed-{shuffle}"))
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1  # one prepared table, mapped
+
+
 def test_resume_refuses_changed_settings(tmp_path):
     fit(small(tmp_path, epochs=1))
     with pytest.raises(UsageError) as err:
