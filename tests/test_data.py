@@ -619,3 +619,21 @@ def test_the_transform_in_row_chunks_equals_the_transform_in_one(tmp_path, monke
     monkeypatch.setattr(preprocess, "CHUNK_ROWS", 7)
     chunked = data.spec.preprocessor.transform(later, rows)
     assert np.array_equal(whole[0], chunked[0], equal_nan=True) and whole[1] == chunked[1] and whole[1]
+
+
+def test_the_index_of_a_shuffled_or_filtered_frame_is_dropped(tmp_path):
+    """pandas writes the index unnamed; after df.sample() or a train/test split it is any distinct whole numbers
+    (R's row names start at 1). As a feature it leaks the source's order, often sorted by the target, so it goes;
+    a named column of distinct whole numbers stays, and so does an unnamed one with a repeat."""
+    rng = np.random.default_rng(0)
+    index = rng.permutation(500)[:120] + 1
+    rows = [",x,ident,label"] + [f"{i},{rng.normal():.4f},{i * 7},{'ab'[int(i > 250)]}" for i in index]
+    (tmp_path / "split.csv").write_text("\n".join(rows) + "\n")
+    roles = {r.name: (r.role, r.reason) for r in prepare_fit_data(FitConfig(data=str(tmp_path / "split.csv"),
+                                                                              target="label")).roles}
+    assert roles[""] == ("dropped", "an unnamed pandas index column") and roles["ident"][0] == "numeric"
+    rows[2] = rows[1]  # the same index twice: not an index
+    (tmp_path / "repeat.csv").write_text("\n".join(rows) + "\n")
+    roles = {r.name: r.role for r in prepare_fit_data(FitConfig(data=str(tmp_path / "repeat.csv"),
+                                                                 target="label")).roles}
+    assert roles[""] == "numeric"
