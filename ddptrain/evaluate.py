@@ -30,7 +30,6 @@ from ddptrain.data import (
 from ddptrain.dist import all_reduce_sum, process_group
 from ddptrain.errors import DDPTrainError, Interrupted
 from ddptrain.metrics import evaluation_sums, metrics_from_sums
-from ddptrain.ondisk import whole_read_below
 from ddptrain.optim import build_loss
 from ddptrain.preprocess import label_text
 from ddptrain.signals import sigterm_as_interrupt
@@ -57,7 +56,7 @@ def read_in_pieces(cfg: FitConfig, source: str, seed: int | None, consume: Calla
     if not looks_like_path(source):
         return consume(whole())
     try:
-        return consume(read_pieces(source, PREDICT_CHUNK, whole_read_below()))
+        return consume(read_pieces(source, PREDICT_CHUNK))
     except MixedTypes:
         restart()
         return consume(whole())

@@ -30,7 +30,6 @@ from ddptrain.tables import (
 Allocate = Callable[[str, tuple[int, int]], np.ndarray]  # (name, shape) -> a float32 array to fill
 STAGE_PIECE_ROWS = 65536
 MAPPED_KINDS = ("number", "datetime")
-WHOLE_READ_SHARE = 8  # a CSV file under 1/8 of the available memory is read whole (fast); larger ones stream
 
 
 def allocate_in(folder: Path) -> Allocate:
@@ -47,30 +46,6 @@ def allocate_in(folder: Path) -> Allocate:
         return array
 
     return allocate
-
-
-def available_memory() -> int:
-    """Bytes this process may still use: the machine's MemAvailable, or less under a memory cgroup's limit."""
-    limits = []
-    try:
-        with open("/proc/meminfo") as handle:
-            limits += [int(line.split()[1]) * 1024 for line in handle if line.startswith("MemAvailable:")]
-    except OSError:
-        pass
-    for limit, usage in (("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-                         ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current")):
-        try:
-            cap = Path(limit).read_text().strip()
-            if cap.isdigit() and int(cap) < 2 ** 60:
-                limits.append(int(cap) - int(Path(usage).read_text()))
-        except (OSError, ValueError):
-            pass
-    return max(0, min(limits)) if limits else 0
-
-
-def whole_read_below() -> int:
-    """The size under which a CSV file is read whole rather than streamed (`tables.read_pieces`)."""
-    return available_memory() // WHOLE_READ_SHARE
 
 
 class _Disagree(Exception):
@@ -97,7 +72,7 @@ def _stage(source: str, folder: Path) -> Table:
     progress = RowProgress(f"reading {source}", count_rows(source))
     finished = False
     try:
-        for piece in read_pieces(source, STAGE_PIECE_ROWS, whole_read_below()):
+        for piece in read_pieces(source, STAGE_PIECE_ROWS):
             if first is None:
                 first, integer = piece, set(piece.integer)
                 for j, kind in enumerate(piece.kinds):

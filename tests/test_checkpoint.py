@@ -181,7 +181,6 @@ def _predict(ckpt, data, out, chunk, monkeypatch, id_column=None):
     from ddptrain import evaluate, ondisk
 
     monkeypatch.setattr(evaluate, "PREDICT_CHUNK", chunk)
-    monkeypatch.setattr(ondisk, "WHOLE_READ_SHARE", 2 ** 62)  # stream even a small CSV
     evaluate.predict_to_csv(ckpt, str(data), out, id_column, overwrite=True)
     return out.read_text()
 

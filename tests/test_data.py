@@ -404,7 +404,6 @@ def test_a_staged_table_is_the_table_with_its_numbers_on_disk(layout, tmp_path, 
     from ddptrain.tables import read_table
 
     monkeypatch.setattr(ondisk, "STAGE_PIECE_ROWS", 16)
-    monkeypatch.setattr(ondisk, "WHOLE_READ_SHARE", 2 ** 62)  # stream even a small CSV
     source = real_table(tmp_path / "t.csv", rows=400)
     if layout != "csv":
         whole = pacsv.read_csv(source)
@@ -428,12 +427,37 @@ def test_a_staged_table_is_the_table_with_its_numbers_on_disk(layout, tmp_path, 
     assert [staged.where(r) for r in (0, 200, 399)] == [read.where(r) for r in (0, 200, 399)]
 
 
+def test_csv_pieces_cut_only_between_rows_whatever_the_quoting(tmp_path):
+    """A CSV read in byte ranges gives the whole read's rows: quoted fields holding commas, doubled quotes and
+    line breaks, CRLF line ends, blank lines and a byte-order mark never split a row."""
+    from ddptrain.tables import read_pieces, read_table
+
+    rows = []
+    for i in range(400):
+        text = ['plain', '"a, b"', '"say ""hi"""', '"two\nlines"', '"x\r\ny, ""z"""'][i % 5]
+        rows.append(f"{i},{text},{i * 0.5 if i % 7 else ''}")
+        if i % 37 == 0:
+            rows.append("")
+    body = "\ufeffid,\"note, quoted\",v\r\n" + "\r\n".join(rows) + "\r\n"
+    (tmp_path / "t.csv").write_bytes(body.encode("utf-8"))
+    whole = read_table(str(tmp_path / "t.csv"))
+    for rows_per_piece in (1, 3, 50):
+        pieces = list(read_pieces(str(tmp_path / "t.csv"), rows_per_piece))
+        assert len(pieces) > 1 and sum(len(p) for p in pieces) == len(whole) == 400
+        assert pieces[0].names == whole.names == ["id", "note, quoted", "v"]
+        for j, name in enumerate(whole.names):
+            joined = np.concatenate([p.columns[j] for p in pieces])
+            if whole.kind(name) == "number":
+                assert np.array_equal(joined, whole.column(name), equal_nan=True)
+            else:
+                assert joined.tolist() == whole.column(name).tolist()
+
+
 def test_a_csv_whose_types_change_mid_file_is_staged_by_a_whole_read(tmp_path, monkeypatch):
     from ddptrain import ondisk
     from ddptrain.tables import read_table
 
     monkeypatch.setattr(ondisk, "STAGE_PIECE_ROWS", 16)
-    monkeypatch.setattr(ondisk, "WHOLE_READ_SHARE", 2 ** 62)
     rows = ["a,b"] + [f"{i},{i % 3}" for i in range(3000)] + ["x,1"]
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     staged = ondisk.stage_table(str(tmp_path / "t.csv"), tmp_path / "staged")
