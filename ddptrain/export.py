@@ -86,6 +86,9 @@ class ServingModule(nn.Module):
             if plan.role != "categorical":
                 for stat in ("median", "mean", "std"):
                     self.register_buffer(f"{stat}{i}", torch.tensor([getattr(plan, stat)], dtype=torch.float64))
+                infinite = [math.inf] * len(plan.mean)
+                self.register_buffer(f"low{i}", torch.tensor([plan.low or [-v for v in infinite]], dtype=torch.float64))
+                self.register_buffer(f"high{i}", torch.tensor([plan.high or infinite], dtype=torch.float64))
 
     def forward(self, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
         numbers, codes = [], []
@@ -96,6 +99,7 @@ class ServingModule(nn.Module):
             values = date_parts(column) if plan.role == "datetime" else column.double()
             missing = torch.isnan(values[:, :1])
             filled = torch.where(torch.isnan(values), getattr(self, f"median{i}"), values)
+            filled = torch.minimum(torch.maximum(filled, getattr(self, f"low{i}")), getattr(self, f"high{i}"))
             numbers.append((filled - getattr(self, f"mean{i}")) / getattr(self, f"std{i}"))
             if plan.indicator:
                 numbers.append(missing.double())

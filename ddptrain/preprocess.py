@@ -6,7 +6,9 @@ a constant or empty column), inferred from the table and overridden by --categor
 `Preprocessor` is fitted on the training rows only and stored in the checkpoint as plain values:
 
 - numeric: the median fills missing cells, a 0/1 indicator column is added where training rows had missing cells,
-  then standardization with the training mean and deviation;
+  values outside the training rows' range are capped to it (an MLP extrapolates linearly: one corrupt value far
+  out, like a diamond 31.8 mm deep, would otherwise give a wild prediction; trees are flat there too), then
+  standardization with the training mean and deviation;
 - datetime: year, month, day, day of week, day of year and elapsed days, each then as numeric;
 - categorical: a vocabulary of the training levels; levels rarer than RARE_COUNT share the "unknown" level, which
   also takes levels never seen in training; missing cells have a level of their own. The codes travel in the same
@@ -54,6 +56,8 @@ class ColumnPlan:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     indicator: bool = False  # a 0/1 missing-indicator column follows the values
+    low: tuple[float, ...] = ()  # numeric/datetime: the training rows' range; values outside it are capped to it
+    high: tuple[float, ...] = ()  # (empty in checkpoints written before caps: no caps)
     levels: tuple[str, ...] = ()  # categorical: the known levels (codes 2, 3, ...)
     embedding_dim: int = 0
 
@@ -207,6 +211,8 @@ class Preprocessor:
                     unseen[c.name] += int(missing.sum() - table.missing(c.name)[chunk].sum())
                 for part in range(values.shape[1]):
                     filled = np.where(np.isnan(values[:, part]), c.median[part], values[:, part])
+                    if c.low:
+                        filled = np.clip(filled, c.low[part], c.high[part])
                     out[at, j + part] = (filled - c.mean[part]) / c.std[part]
                 if c.indicator:
                     out[at, j + values.shape[1]] = missing
@@ -237,7 +243,9 @@ class Preprocessor:
             parts = len(DATE_PARTS) if c.role == "datetime" else (0 if c.role == "categorical" else 1)
             if not (len(c.mean) == len(c.std) == len(c.median) == parts):
                 raise ValueError(f"column '{c.name}' has {len(c.mean)} means for {parts} values")
-            stats = (*c.mean, *c.std, *c.median)
+            if c.low and not (len(c.low) == len(c.high) == parts and all(lo <= hi for lo, hi in zip(c.low, c.high))):
+                raise ValueError(f"column '{c.name}': its range has {len(c.low)} bounds for {parts} values")
+            stats = (*c.mean, *c.std, *c.median, *c.low, *c.high)
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in stats):
                 raise ValueError(f"column '{c.name}': the statistics must be finite numbers")
             if not all(v > 0 for v in c.std):
@@ -276,10 +284,14 @@ def fit_preprocessor(table: Table, roles: list[ColumnRole], train_rows: np.ndarr
         else:
             with np.errstate(all="ignore"):
                 median = np.nan_to_num(np.nanmedian(train, axis=0))
+        with np.errstate(all="ignore"):  # a column missing in every training row: no range, caps at the fill
+            low = np.where(np.isnan(train).all(axis=0), median, np.nanmin(train, axis=0))
+            high = np.where(np.isnan(train).all(axis=0), median, np.nanmax(train, axis=0))
         filled = np.where(np.isnan(train), median, train)
         std = filled.std(axis=0)
         plans.append(ColumnPlan(r.name, r.role, r.kind, tuple(median.tolist()), tuple(filled.mean(axis=0).tolist()),
-                                tuple(np.where(std > 0, std, 1.0).tolist()), bool(missing.any())))
+                                tuple(np.where(std > 0, std, 1.0).tolist()), bool(missing.any()),
+                                low=tuple(low.tolist()), high=tuple(high.tolist())))
     if bad:
         raise DDPTrainError(f"{table.path}: features must be finite: {'; '.join(bad)} (empty or NA cells are "
                             "fine: they are missing values)")

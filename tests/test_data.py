@@ -194,6 +194,33 @@ def test_statistics_come_from_the_training_rows_only(tmp_path):
     assert income.mean[0] == pytest.approx((1000 + 7.5 * train_rows).mean())
 
 
+def test_values_outside_the_training_range_are_capped_to_it(tmp_path):
+    """An MLP extrapolates linearly, so one corrupt value far out gives a wild prediction: eval and predict see a
+    number or date beyond the training rows' range as that range's edge, as tree models do."""
+    from ddptrain.preprocess import Preprocessor
+    from ddptrain.tables import read_table
+
+    data = prepare_fit_data(FitConfig(data=str(real_table(tmp_path / "p.csv")), target="label"))
+    pre = data.spec.preprocessor
+    income = next(c for c in pre.columns if c.name == "income")
+    assert (income.low, income.high) == ((1000.0,), (1000 + 7.5 * 119,))
+    path = tmp_path / "later.csv"
+    lines = real_table(path, rows=4).read_text().splitlines()
+    lines[1] = lines[1].rsplit(",", 2)[0] + ",1e9,high"  # far above
+    lines[2] = lines[2].rsplit(",", 2)[0] + ",-5,low"  # below
+    lines[3] = lines[3].rsplit(",", 2)[0] + f",{1000 + 7.5 * 119},low"  # the largest training value
+    lines[4] = lines[4].rsplit(",", 2)[0] + ",1000,low"  # the smallest
+    path.write_text("\n".join(lines) + "\n")
+    x, _ = pre.transform(read_table(str(path)))
+    j = pre.numeric_names().index("income")
+    assert x[0, j] == x[2, j] and x[1, j] == x[3, j] and x[2, j] > x[3, j]
+    old = Preprocessor.from_dict({**pre.to_dict(), "columns": [
+        {k: v for k, v in c.items() if k not in ("low", "high")} for c in pre.to_dict()["columns"]]})
+    x_old, _ = old.transform(read_table(str(path)))  # a checkpoint from before the caps: values as they are
+    assert x_old[0, j] > 1000 * x_old[2, j]
+    assert np.array_equal(np.delete(x_old, j, axis=1), np.delete(x, j, axis=1))
+
+
 def test_unseen_and_missing_levels_at_prediction(tmp_path):
     from ddptrain.data import labelled_split
     from ddptrain.tables import read_table

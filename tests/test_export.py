@@ -31,7 +31,10 @@ def trained(tmp_path, target="label", rows=240, **settings):
     fit(FitConfig(data=str(train), target=target, epochs=4, hidden=(16, 16), out=str(tmp_path / "run"),
                   quiet=True, **settings))
     # new rows: a city never seen in training (unknown level), empty cells everywhere
-    real_table(tmp_path / "test.csv", rows=45, seed=7, cities=("Paris", "Rome", "Kyiv"))
+    test = real_table(tmp_path / "test.csv", rows=45, seed=7, cities=("Paris", "Rome", "Kyiv"))
+    with test.open("a") as handle:  # and values far outside the training range: capped alike in both
+        handle.write("900,person 900,Paris,2035-06-01,1990/01/15,True,150,99999.00,high\n"
+                     "901,person 901,Rome,1900-01-01,2050/12/15,False,-5,-1000000,low\n")
     return tmp_path / "run" / "checkpoints" / "best.pt"
 
 
