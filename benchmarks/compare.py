@@ -2,6 +2,7 @@
 
     python benchmarks/compare.py --world-sizes 1,2 --repeats 3
     python benchmarks/compare.py --device cuda --world-sizes 1 --hidden 8192,8192,8192,8192 --precision bf16 ...
+    python benchmarks/compare.py --device cuda --world-sizes 1 --scaling strong --programs ddptrain,ddptrain-graphs,plain
 
 Every program runs under torchrun with one thread per process, alternately, and reports its own rank-0
 samples/s per epoch; epochs 2..E count (the first pays warm-up). Figures are ratios taken side by side:
@@ -30,7 +31,7 @@ from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PROGRAMS = ("ddptrain", "plain", "dataloader")
+PROGRAMS = ("ddptrain", "plain", "dataloader")  # and ddptrain-graphs (--device cuda): the step as a CUDA graph
 console = Console(width=None if sys.stdout.isatty() else 150)
 
 
@@ -61,7 +62,7 @@ def run_program(name: str, world: int, batch: int, args: argparse.Namespace, wor
     """One run; returns rank 0's mean samples/s over epochs 2..E (and the phase breakdown of the plain loop)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}"}
     result_file = workdir / f"{name}-{world}-{batch}.json"
-    if name == "ddptrain":
+    if name.startswith("ddptrain"):
         out = Path(tempfile.mkdtemp(dir=workdir))
         cmd = torchrun(world) + ["-m", "ddptrain", "fit", "--data", "blobs", "--n-samples", str(args.rows),
                                  "--n-features", str(args.features), "--n-classes", str(args.classes),
@@ -70,6 +71,8 @@ def run_program(name: str, world: int, batch: int, args: argparse.Namespace, wor
                                  "--epochs", str(args.epochs), "--out", str(out / "run"), "--quiet",
                                  "--device", args.device, "--precision", args.precision,
                                  *args.ddptrain_args.split()]
+        if args.device == "cuda":  # ddptrain-graphs: each step a replayed CUDA graph; ddptrain: eager steps
+            cmd.append("--cuda-graphs" if name == "ddptrain-graphs" else "--no-cuda-graphs")
     else:
         cmd = torchrun(world) + [str(HERE / f"{name}_loop.py"), "--rows", str(args.rows), "--features",
                                  str(args.features), "--classes", str(args.classes), "--hidden", args.hidden,
@@ -81,7 +84,7 @@ def run_program(name: str, world: int, batch: int, args: argparse.Namespace, wor
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=workdir)
         if proc.returncode == 0:
             break
-        if name == "ddptrain":  # the retry writes a fresh run folder (ddptrain never overwrites one)
+        if name.startswith("ddptrain"):  # the retry writes a fresh run folder (ddptrain never overwrites one)
             shutil.rmtree(out / "run", ignore_errors=True)
         # Seen rarely on these shared machines: a Gloo worker aborting at exit ("terminate called without an
         # active exception", SIGABRT) after the work is done. One retry, said out loud.
@@ -92,7 +95,7 @@ def run_program(name: str, world: int, batch: int, args: argparse.Namespace, wor
                       f"{(said or ['?'])[0][:300]}")
     else:
         raise SystemExit(f"error: {name} at world size {world} failed twice:\n{proc.stderr[-2000:]}")
-    if name == "ddptrain":
+    if name.startswith("ddptrain"):
         rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
         epochs = [r for r in rows if r["kind"] == "epoch"]
         rates = [r["samples_per_s"] for r in epochs]
@@ -215,6 +218,12 @@ def print_table(rows: list[dict]) -> None:
                       f"{r['matmul_fraction']:.0%}",
                       " / ".join(f"{v:.2f}" for v in split.values()) if split else "")
     console.print(table)
+    for r in rows:
+        eager = [e for e in rows if (e["mode"], e["world_size"], e["program"]) == (r["mode"], r["world_size"], "ddptrain")]
+        if r["program"] == "ddptrain-graphs" and eager:
+            share = 1 - eager[0]["samples_per_s"] / r["samples_per_s"]
+            console.print(f"{r['mode']} world {r['world_size']}: CUDA graphs give {r['samples_per_s'] / eager[0]['samples_per_s']:.2f}x "
+                          f"the eager step; {share:.0%} of an eager step was launches and Python that a replay removes")
     for r in rows:
         if r["world_size"] > 1 and r["speedup"] < 1.0 and r["program"] == "ddptrain":
             console.print(f"[bold]{r['mode']} scaling: world size {r['world_size']} is slower than world size 1 "

@@ -17,11 +17,12 @@ torch.cuda.get_device_name(0), 'cpus', __import__('os').cpu_count())" 2>&1 | tee
 [[ $STEPS == *" tests "* ]] && timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda-tests.txt"
 
 # The small workload (issue 5's), NCCL at world size 1 on the one GPU.
-[[ $STEPS == *" small "* ]] && timeout 150 $PY benchmarks/compare.py --device cuda --world-sizes 1 --scaling strong --repeats 2 --epochs 5 \
-    --out "$OUT/small" 2>&1 | tee "$OUT/small.txt"
+# ddptrain-graphs: the same with --cuda-graphs (issue 17's target: >= 5x eager ddptrain and >= 5x the plain loop).
+[[ $STEPS == *" small "* ]] && timeout 200 $PY benchmarks/compare.py --device cuda --world-sizes 1 --scaling strong --repeats 2 --epochs 5 \
+    --programs ddptrain,ddptrain-graphs,plain --out "$OUT/small" 2>&1 | tee "$OUT/small.txt"
 
 # A wide MLP: 4 hidden layers of 8192 (~204M parameters), bf16 autocast, global batch 16384. ddptrain writes a
 # 1.6 GB checkpoint (weights and momentum) after every epoch, outside the epoch's time.
-[[ $STEPS == *" wide "* ]] && timeout 270 $PY benchmarks/compare.py --device cuda --world-sizes 1 --scaling strong --repeats 2 --epochs 4 \
+[[ $STEPS == *" wide "* ]] && timeout 330 $PY benchmarks/compare.py --device cuda --world-sizes 1 --scaling strong --repeats 2 --epochs 4 \
     --rows 262144 --features 256 --hidden 8192,8192,8192,8192 --batch-size 16384 --precision bf16 \
-    --programs ddptrain,plain --out "$OUT/wide" 2>&1 | tee "$OUT/wide.txt"
+    --programs ddptrain,ddptrain-graphs,plain --out "$OUT/wide" 2>&1 | tee "$OUT/wide.txt"

@@ -23,6 +23,7 @@ from ddptrain.console import console
 from ddptrain.data import DataSpec
 from ddptrain.errors import DDPTrainError, UsageError
 from ddptrain.model import ModelSpec, build_model, parameter_count
+from ddptrain.optim import with_capturable
 
 if TYPE_CHECKING:
     from torch import nn
@@ -238,7 +239,7 @@ def restore(parts: Parts, state: dict[str, Any], path: Path) -> Position:
     try:
         parts.model.load_state_dict(state["model"])
         part = "optimizer state"
-        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.optimizer.load_state_dict(with_capturable(state["optimizer"], parts.graphs))
         part = "scheduler state"
         if parts.scheduler is not None and state.get("scheduler"):
             parts.scheduler.load_state_dict(state["scheduler"])

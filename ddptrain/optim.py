@@ -12,17 +12,28 @@ from ddptrain.errors import UsageError
 LOSSES = {Loss.cross_entropy: nn.CrossEntropyLoss, Loss.mse: nn.MSELoss, Loss.huber: nn.HuberLoss, Loss.l1: nn.L1Loss}
 
 
-def build_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: FitConfig, capturable: bool = False) -> torch.optim.Optimizer:
     """SGD, Adam and AdamW use torch's fused kernels (one kernel for all parameters, on CPU and GPU): the same update
     to float rounding, faster than the per-parameter loop (figures: benchmarks/RESULTS.md, `benchmarks/micro.py`).
-    RMSprop has no fused kernel and takes torch's default."""
+    RMSprop has no fused kernel and takes torch's default. `capturable`: the step may be captured in a CUDA graph
+    (its step counts stay on the device; fused SGD is capturable as it is)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True,
+                                capturable=capturable)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
-    return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True,
+                                 capturable=capturable)
+    return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               capturable=capturable)
+
+
+def with_capturable(state: dict, capturable: bool) -> dict:
+    """A saved optimizer state for this run's optimizer: its groups' `capturable` as this run has it, so a checkpoint
+    moves between graphed and eager runs (loading then puts the step counts where that setting keeps them)."""
+    groups = [{**g, "capturable": capturable} if "capturable" in g else g for g in state["param_groups"]]
+    return {**state, "param_groups": groups}
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: FitConfig, total_steps: int) -> lr_scheduler.LRScheduler:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ddptrain import checkpoint
+from ddptrain import checkpoint, cudagraphs
 from ddptrain.checkpoint import Position
 from ddptrain.config import (
     FitConfig,
@@ -167,7 +167,10 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
     ddp = wrap_ddp(model, cfg, dist)
     module = ddp if ddp is not None else model
     forward = compile_model(module, dist.device) if cfg.compile else module
-    optimizer = build_optimizer(model.parameters(), cfg)
+    graphs, graphs_note = cudagraphs.resolve(cfg, dist.device.type, dist.world_size)
+    if graphs_note:
+        console.note(graphs_note)
+    optimizer = build_optimizer(model.parameters(), cfg, capturable=graphs)
     steps_per_epoch = len(data.train) // cfg.batch_size
     constant = cfg.scheduler == "constant" and cfg.warmup_steps == 0
     scheduler = None if constant else build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
@@ -176,7 +179,7 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
     torch.manual_seed(cfg.seed + 1 + dist.rank)
     random.seed(cfg.seed + dist.rank)
     return Parts(cfg, dist, ddp, forward, model, spec, optimizer, scheduler, scaler, build_loss(cfg, data.spec.task),
-                 data.to_device(dist.device), run, fault)
+                 data.to_device(dist.device), run, fault, graphs=graphs)
 
 
 def wrap_ddp(model: nn.Module, cfg: FitConfig, dist: DistInfo) -> DistributedDataParallel | None:

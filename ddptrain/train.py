@@ -19,6 +19,7 @@ from ddptrain import checkpoint
 from ddptrain.checkpoint import Position
 from ddptrain.config import FitConfig, monitor_metric, monitor_mode
 from ddptrain.console import EpochProgress
+from ddptrain.cudagraphs import GraphedStep
 from ddptrain.data import FitData, epoch_indices
 from ddptrain.dist import DistInfo, gather_objects
 from ddptrain.errors import DDPTrainError, Preempted
@@ -48,6 +49,7 @@ class Parts:
     data: FitData
     run: SilentRunDir
     fault: InjectedFault | None = None  # a test's injected failure for this rank (launchenv reads it)
+    graphs: bool = False  # each step replayed as a captured CUDA graph (cudagraphs.py)
     stop: StopRequest = field(default_factory=StopRequest)
 
 
@@ -71,10 +73,14 @@ class Trainer:
         self.no_sync = parts.ddp.no_sync if parts.ddp is not None else nullcontext  # bare module: nothing to hold back
         self.time_to_first_step: float | None = None
         self.reported_start = False
+        self.graphed = GraphedStep(self._captured_step, lambda: parts.optimizer.zero_grad(set_to_none=True)) \
+            if parts.graphs else None
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step on this rank's batch; returns its loss, detached, still on the device."""
+        if self.graphed is not None:
+            return self.graphed(x, y)
         accum = self.parts.cfg.grad_accum
         if accum == 1:
             loss = self._forward_backward(x, y, 1)
@@ -101,7 +107,14 @@ class Trainer:
         (p.scaler.scale(loss) if p.scaler else loss).backward()
         return loss.detach()
 
-    def _finish_step(self) -> bool:
+    def _captured_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The step that cudagraphs.GraphedStep captures: no host sync (cudagraphs.blockers rules out the settings
+        that need one), the gradients left for it to clear before the capture."""
+        loss = self._forward_backward(x, y, 1)
+        self._finish_step(zero_grad=False)
+        return loss
+
+    def _finish_step(self, zero_grad: bool = True) -> bool:
         p = self.parts
         if p.scaler:
             p.scaler.unscale_(p.optimizer)
@@ -118,7 +131,8 @@ class Trainer:
             p.optimizer.step()
         if p.scheduler is not None:
             p.scheduler.step()
-        p.optimizer.zero_grad(set_to_none=True)
+        if zero_grad:
+            p.optimizer.zero_grad(set_to_none=True)
         return True
 
     # -- epochs -------------------------------------------------------------------------------------------

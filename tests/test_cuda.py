@@ -86,3 +86,51 @@ def test_nccl_two_ranks(tmp_path):
     result = torchrun(2, "fit", "--data", "spirals", "--epochs", "3", "--out", "run", "--device", "cuda", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(epoch_rows(tmp_path / "run")) == 3
+
+
+# -- CUDA graphs (cudagraphs.py) -------------------------------------------------------------------------------
+def step_losses(run_dir):
+    from conftest import read_metrics
+
+    return [row["train_loss"] for row in read_metrics(run_dir) if row["kind"] == "step"]
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(optimizer="sgd", clip_grad=1.0), dict(dropout=0.1, precision="bf16")],
+                         ids=["adam", "sgd-clip", "dropout-bf16"])
+def test_cuda_graphs_give_the_eager_losses(tmp_path, opts):
+    fit(on_gpu(tmp_path, "eager", epochs=3, cuda_graphs=False, **opts))
+    fit(on_gpu(tmp_path, "graphed", epochs=3, cuda_graphs=True, **opts))
+    eager, graphed = step_losses(tmp_path / "eager"), step_losses(tmp_path / "graphed")
+    assert len(eager) == len(graphed) > 10
+    assert graphed == pytest.approx(eager, rel=1e-4, abs=1e-6)
+    a, b = final_weights(tmp_path / "eager"), final_weights(tmp_path / "graphed")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
+
+
+def test_resume_mid_epoch_is_exact_with_cuda_graphs(tmp_path):
+    opts = dict(epochs=3, dropout=0.2, checkpoint_every=7, keep_last=100, cuda_graphs=True)
+    fit(on_gpu(tmp_path, "straight", **opts))
+    mid = tmp_path / "straight" / "checkpoints" / "step-00000035.pt"
+    fit(on_gpu(tmp_path, "resumed", resume=str(mid), **opts))
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_graphed_checkpoint_resumes_eagerly_and_back(tmp_path):
+    opts = dict(epochs=2, checkpoint_every=10, keep_last=100)
+    fit(on_gpu(tmp_path, "graphed", cuda_graphs=True, **opts))
+    mid = str(tmp_path / "graphed" / "checkpoints" / "step-00000030.pt")
+    fit(on_gpu(tmp_path, "eager", resume=mid, cuda_graphs=False, **opts))
+    fit(on_gpu(tmp_path, "again", resume=mid, cuda_graphs=True, **opts))
+    a, b = final_weights(tmp_path / "eager"), final_weights(tmp_path / "again")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("flags", [("--nan-policy", "skip"), ("--precision", "fp16"), ("--grad-accum", "2"),
+                                   ("--scheduler", "cosine")])
+def test_cuda_graphs_fall_back_with_a_note(tmp_path, flags):
+    result = cli("fit", "--data", "spirals", "--epochs", "1", "--device", "cuda", "--cuda-graphs", *flags,
+                 "--out", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--cuda-graphs: off, the step runs eagerly" in result.stdout + result.stderr
+    assert flags[0] in result.stdout + result.stderr

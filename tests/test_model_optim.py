@@ -90,3 +90,53 @@ def test_loss_by_task_and_override():
     assert isinstance(build_loss(FitConfig(), "regression"), nn.MSELoss)
     assert isinstance(build_loss(FitConfig(loss="huber"), "regression"), nn.HuberLoss)
     assert isinstance(build_loss(FitConfig(loss="l1"), "regression"), nn.L1Loss)
+
+
+# -- CUDA graphs: the decision and the flag (the graphed step itself: tests/test_cuda.py) --------------------------
+def test_cuda_graphs_are_decided_from_the_config_and_say_why_not():
+    from ddptrain import cudagraphs
+
+    assert cudagraphs.resolve(FitConfig(), "cpu", 1) == (False, None)  # auto on a CPU: nothing to say
+    use, note = cudagraphs.resolve(FitConfig(cuda_graphs=True), "cpu", 1)
+    assert not use and "needs a CUDA device" in note
+    assert cudagraphs.resolve(FitConfig(cuda_graphs=True), "cuda", 2) == (True, None)
+    assert cudagraphs.resolve(FitConfig(cuda_graphs=False), "cuda", 1) == (False, None)
+    assert cudagraphs.resolve(FitConfig(), "cuda", 1) == (cudagraphs.AUTO_ENABLES, None)
+    cfg = FitConfig(cuda_graphs=True, nan_policy="skip", precision="fp16", grad_accum=2, batch_size=64,
+                    scheduler="cosine", comm_hook="powersgd", norm="batch")
+    use, note = cudagraphs.resolve(cfg, "cuda", 2)
+    assert not use and note.startswith("--cuda-graphs: off, the step runs eagerly: ")
+    for flag in ("--nan-policy skip", "--precision fp16", "--grad-accum", "--scheduler cosine", "powersgd",
+                 "--norm batch"):
+        assert flag in note
+    assert cudagraphs.blockers(FitConfig(norm="batch"), 1) == []  # one GPU: plain BatchNorm, nothing to exchange
+    use, note = cudagraphs.resolve(FitConfig(warmup_steps=10), "cuda", 1)
+    assert not use and "--warmup-steps" in note
+
+
+def test_cuda_graphs_flag_on_a_cpu_says_so_once_and_trains(tmp_path):
+    from conftest import cli
+
+    result = cli("fit", "--data", "xor", "--epochs", "1", "--cuda-graphs", "--out", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    said = (result.stdout + result.stderr).count("--cuda-graphs needs a CUDA device")
+    assert said == 1
+    assert FitConfig(cuda_graphs=None).cuda_graphs is None
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop"])
+def test_an_optimizer_state_moves_between_graphed_and_eager_runs(name):
+    from ddptrain.optim import with_capturable
+
+    model = nn.Linear(3, 2)
+    eager = build_optimizer(model.parameters(), FitConfig(optimizer=name))
+    model(torch.randn(4, 3)).sum().backward()
+    eager.step()
+    saved = eager.state_dict()
+    graphed_state = with_capturable(saved, True)
+    assert all(g["capturable"] for g in graphed_state["param_groups"])
+    assert not any(g["capturable"] for g in saved["param_groups"])  # the saved dict itself is left alone
+    again = build_optimizer(model.parameters(), FitConfig(optimizer=name))
+    again.load_state_dict(with_capturable(graphed_state, False))
+    assert not again.param_groups[0]["capturable"]
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict()["state"][0].values(), saved["state"][0].values()))
