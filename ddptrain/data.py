@@ -26,7 +26,6 @@ from ddptrain.preprocess import (
     Preprocessor,
     fit_preprocessor,
     infer_roles,
-    label_text,
 )
 from ddptrain.tables import Table, looks_like_path, numeric_table, read_table
 
@@ -139,11 +138,9 @@ def infer_task(table: Table, target: str, present: np.ndarray) -> str:
 def class_labels(table: Table, target: str, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
     """The distinct labels (as text) among the rows' target cells, and each row's index into them. Labels are
     made once per distinct value, not per row (a million rows hold a handful of classes)."""
-    values, inverse = np.unique(table.column(target)[rows], return_inverse=True)
-    texts = [label_text(v) for v in values.tolist()]
-    distinct = sorted(set(texts))  # 1 and 1.0 are one label
-    position = {label: i for i, label in enumerate(distinct)}
-    return distinct, np.array([position[t] for t in texts], dtype=np.int64)[inverse.reshape(-1)]
+    codes, texts = table.levels(target)  # 1 and 1.0 are one label
+    used, inverse = np.unique(codes[rows], return_inverse=True)
+    return [texts[c] for c in used], inverse.reshape(-1).astype(np.int64)  # texts are sorted, so these are too
 
 
 def _sort_classes(labels: set[str]) -> tuple[str, ...]:

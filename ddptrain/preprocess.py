@@ -110,16 +110,19 @@ def infer_roles(table: Table, target: str, categorical: tuple[str, ...] = (), nu
     for name, kind in zip(table.names, table.kinds):
         if name == target:
             continue
-        col = table.column(name)
         missing = table.missing(name)
-        present = col[~missing]
-        distinct = len(np.unique(present)) if kind in ("number", "datetime") else len(set(present.tolist()))
-        role, reason = _role(table, name, kind, present, distinct, n, categorical, numeric, drop)
+        if kind in ("number", "datetime"):
+            present = table.column(name)[~missing]
+            distinct = len(np.unique(present))
+        else:  # text and booleans: counted through their levels, not cell by cell
+            present, distinct = None, len(table.levels(name)[1])
+        role, reason = _role(table, name, kind, present, distinct, n - int(missing.sum()), n, categorical, numeric,
+                             drop)
         roles.append(ColumnRole(name, kind, role, reason, float(missing.mean()) if n else 0.0, distinct))
     return roles
 
 
-def _role(table: Table, name: str, kind: str, present: np.ndarray, distinct: int, n: int,
+def _role(table: Table, name: str, kind: str, present: np.ndarray | None, distinct: int, n_present: int, n: int,
           categorical: tuple[str, ...], numeric: tuple[str, ...], drop: tuple[str, ...]) -> tuple[str, str]:
     if name in drop:
         return "dropped", "--drop"
@@ -130,20 +133,22 @@ def _role(table: Table, name: str, kind: str, present: np.ndarray, distinct: int
             raise UsageError(f"--numeric {name}: column '{name}' of {table.path} holds {kind} values; only a "
                              "column of numbers can be numeric")
         return "numeric", "--numeric"
-    if (name == "" or name.startswith("Unnamed: ")) and kind == "number" and len(present) == n \
+    if (name == "" or name.startswith("Unnamed: ")) and kind == "number" and n_present == n \
             and distinct == n and np.all(present == np.round(present)):
         # pandas' to_csv writes the index unnamed; after df.sample() or a split its numbers are any distinct
         # whole numbers, and as a feature they leak the source's row order (often sorted by the target)
         return "dropped", "an unnamed pandas index column"
-    if len(present) == 0:
+    if n_present == 0:
         return "dropped", "empty in every row"
-    if distinct == 1 and len(present) == n:
+    if distinct == 1 and n_present == n:
         return "dropped", "constant"
-    if kind == "text":
-        parsed = np.array([_to_float(v) for v in present], dtype=np.float64)
+    if kind == "text":  # each distinct text parsed once, weighed by how many cells hold it
+        codes, texts = table.levels(name)
+        parsed = np.array([_to_float(t) for t in texts], dtype=np.float64)
+        counts = np.bincount(codes[codes >= 0], minlength=len(texts))
         numbers = np.isfinite(parsed)
-        if len(present) and numbers.mean() >= MOSTLY_NUMBERS and len(np.unique(parsed[numbers])) > 2:
-            return "numeric", f"numbers; {int((~numbers).sum())} text cells are missing values"
+        if counts[numbers].sum() >= MOSTLY_NUMBERS * n_present and len(np.unique(parsed[numbers])) > 2:
+            return "numeric", f"numbers; {int(counts[~numbers].sum())} text cells are missing values"
     if kind == "text" and distinct == n and n >= UNIQUE_MIN_ROWS:
         return "dropped", "text unique in every row, like a name or an ID"
     if kind in ("text", "bool"):
@@ -317,27 +322,21 @@ def _first_infinite(table: Table, name: str, role: str) -> int | None:
 
 
 def _vocabulary(table: Table, name: str, rows: np.ndarray) -> tuple[str, ...]:
-    col = table.column(name)[rows]
-    counts: dict[str, int] = {}
-    for value in col.tolist():
-        if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            text = label_text(value)
-            counts[text] = counts.get(text, 0) + 1
-    return tuple(sorted(level for level, count in counts.items() if count >= RARE_COUNT))
+    codes, texts = table.levels(name)
+    picked = codes[rows]
+    counts = np.bincount(picked[picked >= 0], minlength=len(texts))
+    return tuple(texts[i] for i in np.flatnonzero(counts >= RARE_COUNT))  # texts are sorted, so these are too
 
 
 def _encode(table: Table, plan: ColumnPlan, rows: np.ndarray) -> tuple[np.ndarray, int]:
+    """The rows' codes (a level unseen in training: UNKNOWN, counted) through the table's levels: one lookup per
+    distinct value, then one gather."""
+    codes, texts = table.levels(plan.name)
     index = plan.level_codes()
-    codes = np.empty(len(rows), dtype=np.float32)
-    unseen = 0
-    for i, value in enumerate(table.column(plan.name)[rows].tolist()):
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            codes[i] = MISSING
-        else:
-            code = index.get(label_text(value), UNKNOWN)
-            codes[i] = code
-            unseen += code == UNKNOWN
-    return codes, unseen
+    model_code = np.array([index.get(t, UNKNOWN) for t in texts] + [MISSING], dtype=np.float32)  # -1 -> MISSING
+    picked = codes[rows]
+    out = model_code[picked]
+    return out, int(np.count_nonzero((out == UNKNOWN) & (picked >= 0)))
 
 
 def _to_date(value: Any) -> np.datetime64:

@@ -16,6 +16,7 @@ import csv
 import glob
 import os
 from collections.abc import Iterator
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class Table:
     integer: set[str] = field(default_factory=set)  # number columns whose present values are whole numbers
     shards: list[tuple[str, int]] = field(default_factory=list)  # a dataset of several files: (file, first row)
     _lines: dict[str, list[int]] = field(default_factory=dict)
+    _levels: dict[str, tuple[np.ndarray, list[str]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.columns[0]) if self.columns else 0
@@ -55,7 +57,14 @@ class Table:
             return np.isnan(col)
         if kind == "datetime":
             return np.isnat(col)
-        return np.array([v is None for v in col], dtype=bool)
+        return np.equal(col, None)  # elementwise over the objects, in C
+
+    def levels(self, name: str) -> tuple[np.ndarray, list[str]]:
+        """The column as categories: each cell's index into its distinct values written as labels (`label_text`:
+        1 and 1.0 are one level), -1 where missing. Made once per distinct value, not per row, and kept."""
+        if name not in self._levels:
+            self._levels[name] = _levels(self.column(name), self.kind(name), self.missing(name))
+        return self._levels[name]
 
     def where(self, row: int) -> str:
         """`line N` of a text file (blank lines counted as the file has them), or `row N`."""
@@ -69,6 +78,30 @@ class Table:
 
     def select(self, rows: np.ndarray) -> Table:
         return Table(self.path, self.names, [c[rows] for c in self.columns], self.kinds, False, self.integer)
+
+
+def _levels(col: np.ndarray, kind: str, missing: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    from ddptrain.preprocess import label_text
+
+    codes = np.full(len(col), -1, dtype=np.int32)
+    if kind in ("number", "datetime"):
+        values, inverse = np.unique(col[~missing], return_inverse=True)
+        raw = [label_text(v) for v in values.tolist()]
+        codes[~missing] = inverse.reshape(-1)
+    elif kind == "text":
+        pa = _pyarrow()
+        encoded = pa.array(col[~missing], type=pa.string()).dictionary_encode()
+        raw = [label_text(v) for v in encoded.dictionary.to_pylist()]
+        codes[~missing] = encoded.indices.to_numpy(zero_copy_only=False)
+    else:  # booleans (and anything else): few distinct values, found by a Python pass
+        seen: dict[Any, int] = {}
+        present = col[~missing].tolist()
+        codes[~missing] = [seen.setdefault(v, len(seen)) for v in present]
+        raw = [label_text(v) for v in seen]
+    texts = sorted(set(raw))  # distinct cells may write alike (' a' and 'a', 1 and 1.0): one level
+    position = {t: i for i, t in enumerate(texts)}
+    remap = np.array([position[t] for t in raw] + [-1], dtype=np.int32)  # [-1]: a missing cell stays -1
+    return remap[codes], texts
 
 
 def numeric_table(path: str, names: list[str], columns: list[np.ndarray]) -> Table:
@@ -375,9 +408,9 @@ def _from_arrow(table, path: str, text: bool) -> Table:
                 col = pc.cast(col, pa.timestamp(kind.unit))
             values, tag = col.cast(pa.timestamp("s")).to_numpy(zero_copy_only=False).astype("datetime64[s]"), "datetime"
         elif pat.is_string(kind) or pat.is_large_string(kind) or pat.is_null(kind):
-            values = np.array([None if v is None else str(v).strip() for v in col.to_pylist()], dtype=object)
-            values[values == ""] = None
-            tag = "text"
+            trimmed = pc.utf8_trim_whitespace(col.cast(pa.string()))  # in Arrow, not one Python call per cell
+            trimmed = pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, pa.string()), trimmed)
+            values, tag = np.asarray(trimmed.to_numpy(zero_copy_only=False), dtype=object), "text"
         else:
             values = np.array([None if v is None else str(v) for v in col.to_pylist()], dtype=object)
             tag = "text"

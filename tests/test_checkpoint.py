@@ -178,7 +178,7 @@ def test_predict_speaks_the_original_labels(trained):
 
 
 def _predict(ckpt, data, out, chunk, monkeypatch, id_column=None):
-    from ddptrain import evaluate, ondisk
+    from ddptrain import evaluate
 
     monkeypatch.setattr(evaluate, "PREDICT_CHUNK", chunk)
     evaluate.predict_to_csv(ckpt, str(data), out, id_column, overwrite=True)

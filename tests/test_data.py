@@ -221,6 +221,27 @@ def test_values_outside_the_training_range_are_capped_to_it(tmp_path):
     assert np.array_equal(np.delete(x_old, j, axis=1), np.delete(x, j, axis=1))
 
 
+def test_levels_are_made_per_distinct_value_alike_for_every_kind():
+    """A column as categories: one index per distinct label (1 and 1.0 one level, text as written, stripped),
+    sorted, -1 where missing; what the vocabulary, the codes and the class labels are built from."""
+    from ddptrain.tables import Table
+
+    table = Table("t", ["n", "t", "b", "d"], [
+        np.array([1.0, np.nan, 2.0, 1.0, 10.0]),
+        np.array(["b", None, "a", " a", "b"], dtype=object),
+        np.array([True, None, False, True, True], dtype=object),
+        np.array(["2024-01-02", "NaT", "2024-01-02", "2023-05-01", "2023-05-01"], dtype="datetime64[s]")],
+        ["number", "text", "bool", "datetime"])
+    codes, texts = table.levels("n")
+    assert texts == ["1", "10", "2"] and codes.tolist() == [0, -1, 2, 0, 1]
+    codes, texts = table.levels("t")
+    assert texts == ["a", "b"] and codes.tolist() == [1, -1, 0, 0, 1]
+    codes, texts = table.levels("b")
+    assert texts == ["false", "true"] and codes.tolist() == [1, -1, 0, 1, 1]
+    codes, texts = table.levels("d")
+    assert len(texts) == 2 and codes.tolist() == [1, -1, 1, 0, 0]
+
+
 def test_unseen_and_missing_levels_at_prediction(tmp_path):
     from ddptrain.data import labelled_split
     from ddptrain.tables import read_table
