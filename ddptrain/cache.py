@@ -14,9 +14,10 @@ import hashlib
 import json
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from ddptrain.tables import looks_like_path, shard_files
 
 CACHE_FORMAT = 2  # raised whenever the prepared arrays change for the same file and settings (2: range caps)
 ARRAYS = ("x_train", "y_train", "x_val", "y_val")
+T = TypeVar("T")
 
 
 def default_cache_dir() -> Path:
@@ -37,11 +39,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "ddptrain"
 
 
-def cache_key(cfg: FitConfig) -> str | None:
-    """None for data that is not a file (built-ins are generated in a blink)."""
-    if not looks_like_path(cfg.data):
-        return None
-    sources = [cfg.data] + ([cfg.val_data] if cfg.val_data else [])
+def _file_identities(sources: list[str]) -> list[list[Any]] | None:
+    """[path, size, mtime_ns] of every file of the sources; None if one is not a file (a built-in, or a path the
+    reader will complain about)."""
     files = []
     try:
         for source in sources:
@@ -51,13 +51,24 @@ def cache_key(cfg: FitConfig) -> str | None:
                 stat = f.stat()
                 files.append([str(f.resolve()), stat.st_size, stat.st_mtime_ns])
     except (OSError, DDPTrainError):
-        return None  # the reader will say what is wrong with the file
+        return None
+    return files
+
+
+def _digest(what: dict[str, Any]) -> str:
+    blob = json.dumps({"format": CACHE_FORMAT, "ddptrain": __version__, **what}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def cache_key(cfg: FitConfig) -> str | None:
+    """None for data that is not a file (built-ins are generated in a blink)."""
+    files = _file_identities([cfg.data] + ([cfg.val_data] if cfg.val_data else []))
+    if files is None:
+        return None
     settings = {k: cfg.to_dict()[k] for k in ("target", "task", "val_fraction", "seed", "categorical", "numeric",
                                               "drop", "embedding_dim", "n_samples", "n_features", "n_classes",
                                               "noise")}
-    blob = json.dumps({"format": CACHE_FORMAT, "ddptrain": __version__, "files": files, "settings": settings},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    return _digest({"files": files, "settings": settings})
 
 
 def cached_fit_data(cfg: FitConfig, build: Callable[[Path | None], FitData],
@@ -68,37 +79,120 @@ def cached_fit_data(cfg: FitConfig, build: Callable[[Path | None], FitData],
     key = cache_key(cfg)
     if key is None:
         return build(None), "not cached (a built-in dataset)"
+    data, how = _locked(cache_dir, key, _load, lambda tmp: _save(build(tmp), tmp))
+    return (data, how) if data is not None else (build(None), how)
+
+
+def _locked(cache_dir: Path, key: str, load: Callable[[Path], T | None],
+            fill: Callable[[Path], None]) -> tuple[T | None, str]:
+    """`load(folder)` of the cache entry `key`, first built by `fill(tmp)` and published by an atomic rename if it
+    is missing, stale or damaged. One process builds it under a file lock (per machine, and per filesystem that
+    honours flock) while the others wait. None, with the reason, where no cache can be kept (the caller then works
+    without one)."""
     folder = cache_dir / key
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         lock = os.open(cache_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
-        return build(None), f"not cached ({cache_dir} is not writable)"
+        return None, f"not cached ({cache_dir} is not writable)"
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per machine (and per filesystem that honours flock)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         for stale in cache_dir.glob(f"{key}.tmp-*"):  # a builder killed outright (SIGKILL, power): under the lock,
             shutil.rmtree(stale, ignore_errors=True)  # no one else is building this key, so its leftovers go
-        data = _load(folder)
-        if data is not None:
-            return data, f"prepared table from the cache {folder}"
+        found = load(folder)
+        if found is not None:
+            return found, f"prepared table from the cache {folder}"
         tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            _save(build(tmp), tmp, folder)
+            fill(tmp)
+            shutil.rmtree(folder, ignore_errors=True)  # a stale or damaged one
+            os.rename(tmp, folder)
         except OSError as exc:  # no room or no permission: no cache is fine, the data fits in memory
             shutil.rmtree(tmp, ignore_errors=True)
-            return build(None), f"not cached ({exc.strerror or exc})"
+            return None, f"not cached ({exc.strerror or exc})"
         except BaseException:  # Ctrl-C mid-build: leave no half-written folder behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return _load(folder) or build(None), f"prepared table cached in {folder}"
+        return load(folder), f"prepared table cached in {folder}"
     finally:
         os.close(lock)
 
 
-def _save(data: FitData, tmp: Path, folder: Path) -> None:
-    """Complete `tmp` (the feature matrices are already there) and publish it as `folder` by an atomic rename."""
+# -- eval and predict: a file's rows through a checkpoint's preprocessing ---------------------------------------
+@dataclasses.dataclass
+class PreparedRows:
+    """A file's feature matrix (all rows for predict; the rows with a target for eval), its targets (eval), and
+    what `labelled_split` counted (rows, unscored, unseen values per column)."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    tally: Counter[Any]
+
+
+def rows_key(source: str, spec: DataSpec, purpose: str) -> str | None:
+    files = _file_identities([source])
+    return None if files is None else _digest({"files": files, "spec": spec.to_dict(), "purpose": purpose})
+
+
+def cached_rows(source: str, spec: DataSpec, purpose: str, cache_dir: Path,
+                fill: Callable[[Callable[[np.ndarray, np.ndarray | None], None], Callable[[], None]], Counter[Any]],
+                ) -> tuple[PreparedRows | None, str]:
+    """The prepared rows of `source` for `purpose` (eval or predict) from the cache, built first if needed:
+    `fill(append)` reads the file piece by piece, calling `append(x, y)` per piece, and returns its tally."""
+    key = rows_key(source, spec, purpose)
+    if key is None:
+        return None, "not cached (not a file)"
+    width = spec.preprocessor.n_numeric + len(spec.preprocessor.embeddings)
+
+    def build(tmp: Path) -> None:
+        rows = 0
+        y_dtype: str | None = None
+        with open(tmp / "x.bin", "wb") as xs, open(tmp / "y.bin", "wb") as ys:
+            def append(x: np.ndarray, y: np.ndarray | None) -> None:
+                nonlocal rows, y_dtype
+                xs.write(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+                if y is not None:
+                    y_dtype = str(y.dtype)
+                    ys.write(np.ascontiguousarray(y).tobytes())
+                rows += len(x)
+
+            def restart() -> None:  # a CSV whose types changed mid-file: the whole read starts over
+                nonlocal rows
+                rows = 0
+                xs.seek(0), xs.truncate(), ys.seek(0), ys.truncate()
+
+            tally = fill(append, restart)
+        meta = {"format": CACHE_FORMAT, "rows": rows, "width": width, "y_dtype": y_dtype,
+                "tally": [[list(k) if isinstance(k, tuple) else k, n] for k, n in tally.items()]}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+
+    def load(folder: Path) -> PreparedRows | None:
+        if not folder.is_dir():
+            return None
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            if meta.get("format") != CACHE_FORMAT or meta["width"] != width:
+                raise ValueError("another cache format")
+            rows = meta["rows"]
+            x = np.memmap(folder / "x.bin", dtype=np.float32, mode="c", shape=(rows, width)) if rows else \
+                np.zeros((0, width), dtype=np.float32)
+            y = None
+            if meta["y_dtype"] is not None:
+                y = np.memmap(folder / "y.bin", dtype=meta["y_dtype"], mode="c", shape=(rows,)) if rows else \
+                    np.zeros(0, dtype=meta["y_dtype"])
+            tally = Counter({tuple(k) if isinstance(k, list) else k: n for k, n in meta["tally"]})
+            return PreparedRows(x, y, tally)
+        except (OSError, ValueError, KeyError, TypeError):  # damaged or foreign: rebuild it
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+
+    return _locked(cache_dir, key, load, build)
+
+
+def _save(data: FitData, tmp: Path) -> None:
+    """Complete `tmp` (the feature matrices are already there); `_locked` publishes it."""
     arrays = {"x_train": data.train.x, "y_train": data.train.y,
               "x_val": data.val.x if data.val is not None else None,
               "y_val": data.val.y if data.val is not None else None}
@@ -109,8 +203,6 @@ def _save(data: FitData, tmp: Path, folder: Path) -> None:
             "roles": [dataclasses.asdict(r) for r in data.roles], "arrays": [k for k, v in arrays.items() if v is not None]}
     (tmp / "meta.json").write_text(json.dumps(meta))
     shutil.rmtree(tmp / STAGED, ignore_errors=True)  # the staged table's columns served the build only
-    shutil.rmtree(folder, ignore_errors=True)  # a stale or damaged one
-    os.rename(tmp, folder)
 
 
 def _load(folder: Path) -> FitData | None:

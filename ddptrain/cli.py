@@ -116,6 +116,19 @@ fit.__signature__ = Signature(_LAUNCH_OPTIONS + [_setting_option(f) for f in dat
 app.command(no_args_is_help=False)(fit)
 
 
+CACHE_HELP = ("Keep the file's rows as this checkpoint prepares them in --cache-dir, so evaluating or predicting "
+              "on the same file again (with this checkpoint or another of its run) skips reading it.")
+CACHE_DIR_HELP = "Where prepared tables are kept (default: $XDG_CACHE_HOME/ddptrain or ~/.cache/ddptrain)."
+
+
+def _rows_cache(cache: bool, cache_dir: Optional[Path]) -> Optional[Path]:
+    if not cache:
+        return None
+    from ddptrain.cache import default_cache_dir
+
+    return cache_dir or default_cache_dir()
+
+
 @app.command("eval")
 def eval_command(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by ddptrain fit.")],
@@ -123,6 +136,8 @@ def eval_command(
     seed: Annotated[Optional[int], typer.Option(help="Seed of a built-in dataset (default: the training seed + 1).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     device: Annotated[Device, typer.Option(help="Device to evaluate on.")] = Device("auto"),
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help=CACHE_HELP)] = True,
+    cache_dir: Annotated[Optional[Path], typer.Option(help=CACHE_DIR_HELP)] = None,
 ) -> None:
     """Score a checkpoint on labelled data (one process or under torchrun; rows are sharded, sums all-reduced)."""
     from ddptrain.config import MAX_SEED
@@ -131,7 +146,9 @@ def eval_command(
         raise UsageError(f"--seed {seed} must be an integer from 0 to {MAX_SEED} (2**63 - 1)")
     from ddptrain.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(checkpoint, data, seed, json_out, device.value)
+    evaluate_checkpoint(checkpoint, data, seed, json_out, device.value, _rows_cache(cache, cache_dir))
+
+
 
 
 @app.command()
@@ -141,11 +158,13 @@ def predict(
     out: Annotated[Path, typer.Option(help="Output CSV: one row per input row, in input order.")],
     id_column: Annotated[Optional[str], typer.Option(help="A column carried through to the output.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help=CACHE_HELP + " Not with --id-column.")] = True,
+    cache_dir: Annotated[Optional[Path], typer.Option(help=CACHE_DIR_HELP)] = None,
 ) -> None:
     """Write predictions (labels in their original names and class probabilities, or values in target units)."""
     from ddptrain.evaluate import predict_to_csv
 
-    predict_to_csv(checkpoint, data, out, id_column, overwrite)
+    predict_to_csv(checkpoint, data, out, id_column, overwrite, _rows_cache(cache, cache_dir))
 
 
 def describe(ctx: typer.Context, data: str, config: Optional[Path], json_out: bool, **settings: Any) -> None:

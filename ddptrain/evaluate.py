@@ -17,6 +17,7 @@ from ddptrain import atomic
 from ddptrain.checkpoint import describe, inference_model, load_checkpoint
 from ddptrain.config import FitConfig
 from ddptrain.console import console
+from ddptrain.cache import PreparedRows
 from ddptrain.data import (
     DataSpec,
     Split,
@@ -62,9 +63,44 @@ def read_in_pieces(cfg: FitConfig, source: str, seed: int | None, consume: Calla
         return consume(whole())
 
 
-def evaluate_checkpoint(path: Path, source: str, seed: int | None, as_json: bool, device_name: str) -> dict[str, Any]:
-    """Metrics of a checkpoint on labelled rows. A file is read in pieces, each rank scoring its share of every
-    piece; the sums are all-reduced once at the end."""
+def prepared_rows(cfg: FitConfig, spec: DataSpec, source: str, purpose: str,
+                  cache_dir: Path | None) -> PreparedRows | None:
+    """A file's rows through the checkpoint's preprocessing, from the prepared-rows cache (built on first use, one
+    process per machine, by reading the file in pieces); None without a cache (`cache_dir` None, a built-in
+    dataset, or a folder that cannot be written): then the caller streams the file itself."""
+    if cache_dir is None or not looks_like_path(source):
+        return None
+    from ddptrain.cache import cached_rows
+
+    def fill(append: Callable[[Any, Any], None], restart: Callable[[], None]) -> Counter[Any]:
+        tally: Counter[Any] = Counter()
+
+        def consume(tables: Iterable[Table]) -> Counter[Any]:
+            for table in tables:
+                if purpose == "eval":
+                    split = labelled_split(spec, table, tally=tally)
+                    append(split.x.numpy(), split.y.numpy())
+                else:
+                    x, unseen = features(spec, table)
+                    tally.update({("unseen", name): count for name, count in unseen.items()})
+                    append(x, None)
+            return tally
+
+        def again() -> None:
+            tally.clear()
+            restart()
+
+        return read_in_pieces(cfg, source, None, consume, again)
+
+    rows, _ = cached_rows(source, spec, purpose, cache_dir, fill)
+    return rows
+
+
+def evaluate_checkpoint(path: Path, source: str, seed: int | None, as_json: bool, device_name: str,
+                        cache_dir: Path | None = None) -> dict[str, Any]:
+    """Metrics of a checkpoint on labelled rows. A file's prepared rows come from the cache (`cache_dir`; built on
+    first use) or, without one, the file is read in pieces, each rank scoring its share of every piece; the sums
+    are all-reduced once at the end."""
     state = load_checkpoint(path)
     with process_group(device_name, "auto", None) as dist:
         model, spec, cfg = inference_model(state, dist.device, path)
@@ -79,7 +115,14 @@ def evaluate_checkpoint(path: Path, source: str, seed: int | None, as_json: bool
                     sums = part if sums is None else sums + part
             return sums, tally
 
-        sums, tally = read_in_pieces(cfg, source, seed, score)
+        cached = prepared_rows(cfg, spec, source, "eval", cache_dir) if seed is None else None
+        if cached is not None:
+            split = Split(torch.from_numpy(cached.x), torch.from_numpy(cached.y))
+            sums = evaluation_sums(model, split, spec, loss_fn, dist.rank, dist.world_size, reduce=False) \
+                if len(split) else None
+            tally = cached.tally
+        else:
+            sums, tally = read_in_pieces(cfg, source, seed, score)
         if sums is None:
             raise DDPTrainError(f"{source}: the target '{spec.target_name}' is empty in every row")
         if dist.world_size > 1:
@@ -127,23 +170,30 @@ def predict_rows(model: nn.Module, split: Split, spec: DataSpec) -> torch.Tensor
     return spec.in_target_units(out.squeeze(1))
 
 
-def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, overwrite: bool) -> None:
-    """Predictions for every row of `source`, written as they are made, piece by piece (`read_in_pieces`)."""
+def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, overwrite: bool,
+                   cache_dir: Path | None = None) -> None:
+    """Predictions for every row of `source`: from the prepared-rows cache (`cache_dir`, built on first use;
+    not with --id-column, which needs the file's own cells), or written as they are made, piece by piece."""
     atomic.check_new_file(out, overwrite, {"checkpoint": path, "--data file": Path(source)})
     state = load_checkpoint(path)
     model, spec, cfg = inference_model(state, torch.device("cpu"), path)
 
     unseen: Counter[str] = Counter()
     try:
+        cached = prepared_rows(cfg, spec, source, "predict", None if id_column else cache_dir)
         with sigterm_as_interrupt(), atomic.replacing(out, "w", newline="") as handle:
             def restart() -> None:  # the pieces so far are written again from the whole read
                 handle.seek(0)
                 handle.truncate()
                 unseen.clear()
 
-            rows = read_in_pieces(cfg, source, None,
-                                  lambda tables: write_predictions(handle, tables, model, spec, id_column, unseen),
-                                  restart)
+            if cached is not None:
+                unseen.update({key[1]: n for key, n in cached.tally.items() if isinstance(key, tuple)})
+                rows = write_prediction_rows(handle, model, spec, cached.x)
+            else:
+                rows = read_in_pieces(cfg, source, None,
+                                      lambda tables: write_predictions(handle, tables, model, spec, id_column, unseen),
+                                      restart)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; --out {out} was not written (the partial file was removed)") from None
     except OSError as exc:
@@ -152,6 +202,26 @@ def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, ov
     for note in unseen_notes(spec, dict(unseen)):
         console.note(note)
     console.line(f"wrote {rows:,} predictions to {out}", force=True)
+
+
+def write_prediction_rows(handle: Any, model: nn.Module, spec: DataSpec, x: Any) -> int:
+    """Header and one row per row of a prepared matrix, a chunk at a time."""
+    writer = csv.writer(handle)
+    writer.writerow(["prediction"] + ([f"prob_{label}" for label in spec.classes]
+                                      if spec.task == "classification" else []))
+    for start in range(0, len(x), PREDICT_CHUNK):
+        result = predict_rows(model, to_split(spec, x[start:start + PREDICT_CHUNK], None), spec).tolist()
+        write_result_rows(writer, spec, [[]] * len(result), result)
+    return len(x)
+
+
+def write_result_rows(writer: Any, spec: DataSpec, lead: list[list[str]], result: list[Any]) -> None:
+    for first, row in zip(lead, result):
+        if spec.task == "classification":
+            best = max(range(len(row)), key=row.__getitem__)
+            writer.writerow(first + [spec.classes[best]] + [f"{p:.6f}" for p in row])
+        else:
+            writer.writerow(first + [f"{row:.6g}"])
 
 
 def write_predictions(handle: Any, tables: Iterable[Table], model: nn.Module, spec: DataSpec, id_column: str | None,
@@ -172,12 +242,7 @@ def write_predictions(handle: Any, tables: Iterable[Table], model: nn.Module, sp
         if id_column:  # as the file had it: whole numbers without '.0', missing cells empty
             lead = [["" if gone else label_text(value)]
                     for value, gone in zip(table.column(id_column).tolist(), table.missing(id_column))]
-        for first, row in zip(lead, result):
-            if spec.task == "classification":
-                best = max(range(len(row)), key=row.__getitem__)
-                writer.writerow(first + [spec.classes[best]] + [f"{p:.6f}" for p in row])
-            else:
-                writer.writerow(first + [f"{row:.6g}"])
+        write_result_rows(writer, spec, lead, result)
         rows += len(result)
     return rows
 

@@ -242,6 +242,59 @@ def test_eval_in_pieces_scores_what_eval_whole_scores(tmp_path, monkeypatch, cap
     assert notes_pieces == notes_whole and notes_whole.count("9 of 60 rows have no 'label' value") == 1
 
 
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_eval_and_predict_keep_a_files_prepared_rows_and_trust_only_a_sound_cache(task, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """The first eval (or predict) of a file writes its rows as the checkpoint prepares them to the cache; the
+    next one maps them: the same metrics, notes and predictions as reading the file, byte for byte. A changed
+    file gets a new entry; a damaged one is rebuilt; --id-column reads the file itself."""
+    from conftest import real_table
+    from ddptrain import evaluate
+
+    monkeypatch.setattr(evaluate, "PREDICT_CHUNK", 11)
+    target, drop = ("label", ()) if task == "classification" else ("income", ("label",))
+    fit(FitConfig(data=str(real_table(tmp_path / "train.csv", rows=150)), target=target, drop=drop, epochs=2,
+                  hidden=(8,), quiet=True, out=str(tmp_path / "run")))
+    ckpt = tmp_path / "run/checkpoints/last.pt"
+    new = real_table(tmp_path / "new.csv", rows=60, seed=3, cities=("Paris", "Kyiv"))
+    lines = new.read_text().splitlines()
+    lines[1:4] = [",".join(line.split(",")[:-2 if task == "regression" else -1] + [""] +
+                           ([line.split(",")[-1]] if task == "regression" else [])) for line in lines[1:4]]
+    new.write_text("\n".join(lines) + "\n")  # three rows without a target: not scored, one note
+    cache = tmp_path / "cache"
+
+    def both(cache_dir):
+        capsys.readouterr()
+        metrics = evaluate.evaluate_checkpoint(ckpt, str(new), None, True, "cpu", cache_dir)
+        out = tmp_path / f"p{len(list(tmp_path.glob('p*.csv')))}.csv"
+        evaluate.predict_to_csv(ckpt, str(new), out, None, False, cache_dir)
+        return metrics, out.read_text(), capsys.readouterr().err
+
+    plain = both(None)
+    assert not cache.exists()
+    first = both(cache)
+    entries = sorted(p for p in cache.iterdir() if p.is_dir())
+    assert len(entries) == 2 and all((e / "x.bin").exists() for e in entries)  # one for eval, one for predict
+    stamps = [e.stat().st_mtime_ns for e in entries]
+    again = both(cache)
+    assert [e.stat().st_mtime_ns for e in entries] == stamps  # mapped, not rebuilt
+    for got in (first, again):
+        assert got[0]["rows"] == plain[0]["rows"] == 57
+        numbers = {k for k, v in plain[0].items() if isinstance(v, float)}  # sums taken in other pieces
+        assert {k: got[0][k] for k in numbers} == pytest.approx({k: plain[0][k] for k in numbers}, rel=1e-6)
+        assert {k: v for k, v in got[0].items() if k not in numbers} == \
+            {k: v for k, v in plain[0].items() if k not in numbers}
+        assert got[1] == plain[1] and got[2] == plain[2]
+    assert "3 of 60 rows have no" in plain[2] and "column 'city'" in plain[2]
+    (entries[0] / "meta.json").write_text("{")  # damaged: rebuilt, never trusted
+    assert both(cache)[1] == plain[1]
+    new.write_text(new.read_text() + lines[5] + "\n")  # the file changed: a new entry, the new row counted
+    assert both(cache)[1].count("\n") == plain[1].count("\n") + 1
+    out = tmp_path / "ids.csv"
+    evaluate.predict_to_csv(ckpt, str(new), out, "name", False, cache)
+    assert out.read_text().splitlines()[1].startswith("person 0,")
+
+
 def test_predict_reads_a_csv_whole_when_its_types_change_after_the_first_block(tmp_path, monkeypatch, capsys):
     """Numbers in the first block, text further down: the streamed read gives up and the file is read whole, as
     before; the text cells are missing values, counted in one note."""
