@@ -1,6 +1,6 @@
 """Issue 13's targets on a 1,000,000-row x 28-float CSV that this script writes (one sitting, same machine).
 
-    python benchmarks/big_table.py [--rows 1000000] [--out /tmp/ddptrain-big-table]
+    python benchmarks/big_table.py [--rows 1000000] [--text-columns 0] [--out /tmp/ddptrain-big-table]
 
 Measures, each in a fresh process: pyarrow.csv.read_csv on the file (time, peak RSS); `ddptrain fit` the first
 time (the cache is built: time to first step from metrics.jsonl, peak PSS); the second time (a cache hit); and
@@ -30,26 +30,34 @@ print(t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
-def write_csv(path: Path, rows: int) -> None:
+def write_csv(path: Path, rows: int, text_columns: int = 0) -> None:
     import numpy as np
     import pyarrow as pa
     import pyarrow.csv
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(rows, 28))
-    y = (x[:, :3].sum(axis=1) > 0).astype(np.int64)
-    pa.csv.write_csv(pa.table({**{f"f{j}": x[:, j] for j in range(28)}, "label": y}), path)
+    score = x[:, :3].sum(axis=1)
+    text = {}
+    for k in range(text_columns):  # categories as a database export has them: 50, 1000, 20000, ... levels
+        levels = 50 * 20 ** k
+        codes = rng.integers(0, levels, rows)
+        text[f"t{k}"] = pa.array(np.char.add(f"level-{k}-", codes.astype(str)))
+        score += (codes % 3 - 1) * 0.5
+    y = (score > 0).astype(np.int64)
+    pa.csv.write_csv(pa.table({**{f"f{j}": x[:, j] for j in range(28)}, **text, "label": y}), path)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--out", type=Path, default=Path("/tmp/ddptrain-big-table"))
+    parser.add_argument("--text-columns", type=int, default=0, help="add text category columns (50, 1000, ... levels)")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     data = args.out / "big.csv"
-    write_csv(data, args.rows)
+    write_csv(data, args.rows, args.text_columns)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(args.out / "cache")}
     read = subprocess.run([sys.executable, "-c", READ, str(data)], capture_output=True, text=True, check=True, env=env)
     read_s, read_rss = (float(v) for v in read.stdout.split())
@@ -69,7 +77,7 @@ def main() -> int:
     second = run("second", [])
     two = run("two", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"])
     result = {
-        "rows": args.rows, "csv_mb": round(data.stat().st_size / 1e6),
+        "rows": args.rows, "text_columns": args.text_columns, "csv_mb": round(data.stat().st_size / 1e6),
         "pyarrow_read": {"seconds": round(read_s, 2), "peak_rss_gb": round(read_rss / 1e9, 3)},
         "first_fit": first, "second_fit": second, "two_processes_cache_hit": two,
         "targets": {

@@ -67,6 +67,7 @@ def run_program(name: str, world: int, batch: int, args: argparse.Namespace, wor
         cmd = torchrun(world) + ["-m", "ddptrain", "fit", "--data", "blobs", "--n-samples", str(args.rows),
                                  "--n-features", str(args.features), "--n-classes", str(args.classes),
                                  "--hidden", args.hidden, "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9",
+                                 "--scheduler", "constant",  # the plain loops' work: a constant rate
                                  "--batch-size", str(batch), "--val-fraction", "0",
                                  "--epochs", str(args.epochs), "--out", str(out / "run"), "--quiet",
                                  "--device", args.device, "--precision", args.precision,

@@ -68,6 +68,7 @@ def main() -> None:
     console.quiet = True
     cfg = FitConfig(data="blobs", n_samples=args.rows, n_features=args.features, n_classes=args.classes,
                     hidden=tuple(int(h) for h in args.hidden.split(",")), optimizer="sgd", lr=0.05, momentum=0.9,
+                    scheduler="constant",
                     batch_size=args.batch_size, val_fraction=0.0, epochs=args.rounds, log_every=args.log_every,
                     quiet=True)
     data = prepare_fit_data(cfg)

@@ -220,6 +220,23 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
+def replan_schedule(parts: Parts, steps_done: int) -> None:
+    """A new scheduler planned over this run's --epochs, brought to `steps_done` as if the run had been planned
+    this long from its start (torch's schedulers are stepwise: built from the base rate, then stepped)."""
+    import warnings
+
+    from ddptrain.optim import build_scheduler
+
+    for group in parts.optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", parts.cfg.lr)
+    total = len(parts.data.train) // parts.cfg.batch_size * parts.cfg.epochs
+    with warnings.catch_warnings():  # torch warns of a scheduler stepped before its optimizer: here on purpose
+        warnings.simplefilter("ignore")
+        parts.scheduler = build_scheduler(parts.optimizer, parts.cfg, total)
+        for _ in range(steps_done):
+            parts.scheduler.step()
+
+
 # -- resuming --------------------------------------------------------------------------------------------------
 def check_resumable(cfg: FitConfig, state: dict[str, Any], path: Path) -> None:
     """A resume continues the same experiment: the settings that define it must match the checkpoint's."""
@@ -232,6 +249,11 @@ def check_resumable(cfg: FitConfig, state: dict[str, Any], path: Path) -> None:
                          "use the original values or start a new --out")
 
 
+def planned_over_epochs(cfg: FitConfig) -> bool:
+    """Whether the rate schedule is laid out over the run's length (--epochs), not per step alone."""
+    return cfg.scheduler in ("cosine", "linear", "onecycle") or (cfg.scheduler == "step" and not cfg.lr_step_size)
+
+
 def restore(parts: Parts, state: dict[str, Any], path: Path) -> Position:
     """The checkpoint's training state into the built parts; a part that does not fit names itself."""
     dist = parts.dist
@@ -241,7 +263,9 @@ def restore(parts: Parts, state: dict[str, Any], path: Path) -> Position:
         part = "optimizer state"
         parts.optimizer.load_state_dict(with_capturable(state["optimizer"], parts.graphs))
         part = "scheduler state"
-        if parts.scheduler is not None and state.get("scheduler"):
+        saved_epochs = state.get("config", {}).get("epochs", parts.cfg.epochs)
+        replan = planned_over_epochs(parts.cfg) and saved_epochs != parts.cfg.epochs
+        if parts.scheduler is not None and state.get("scheduler") and not replan:
             parts.scheduler.load_state_dict(state["scheduler"])
         part = "GradScaler state"
         if parts.scaler is not None and state.get("scaler"):
@@ -257,6 +281,12 @@ def restore(parts: Parts, state: dict[str, Any], path: Path) -> Position:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
         raise DDPTrainError(f"cannot resume {path}: its {part} does not fit this run ({reason}); the file was edited "
                             "or damaged; use another checkpoint") from None
+    if replan and parts.scheduler is not None:
+        before = parts.optimizer.param_groups[0]["lr"]
+        replan_schedule(parts, position.global_step)
+        console.note(f"--epochs {parts.cfg.epochs} (the checkpoint's run planned {saved_epochs}): the {parts.cfg.scheduler} "
+                     f"rate is laid out again over {parts.cfg.epochs} epochs; at step {position.global_step} it goes "
+                     f"from {before:.3g} to {parts.optimizer.param_groups[0]['lr']:.3g}")
     if saved_world != dist.world_size:
         console.line(f"resuming a world-size-{saved_world} checkpoint at world size {dist.world_size}: same global "
                      f"batch and data order; dropout random streams are reseeded")

@@ -116,7 +116,8 @@ class FitConfig:
     weight_decay: float = setting(0.0, 'Weight decay.', OPTIM, fixed=True)
     betas: tuple[float, float] = setting((0.9, 0.999), "Adam betas, 'b1,b2'.", OPTIM, fixed=True)
     scheduler: str = setting(
-        "constant", 'Learning-rate schedule, stepped per optimizer step.', OPTIM, choices=Scheduler, fixed=True)
+        "cosine", 'Learning-rate schedule, stepped per optimizer step (cosine: from --lr down to 0 over the run).',
+        OPTIM, choices=Scheduler, fixed=True)
     warmup_steps: int = setting(0, 'Linear warm-up steps before the schedule.', OPTIM, fixed=True)
     lr_step_size: int | None = setting(
         None, 'Steps between decays of --scheduler step (default: a third of the run).', OPTIM, fixed=True)
@@ -134,9 +135,9 @@ class FitConfig:
         "fp32", 'Autocast precision (fp16 adds a GradScaler).', OPTIM, choices=Precision, fixed=True)
     compile: bool = setting(False, 'torch.compile the DDP model.', OPTIM, flags=('--compile/--no-compile',))
     cuda_graphs: bool | None = setting(
-        None, "Replay each training step as one captured CUDA graph (GPU only; a setting that rules it out, e.g. "
-              "--nan-policy skip or --precision fp16, is named and the step runs eagerly). Default: eager until "
-              "measured on a GPU.", OPTIM, flags=('--cuda-graphs/--no-cuda-graphs',))
+        None, "Replay each training step as one captured CUDA graph (GPU only; needs --scheduler constant; a "
+              "setting that rules it out, e.g. --nan-policy skip or --precision fp16, is named and the step runs "
+              "eagerly). Default: eager until measured on a GPU.", OPTIM, flags=('--cuda-graphs/--no-cuda-graphs',))
     nan_policy: str = setting(
         "stop", 'On a non-finite loss: stop, or skip the step (skip costs a sync per step).', OPTIM, choices=NanPolicy)
     deterministic: bool = setting(

@@ -52,11 +52,13 @@ def resolve(cfg: FitConfig, device_type: str, world_size: int) -> tuple[bool, st
     if device_type != "cuda":
         return False, ("--cuda-graphs needs a CUDA device; this run is on the CPU and trains eagerly"
                        if cfg.cuda_graphs else None)
+    if cfg.cuda_graphs is None and not AUTO_ENABLES:
+        return False, None
     reasons = blockers(cfg, world_size)
     if reasons:
         asked = "--cuda-graphs" if cfg.cuda_graphs else "CUDA graphs (auto)"
         return False, f"{asked}: off, the step runs eagerly: {'; '.join(reasons)}"
-    return bool(cfg.cuda_graphs) or AUTO_ENABLES, None
+    return True, None
 
 
 class GraphedStep:

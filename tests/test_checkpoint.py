@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
     lines = (folder / "train.csv").read_text().splitlines()
     (folder / "train_noid.csv").write_text("\n".join(",".join(l.split(",")[1:]) for l in lines) + "\n")
     fit(FitConfig(data=str(folder / "train_noid.csv"), epochs=6, hidden=(16,), batch_size=32, quiet=True,
-                  out=str(folder / "run")))
+                  scheduler="constant", out=str(folder / "run")))
     return folder
 
 
@@ -352,8 +352,8 @@ def test_regression_eval_and_predict_in_target_units(tmp_path):
 ])
 def test_eval_on_a_builtin_draws_fresh_rows_of_the_same_problem(tmp_path, data, extra, metric):
     # blobs' centres and the regression's weights come from the training seed; eval's rows from seed + 1
-    trained = cli("fit", "--data", data, *extra, "--epochs", "6", "--hidden", "32", "--out", "run", "--quiet",
-                  cwd=tmp_path)
+    trained = cli("fit", "--data", data, *extra, "--epochs", "6", "--hidden", "32", "--scheduler", "constant",
+                  "--out", "run", "--quiet", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
     val = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     result = cli("eval", "run/checkpoints/best.pt", "--data", data, "--json", cwd=tmp_path)

@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 def on_gpu(tmp_path, name="run", **overrides) -> FitConfig:
     values = dict(data="spirals", n_samples=2048, epochs=8, batch_size=64, hidden=(64, 64), device="cuda",
+                  scheduler="constant",
                   out=str(tmp_path / name), log_every=5, quiet=True)
     values.update(overrides)
     return FitConfig(**values)
@@ -129,7 +130,8 @@ def test_a_graphed_checkpoint_resumes_eagerly_and_back(tmp_path):
 @pytest.mark.parametrize("flags", [("--nan-policy", "skip"), ("--precision", "fp16"), ("--grad-accum", "2"),
                                    ("--scheduler", "cosine")])
 def test_cuda_graphs_fall_back_with_a_note(tmp_path, flags):
-    result = cli("fit", "--data", "spirals", "--epochs", "1", "--device", "cuda", "--cuda-graphs", *flags,
+    constant = () if flags[0] == "--scheduler" else ("--scheduler", "constant")
+    result = cli("fit", "--data", "spirals", "--epochs", "1", "--device", "cuda", "--cuda-graphs", *constant, *flags,
                  "--out", "run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "--cuda-graphs: off, the step runs eagerly" in result.stdout + result.stderr

@@ -15,7 +15,8 @@ from conftest import clean_env, cli, epoch_rows, error_lines, read_metrics, torc
 from ddptrain.checkpoint import load_checkpoint
 
 COMMON = ["--data", "blobs", "--n-samples", "1000", "--n-features", "6", "--n-classes", "3", "--hidden", "32,32",
-          "--batch-size", "64", "--epochs", "3", "--optimizer", "sgd", "--lr", "0.05", "--log-every", "5"]
+          "--batch-size", "64", "--epochs", "3", "--optimizer", "sgd", "--lr", "0.05", "--log-every", "5",
+          "--scheduler", "constant"]  # a resume that adds epochs continues the same rate
 
 
 @pytest.mark.slow

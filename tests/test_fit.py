@@ -17,7 +17,7 @@ from ddptrain.run import fit
 
 def small(tmp_path, name="run", **overrides) -> FitConfig:
     values = dict(data="moons", n_samples=512, epochs=3, batch_size=32, hidden=(16,), out=str(tmp_path / name),
-                  log_every=5, quiet=True, val_fraction=0.2)
+                  log_every=5, quiet=True, val_fraction=0.2, scheduler="constant")
     values.update(overrides)
     return FitConfig(**values)
 
@@ -92,6 +92,26 @@ def test_resume_at_epoch_boundary_is_bit_exact(tmp_path):
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [0, 1, 2, 3]  # no duplicate rows
     steps = [r["step"] for r in rows if r["kind"] == "step"]
     assert steps == sorted(set(steps))
+
+
+def test_resume_with_more_epochs_lays_the_schedule_out_again(tmp_path, capsys):
+    """cosine (the default) plans its decay over --epochs: a resume with more epochs continues with the rate a run
+    planned that long from the start would have at that step, and says so; an unchanged resume is bit-exact."""
+    from ddptrain import console as console_module
+
+    fit(small(tmp_path, "two", epochs=2, scheduler="cosine", checkpoint_every=0))
+    fit(small(tmp_path, "three", epochs=3, scheduler="cosine"))
+    console_module.console.quiet = False
+    capsys.readouterr()
+    fit(small(tmp_path, "two", epochs=3, scheduler="cosine", resume="auto", quiet=False))
+    said = capsys.readouterr().err
+    assert "--epochs 3 (the checkpoint's run planned 2): the cosine rate is laid out again over 3 epochs" in said
+    extended = [r for r in read_metrics(tmp_path / "two") if r["kind"] == "step"]
+    planned = [r for r in read_metrics(tmp_path / "three") if r["kind"] == "step"]
+    resumed_at = max(r["step"] for r in extended if r["epoch"] == 1)
+    later = {r["step"]: r["lr"] for r in extended if r["step"] > resumed_at}
+    assert later and later == pytest.approx({r["step"]: r["lr"] for r in planned if r["step"] in later}, rel=1e-9)
+    assert extended[-1]["lr"] < 0.05 * extended[0]["lr"]  # it decays to (nearly) zero at the new end
 
 
 def test_resume_mid_epoch_is_bit_exact(tmp_path):

@@ -99,9 +99,9 @@ def test_cuda_graphs_are_decided_from_the_config_and_say_why_not():
     assert cudagraphs.resolve(FitConfig(), "cpu", 1) == (False, None)  # auto on a CPU: nothing to say
     use, note = cudagraphs.resolve(FitConfig(cuda_graphs=True), "cpu", 1)
     assert not use and "needs a CUDA device" in note
-    assert cudagraphs.resolve(FitConfig(cuda_graphs=True), "cuda", 2) == (True, None)
+    assert cudagraphs.resolve(FitConfig(cuda_graphs=True, scheduler="constant"), "cuda", 2) == (True, None)
     assert cudagraphs.resolve(FitConfig(cuda_graphs=False), "cuda", 1) == (False, None)
-    assert cudagraphs.resolve(FitConfig(), "cuda", 1) == (cudagraphs.AUTO_ENABLES, None)
+    assert cudagraphs.resolve(FitConfig(scheduler="constant"), "cuda", 1) == (cudagraphs.AUTO_ENABLES, None)
     cfg = FitConfig(cuda_graphs=True, nan_policy="skip", precision="fp16", grad_accum=2, batch_size=64,
                     scheduler="cosine", comm_hook="powersgd", norm="batch")
     use, note = cudagraphs.resolve(cfg, "cuda", 2)
@@ -109,8 +109,8 @@ def test_cuda_graphs_are_decided_from_the_config_and_say_why_not():
     for flag in ("--nan-policy skip", "--precision fp16", "--grad-accum", "--scheduler cosine", "powersgd",
                  "--norm batch"):
         assert flag in note
-    assert cudagraphs.blockers(FitConfig(norm="batch"), 1) == []  # one GPU: plain BatchNorm, nothing to exchange
-    use, note = cudagraphs.resolve(FitConfig(warmup_steps=10), "cuda", 1)
+    assert cudagraphs.blockers(FitConfig(norm="batch", scheduler="constant"), 1) == []  # one GPU: plain BatchNorm
+    use, note = cudagraphs.resolve(FitConfig(cuda_graphs=True, scheduler="constant", warmup_steps=10), "cuda", 1)
     assert not use and "--warmup-steps" in note
 
 
