@@ -212,6 +212,8 @@ def _csv_pieces(path: Path, rows: int) -> Iterator[Table]:
             start = end
             if arrow.num_rows:
                 yield _from_arrow(arrow, str(path), text=True)
+    if not types:  # nothing after the header (a header without a line end, or only blank lines)
+        raise DDPTrainError(f"data file {path} has a header but no data rows")
 
 
 def _piece_bytes(fd: int, start: int, size: int, rows: int) -> int:
