@@ -23,7 +23,7 @@ from ddptrain.console import console
 from ddptrain.data import DataSpec
 from ddptrain.errors import DDPTrainError, UsageError
 from ddptrain.model import ModelSpec, build_model, parameter_count
-from ddptrain.optim import with_capturable
+from ddptrain.optim import load_optimizer, plain_rates, saved_optimizer, set_rate
 
 if TYPE_CHECKING:
     from torch import nn
@@ -185,8 +185,8 @@ def build_state(parts: Parts, position: Position, rng: list[dict[str, Any]], met
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
         "model": parts.model.state_dict(), "model_spec": parts.model_spec.to_dict(),
-        "data_spec": parts.data.spec.to_dict(), "optimizer": parts.optimizer.state_dict(),
-        "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else None,
+        "data_spec": parts.data.spec.to_dict(), "optimizer": saved_optimizer(parts.optimizer),
+        "scheduler": plain_rates(parts.scheduler.state_dict()) if parts.scheduler is not None else None,
         "scaler": parts.scaler.state_dict() if parts.scaler else None,
         "position": asdict(position), "rng": rng, "config": parts.cfg.to_dict(),
         "world_size": parts.dist.world_size, "torch_version": str(torch.__version__), "ddptrain_version": __version__,
@@ -228,7 +228,7 @@ def replan_schedule(parts: Parts, steps_done: int) -> None:
     from ddptrain.optim import build_scheduler
 
     for group in parts.optimizer.param_groups:
-        group["lr"] = group.get("initial_lr", parts.cfg.lr)
+        set_rate(group, group.get("initial_lr", parts.cfg.lr))
     total = len(parts.data.train) // parts.cfg.batch_size * parts.cfg.epochs
     with warnings.catch_warnings():  # torch warns of a scheduler stepped before its optimizer: here on purpose
         warnings.simplefilter("ignore")
@@ -261,7 +261,7 @@ def restore(parts: Parts, state: dict[str, Any], path: Path) -> Position:
     try:
         parts.model.load_state_dict(state["model"])
         part = "optimizer state"
-        parts.optimizer.load_state_dict(with_capturable(state["optimizer"], parts.graphs))
+        load_optimizer(parts.optimizer, state["optimizer"], parts.graphs)
         part = "scheduler state"
         saved_epochs = state.get("config", {}).get("epochs", parts.cfg.epochs)
         replan = planned_over_epochs(parts.cfg) and saved_epochs != parts.cfg.epochs
@@ -282,11 +282,11 @@ def restore(parts: Parts, state: dict[str, Any], path: Path) -> Position:
         raise DDPTrainError(f"cannot resume {path}: its {part} does not fit this run ({reason}); the file was edited "
                             "or damaged; use another checkpoint") from None
     if replan and parts.scheduler is not None:
-        before = parts.optimizer.param_groups[0]["lr"]
+        before = float(parts.optimizer.param_groups[0]["lr"])
         replan_schedule(parts, position.global_step)
         console.note(f"--epochs {parts.cfg.epochs} (the checkpoint's run planned {saved_epochs}): the {parts.cfg.scheduler} "
                      f"rate is laid out again over {parts.cfg.epochs} epochs; at step {position.global_step} it goes "
-                     f"from {before:.3g} to {parts.optimizer.param_groups[0]['lr']:.3g}")
+                     f"from {before:.3g} to {float(parts.optimizer.param_groups[0]['lr']):.3g}")
     if saved_world != dist.world_size:
         console.line(f"resuming a world-size-{saved_world} checkpoint at world size {dist.world_size}: same global "
                      f"batch and data order; dropout random streams are reseeded")

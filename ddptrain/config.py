@@ -135,9 +135,9 @@ class FitConfig:
         "fp32", 'Autocast precision (fp16 adds a GradScaler).', OPTIM, choices=Precision, fixed=True)
     compile: bool = setting(False, 'torch.compile the DDP model.', OPTIM, flags=('--compile/--no-compile',))
     cuda_graphs: bool | None = setting(
-        None, "Replay each training step as one captured CUDA graph (GPU only; needs --scheduler constant; a "
-              "setting that rules it out, e.g. --nan-policy skip or --precision fp16, is named and the step runs "
-              "eagerly). Default: eager until measured on a GPU.", OPTIM, flags=('--cuda-graphs/--no-cuda-graphs',))
+        None, "Replay each training step as one captured CUDA graph (GPU only; a setting that rules it out, e.g. "
+              "--nan-policy skip or --precision fp16, is named and the step runs eagerly). Default: eager until "
+              "measured on a GPU.", OPTIM, flags=('--cuda-graphs/--no-cuda-graphs',))
     nan_policy: str = setting(
         "stop", 'On a non-finite loss: stop, or skip the step (skip costs a sync per step).', OPTIM, choices=NanPolicy)
     deterministic: bool = setting(

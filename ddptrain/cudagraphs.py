@@ -6,6 +6,8 @@ first iterations), one step is captured (forward, loss, backward with DDP's all-
 optimizer's capturable kernels) and every later step copies its batch into the captured input buffers and replays
 the graph. The rows, their order and the arithmetic are those of the eager step.
 
+The rate is a 0-d tensor on the device that torch's schedulers fill in place after each replay (the schedule
+stays torch's; reading it costs one small host sync per step), and checkpoints hold it as a float either way.
 `resolve` decides from the config alone, before anything is built, and says why when a setting rules graphs out;
 `--no-cuda-graphs` (or a CPU run) trains eagerly as before. Not yet measured on a GPU: `auto` stays eager until the
 CUDA-marked tests (tests/test_cuda.py) have passed on one.
@@ -34,9 +36,8 @@ def blockers(cfg: FitConfig, world_size: int) -> list[str]:
         reasons.append("--grad-accum's micro-steps are not captured")
     if cfg.compile:
         reasons.append("--compile hands the step to torch.compile")
-    if cfg.scheduler != "constant" or cfg.warmup_steps:
-        reasons.append(f"--scheduler {cfg.scheduler}{' with --warmup-steps' if cfg.warmup_steps else ''} changes the "
-                       "rate every step, and a captured step holds it fixed")
+    if cfg.scheduler == "onecycle":
+        reasons.append("--scheduler onecycle also changes the momentum every step, which a captured step holds fixed")
     if cfg.comm_hook == "powersgd":
         reasons.append("--comm-hook powersgd keeps host-side state that changes every step")
     if cfg.norm == "batch" and world_size > 1:

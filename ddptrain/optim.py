@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.optim import lr_scheduler
@@ -12,28 +14,59 @@ from ddptrain.errors import UsageError
 LOSSES = {Loss.cross_entropy: nn.CrossEntropyLoss, Loss.mse: nn.MSELoss, Loss.huber: nn.HuberLoss, Loss.l1: nn.L1Loss}
 
 
-def build_optimizer(params, cfg: FitConfig, capturable: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: FitConfig, graphed: bool = False) -> torch.optim.Optimizer:
     """SGD, Adam and AdamW use torch's fused kernels (one kernel for all parameters, on CPU and GPU): the same update
     to float rounding, faster than the per-parameter loop (figures: benchmarks/RESULTS.md, `benchmarks/micro.py`).
-    RMSprop has no fused kernel and takes torch's default. `capturable`: the step may be captured in a CUDA graph
-    (its step counts stay on the device; fused SGD is capturable as it is)."""
+    RMSprop has no fused kernel and takes torch's default. `graphed`: the step is captured in a CUDA graph, so the
+    rate is a tensor on the parameters' device (the schedulers fill it in place: a replay reads the new value) and
+    the step counts stay there too (`capturable`; fused SGD has none to keep)."""
+    params = list(params)
+    lr = torch.tensor(cfg.lr, device=params[0].device) if graphed else cfg.lr
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True,
-                                capturable=capturable)
+        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True,
+                                capturable=graphed)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True,
-                                 capturable=capturable)
-    return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               capturable=capturable)
+        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True,
+                                 capturable=graphed)
+    return torch.optim.RMSprop(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               capturable=graphed)
 
 
-def with_capturable(state: dict, capturable: bool) -> dict:
-    """A saved optimizer state for this run's optimizer: its groups' `capturable` as this run has it, so a checkpoint
-    moves between graphed and eager runs (loading then puts the step counts where that setting keeps them)."""
-    groups = [{**g, "capturable": capturable} if "capturable" in g else g for g in state["param_groups"]]
-    return {**state, "param_groups": groups}
+def plain_rates(state: Any) -> Any:
+    """An optimizer's param groups or a scheduler's state with every rate as a float (a graphed run keeps them as
+    0-d tensors): checkpoints look alike whichever way they were trained."""
+    if isinstance(state, torch.Tensor) and state.dim() == 0 and state.is_floating_point():
+        return float(state)
+    if isinstance(state, dict):
+        return {k: (v if k == "params" else plain_rates(v)) for k, v in state.items()}
+    if isinstance(state, list):
+        return [plain_rates(v) for v in state]
+    return state
+
+
+def saved_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    saved = optimizer.state_dict()
+    return {**saved, "param_groups": plain_rates(saved["param_groups"])}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], graphed: bool) -> None:
+    """A saved state into this run's optimizer, graphed or not: `capturable` as this run has it (loading then puts
+    the step counts where that setting keeps them) and the rate a float, or a tensor on the parameters' device."""
+    groups = [{**g, "capturable": graphed} if "capturable" in g else g for g in plain_rates(saved["param_groups"])]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
+    if graphed:
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=group["params"][0].device)
+
+
+def set_rate(group: dict[str, Any], value: float) -> None:
+    """A param group's rate, in place when it is a tensor (a captured graph holds that very tensor)."""
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(float(value))
+    else:
+        group["lr"] = float(value)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: FitConfig, total_steps: int) -> lr_scheduler.LRScheduler:

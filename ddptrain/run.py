@@ -170,7 +170,7 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
     graphs, graphs_note = cudagraphs.resolve(cfg, dist.device.type, dist.world_size)
     if graphs_note:
         console.note(graphs_note)
-    optimizer = build_optimizer(model.parameters(), cfg, capturable=graphs)
+    optimizer = build_optimizer(model.parameters(), cfg, graphed=graphs)
     steps_per_epoch = len(data.train) // cfg.batch_size
     constant = cfg.scheduler == "constant" and cfg.warmup_steps == 0
     scheduler = None if constant else build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)

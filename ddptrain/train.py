@@ -80,7 +80,10 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step on this rank's batch; returns its loss, detached, still on the device."""
         if self.graphed is not None:
-            return self.graphed(x, y)
+            loss = self.graphed(x, y)
+            if self.parts.scheduler is not None:  # on the host, outside the graph: it fills the rate tensor
+                self.parts.scheduler.step()
+            return loss
         accum = self.parts.cfg.grad_accum
         if accum == 1:
             loss = self._forward_backward(x, y, 1)
@@ -109,12 +112,13 @@ class Trainer:
 
     def _captured_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The step that cudagraphs.GraphedStep captures: no host sync (cudagraphs.blockers rules out the settings
-        that need one), the gradients left for it to clear before the capture."""
+        that need one), the gradients left for it to clear before the capture, the scheduler stepped by train_step
+        outside the graph."""
         loss = self._forward_backward(x, y, 1)
-        self._finish_step(zero_grad=False)
+        self._finish_step(zero_grad=False, schedule=False)
         return loss
 
-    def _finish_step(self, zero_grad: bool = True) -> bool:
+    def _finish_step(self, zero_grad: bool = True, schedule: bool = True) -> bool:
         p = self.parts
         if p.scaler:
             p.scaler.unscale_(p.optimizer)
@@ -129,7 +133,7 @@ class Trainer:
             p.scaler.update()
         else:
             p.optimizer.step()
-        if p.scheduler is not None:
+        if schedule and p.scheduler is not None:
             p.scheduler.step()
         if zero_grad:
             p.optimizer.zero_grad(set_to_none=True)
@@ -215,7 +219,7 @@ class Trainer:
         so the checkpoint that follows holds every loss). Returns whether any rank asked to stop."""
         p, pos = self.parts, self.position
         self.window.close(p.stop.requested, pos.global_step, pos.epoch, pos.step_in_epoch, log,
-                          p.optimizer.param_groups[0]["lr"])
+                          float(p.optimizer.param_groups[0]["lr"]))  # a graphed run's rate is a tensor
         stop = False
         for result in self.window.collect(wait):
             self._account(result)

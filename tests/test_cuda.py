@@ -18,7 +18,6 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 def on_gpu(tmp_path, name="run", **overrides) -> FitConfig:
     values = dict(data="spirals", n_samples=2048, epochs=8, batch_size=64, hidden=(64, 64), device="cuda",
-                  scheduler="constant",
                   out=str(tmp_path / name), log_every=5, quiet=True)
     values.update(overrides)
     return FitConfig(**values)
@@ -96,8 +95,9 @@ def step_losses(run_dir):
     return [row["train_loss"] for row in read_metrics(run_dir) if row["kind"] == "step"]
 
 
-@pytest.mark.parametrize("opts", [dict(), dict(optimizer="sgd", clip_grad=1.0), dict(dropout=0.1, precision="bf16")],
-                         ids=["adam", "sgd-clip", "dropout-bf16"])
+@pytest.mark.parametrize("opts", [dict(), dict(optimizer="sgd", clip_grad=1.0, scheduler="constant"),
+                                  dict(dropout=0.1, precision="bf16", warmup_steps=20, scheduler="linear")],
+                         ids=["adam-cosine", "sgd-clip-constant", "dropout-bf16-warmup-linear"])
 def test_cuda_graphs_give_the_eager_losses(tmp_path, opts):
     fit(on_gpu(tmp_path, "eager", epochs=3, cuda_graphs=False, **opts))
     fit(on_gpu(tmp_path, "graphed", epochs=3, cuda_graphs=True, **opts))
@@ -128,10 +128,9 @@ def test_a_graphed_checkpoint_resumes_eagerly_and_back(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [("--nan-policy", "skip"), ("--precision", "fp16"), ("--grad-accum", "2"),
-                                   ("--scheduler", "cosine")])
+                                   ("--scheduler", "onecycle")])
 def test_cuda_graphs_fall_back_with_a_note(tmp_path, flags):
-    constant = () if flags[0] == "--scheduler" else ("--scheduler", "constant")
-    result = cli("fit", "--data", "spirals", "--epochs", "1", "--device", "cuda", "--cuda-graphs", *constant, *flags,
+    result = cli("fit", "--data", "spirals", "--epochs", "1", "--device", "cuda", "--cuda-graphs", *flags,
                  "--out", "run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "--cuda-graphs: off, the step runs eagerly" in result.stdout + result.stderr

@@ -99,19 +99,19 @@ def test_cuda_graphs_are_decided_from_the_config_and_say_why_not():
     assert cudagraphs.resolve(FitConfig(), "cpu", 1) == (False, None)  # auto on a CPU: nothing to say
     use, note = cudagraphs.resolve(FitConfig(cuda_graphs=True), "cpu", 1)
     assert not use and "needs a CUDA device" in note
-    assert cudagraphs.resolve(FitConfig(cuda_graphs=True, scheduler="constant"), "cuda", 2) == (True, None)
+    assert cudagraphs.resolve(FitConfig(cuda_graphs=True), "cuda", 2) == (True, None)  # cosine: a tensor rate
+    assert cudagraphs.resolve(FitConfig(cuda_graphs=True, warmup_steps=10, scheduler="linear"), "cuda", 1) == \
+        (True, None)
     assert cudagraphs.resolve(FitConfig(cuda_graphs=False), "cuda", 1) == (False, None)
-    assert cudagraphs.resolve(FitConfig(scheduler="constant"), "cuda", 1) == (cudagraphs.AUTO_ENABLES, None)
+    assert cudagraphs.resolve(FitConfig(), "cuda", 1) == (cudagraphs.AUTO_ENABLES, None)
     cfg = FitConfig(cuda_graphs=True, nan_policy="skip", precision="fp16", grad_accum=2, batch_size=64,
-                    scheduler="cosine", comm_hook="powersgd", norm="batch")
+                    scheduler="onecycle", comm_hook="powersgd", norm="batch")
     use, note = cudagraphs.resolve(cfg, "cuda", 2)
     assert not use and note.startswith("--cuda-graphs: off, the step runs eagerly: ")
-    for flag in ("--nan-policy skip", "--precision fp16", "--grad-accum", "--scheduler cosine", "powersgd",
+    for flag in ("--nan-policy skip", "--precision fp16", "--grad-accum", "--scheduler onecycle", "powersgd",
                  "--norm batch"):
         assert flag in note
-    assert cudagraphs.blockers(FitConfig(norm="batch", scheduler="constant"), 1) == []  # one GPU: plain BatchNorm
-    use, note = cudagraphs.resolve(FitConfig(cuda_graphs=True, scheduler="constant", warmup_steps=10), "cuda", 1)
-    assert not use and "--warmup-steps" in note
+    assert cudagraphs.blockers(FitConfig(norm="batch"), 1) == []  # one GPU: plain BatchNorm, nothing to exchange
 
 
 def test_cuda_graphs_flag_on_a_cpu_says_so_once_and_trains(tmp_path):
@@ -124,19 +124,52 @@ def test_cuda_graphs_flag_on_a_cpu_says_so_once_and_trains(tmp_path):
     assert FitConfig(cuda_graphs=None).cuda_graphs is None
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop"])
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
 def test_an_optimizer_state_moves_between_graphed_and_eager_runs(name):
-    from ddptrain.optim import with_capturable
+    """A graphed run's rate is a device tensor and its optimizers capturable; its checkpoints hold plain floats,
+    and a state loads into either kind of run as that run needs it."""
+    from ddptrain.optim import load_optimizer, saved_optimizer
 
     model = nn.Linear(3, 2)
+    graphed = build_optimizer(model.parameters(), FitConfig(optimizer=name), graphed=True)
+    assert isinstance(graphed.param_groups[0]["lr"], torch.Tensor)
+    assert graphed.param_groups[0].get("capturable", True)
     eager = build_optimizer(model.parameters(), FitConfig(optimizer=name))
     model(torch.randn(4, 3)).sum().backward()
     eager.step()
-    saved = eager.state_dict()
-    graphed_state = with_capturable(saved, True)
-    assert all(g["capturable"] for g in graphed_state["param_groups"])
-    assert not any(g["capturable"] for g in saved["param_groups"])  # the saved dict itself is left alone
-    again = build_optimizer(model.parameters(), FitConfig(optimizer=name))
-    again.load_state_dict(with_capturable(graphed_state, False))
-    assert not again.param_groups[0]["capturable"]
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict()["state"][0].values(), saved["state"][0].values()))
+    saved = saved_optimizer(eager)
+    load_optimizer(graphed, saved, graphed=True)  # eager -> graphed
+    lr = graphed.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and float(lr) == pytest.approx(3e-3)
+    assert graphed.param_groups[0].get("capturable", True)
+    again = saved_optimizer(graphed)
+    assert type(again["param_groups"][0]["lr"]) is float  # checkpoints hold floats however they were trained
+    back = build_optimizer(model.parameters(), FitConfig(optimizer=name))
+    load_optimizer(back, again, graphed=False)  # graphed -> eager
+    assert type(back.param_groups[0]["lr"]) is float and not back.param_groups[0].get("capturable", False)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict()["state"][0].values(), saved["state"][0].values()))
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear", "step"])
+def test_a_tensor_rate_follows_the_schedule_in_place(scheduler):
+    """What a captured step relies on: torch's schedulers fill the rate tensor in place (the graph holds that very
+    tensor), with the values a float rate gets; the scheduler's saved state is plain floats."""
+    from ddptrain.optim import plain_rates
+
+    cfg = FitConfig(optimizer="sgd", scheduler=scheduler, warmup_steps=3, lr=0.1)
+    rates = []
+    for graphed in (False, True):
+        model = nn.Linear(3, 2)
+        opt = build_optimizer(model.parameters(), cfg, graphed=graphed)
+        sched = build_scheduler(opt, cfg, 12)
+        held = opt.param_groups[0]["lr"]
+        seen = []
+        for _ in range(12):
+            opt.step()
+            sched.step()
+            seen.append(float(opt.param_groups[0]["lr"]))
+        assert not graphed or opt.param_groups[0]["lr"] is held
+        state = plain_rates(sched.state_dict())
+        assert all(type(v) is float for key in ("base_lrs", "_last_lr") for v in state.get(key, []))
+        rates.append(seen)
+    assert rates[1] == pytest.approx(rates[0], rel=1e-6)
