@@ -54,6 +54,7 @@ Shuffle auto exact block
  Monitor, Shuffle) = (_choice(*line.split(maxsplit=1)) for line in CHOICE_VALUES.strip().splitlines())
 
 DEFAULT_VAL_FRACTION, VALIDATE_FROM_ROWS = 0.2, 1000
+DEFAULT_EPOCHS, MIN_DEFAULT_STEPS = 20, 250
 BLOCK_SHUFFLE_BYTES = 10 ** 9
 DATA, MODEL, OPTIM, DIST, RUN = "Data", "Model", "Optimization", "Distributed", "Run folder and logging"
 
@@ -124,7 +125,9 @@ class FitConfig:
     lr_gamma: float = setting(0.1, 'Decay factor of --scheduler step.', OPTIM, fixed=True)
     loss: str = setting("auto", 'Loss (auto: cross-entropy or MSE by task).', OPTIM, choices=Loss, fixed=True)
     seed: int = setting(0, 'Seed of data generation, split, data order and initial weights.', OPTIM, fixed=True)
-    epochs: int = setting(20, 'Epochs to train.', OPTIM)
+    epochs: int | None = setting(
+        None, f"Epochs to train (default: {DEFAULT_EPOCHS}, or for a small table as many as make {MIN_DEFAULT_STEPS} "
+              "optimizer steps).", OPTIM)
     batch_size: int | None = setting(
         None, "GLOBAL batch: each of N ranks takes batch/N rows a step (default: 64, or for a small table a quarter of "
         "its training rows, a multiple of 8 and at least 8).", OPTIM, fixed=True)
@@ -352,7 +355,8 @@ def validate(cfg: FitConfig) -> None:
     _check(cfg.val_fraction is None or 0.0 <= cfg.val_fraction < 1.0, f"--val-fraction {cfg.val_fraction} must be in [0, 1) (0 turns validation off)")
     _check(cfg.batch_size is None or cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be at least 1")
     for name in ("epochs", "grad_accum", "log_every", "n_samples"):
-        _check(getattr(cfg, name) >= 1, f"{flag(name)} {getattr(cfg, name)} must be at least 1")
+        _check(getattr(cfg, name) is None or getattr(cfg, name) >= 1,
+               f"{flag(name)} {getattr(cfg, name)} must be at least 1")
     _check(cfg.n_samples <= MAX_BUILTIN_ROWS, f"--n-samples {cfg.n_samples} must be at most {MAX_BUILTIN_ROWS:,} "
                                               "(built-in datasets are generated in memory)")
     for name in ("checkpoint_every", "keep_last", "early_stop", "warmup_steps"):
@@ -413,6 +417,17 @@ def resolve_batch(cfg: FitConfig, train_rows: int) -> FitConfig:
     if cfg.batch_size is not None:
         return cfg
     return dataclasses.replace(cfg, batch_size=min(DEFAULT_BATCH, max(8, train_rows // 4 // 8 * 8)))
+
+
+def resolve_epochs(cfg: FitConfig, train_rows: int) -> FitConfig:
+    """The config with its epochs decided (after the batch): as given, or 20, or for a small table enough epochs
+    for MIN_DEFAULT_STEPS optimizer steps. A 150-row table at a quarter of its rows a batch makes 4 steps an epoch:
+    20 epochs were 80 steps, too few to train (the real-tables benchmark, RESULTS.md); the table's size alone
+    decides, so a resume decides alike."""
+    if cfg.epochs is not None:
+        return cfg
+    steps = max(1, train_rows // cfg.batch_size)
+    return dataclasses.replace(cfg, epochs=max(DEFAULT_EPOCHS, math.ceil(MIN_DEFAULT_STEPS / steps)))
 
 
 def monitor_metric(cfg: FitConfig, has_validation: bool) -> str:

@@ -18,6 +18,7 @@ from ddptrain.checkpoint import Position
 from ddptrain.config import (
     FitConfig,
     resolve_batch,
+    resolve_epochs,
     resolve_shuffle,
     resolve_val_fraction,
 )
@@ -101,6 +102,7 @@ def load_data(cfg: FitConfig, world_size: int) -> tuple[FitConfig, FitData]:
     if cfg.batch_size > len(data.train):
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train)} training rows; "
                          "lower it or add data")
+    cfg = resolve_epochs(cfg, len(data.train))
     check_monitor(cfg, data)
     return cfg, data
 

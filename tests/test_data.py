@@ -266,6 +266,20 @@ def test_a_regression_target_with_blank_cells_stays_regression(tmp_path):
     assert any("4 of 100 rows have no 'price' value" in note for note in data.spec.notes)
 
 
+def test_default_epochs_give_a_small_table_enough_steps(tmp_path):
+    """20 epochs, or for a small table as many as make 250 optimizer steps; as given when given; recorded."""
+    import json
+
+    from ddptrain.config import resolve_epochs
+    from ddptrain.run import fit
+
+    assert resolve_epochs(FitConfig(batch_size=32), 150).epochs == 63  # 4 steps an epoch
+    assert resolve_epochs(FitConfig(batch_size=64), 100_000).epochs == 20
+    assert resolve_epochs(FitConfig(batch_size=32, epochs=3), 150).epochs == 3
+    fit(FitConfig(data="moons", n_samples=200, quiet=True, out=str(tmp_path / "run")))  # batch 48: 4 steps
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 63
+
+
 def test_validation_is_held_out_from_1000_rows_or_when_asked(tmp_path):
     """Under 1,000 rows every row trains (with a note saying how to hold some out); from 1,000 rows, or with
     --val-fraction, a seeded fifth validates."""

@@ -200,7 +200,7 @@ CONFIG_CASES = {
     "toml-float-for-an-integer": ("c.toml", "epochs = 2.5\n", ["'epochs'", "not an integer"]),
     "toml-out-of-range": ("c.toml", "lr_gamma = 3.0\n", ["--lr-gamma", "(0, 1]"]),
     "json-list": ("c.json", "[1, 2]", ["c.json", "list", "not a table"]),
-    "json-null-for-a-required-key": ("c.json", '{"epochs": null}', ["'epochs'", "null"]),
+    "json-null-for-a-required-key": ("c.json", '{"lr": null}', ["'lr'", "null"]),
     "json-number-for-a-text": ("c.json", '{"optimizer": 3}', ["'optimizer'", "not a string"]),
 }
 
