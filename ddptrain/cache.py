@@ -140,7 +140,8 @@ def cached_rows(source: str, spec: DataSpec, purpose: str, cache_dir: Path,
                 fill: Callable[[Callable[[np.ndarray, np.ndarray | None], None], Callable[[], None]], Counter[Any]],
                 ) -> tuple[PreparedRows | None, str]:
     """The prepared rows of `source` for `purpose` (eval or predict) from the cache, built first if needed:
-    `fill(append)` reads the file piece by piece, calling `append(x, y)` per piece, and returns its tally."""
+    `fill(append, restart)` reads the file piece by piece, calling `append(x, y)` per piece (and `restart()` if it
+    must start over from a whole read), and returns its tally."""
     key = rows_key(source, spec, purpose)
     if key is None:
         return None, "not cached (not a file)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pickle
 import random
 import re
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,7 +24,13 @@ from ddptrain.console import console
 from ddptrain.data import DataSpec
 from ddptrain.errors import DDPTrainError, UsageError
 from ddptrain.model import ModelSpec, build_model, parameter_count
-from ddptrain.optim import load_optimizer, plain_rates, saved_optimizer, set_rate
+from ddptrain.optim import (
+    build_scheduler,
+    load_optimizer,
+    plain_rates,
+    saved_optimizer,
+    set_rate,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -223,10 +230,6 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 def replan_schedule(parts: Parts, steps_done: int) -> None:
     """A new scheduler planned over this run's --epochs, brought to `steps_done` as if the run had been planned
     this long from its start (torch's schedulers are stepwise: built from the base rate, then stepped)."""
-    import warnings
-
-    from ddptrain.optim import build_scheduler
-
     for group in parts.optimizer.param_groups:
         set_rate(group, group.get("initial_lr", parts.cfg.lr))
     total = len(parts.data.train) // parts.cfg.batch_size * parts.cfg.epochs

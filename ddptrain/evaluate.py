@@ -14,10 +14,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ddptrain import atomic
+from ddptrain.cache import PreparedRows, cached_rows
 from ddptrain.checkpoint import describe, inference_model, load_checkpoint
 from ddptrain.config import FitConfig
 from ddptrain.console import console
-from ddptrain.cache import PreparedRows
 from ddptrain.data import (
     DataSpec,
     Split,
@@ -32,9 +32,8 @@ from ddptrain.dist import all_reduce_sum, process_group
 from ddptrain.errors import DDPTrainError, Interrupted
 from ddptrain.metrics import evaluation_sums, metrics_from_sums
 from ddptrain.optim import build_loss
-from ddptrain.preprocess import label_text
 from ddptrain.signals import sigterm_as_interrupt
-from ddptrain.tables import MixedTypes, Table, looks_like_path, read_pieces
+from ddptrain.tables import MixedTypes, Table, label_text, looks_like_path, read_pieces
 
 PREDICT_CHUNK = 65536  # rows of a piece when eval and predict read a file
 T = TypeVar("T")
@@ -70,7 +69,6 @@ def prepared_rows(cfg: FitConfig, spec: DataSpec, source: str, purpose: str,
     dataset, or a folder that cannot be written): then the caller streams the file itself."""
     if cache_dir is None or not looks_like_path(source):
         return None
-    from ddptrain.cache import cached_rows
 
     def fill(append: Callable[[Any, Any], None], restart: Callable[[], None]) -> Counter[Any]:
         tally: Counter[Any] = Counter()
@@ -206,13 +204,18 @@ def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, ov
 
 def write_prediction_rows(handle: Any, model: nn.Module, spec: DataSpec, x: Any) -> int:
     """Header and one row per row of a prepared matrix, a chunk at a time."""
-    writer = csv.writer(handle)
-    writer.writerow(["prediction"] + ([f"prob_{label}" for label in spec.classes]
-                                      if spec.task == "classification" else []))
+    writer = write_header(handle, spec, None)
     for start in range(0, len(x), PREDICT_CHUNK):
         result = predict_rows(model, to_split(spec, x[start:start + PREDICT_CHUNK], None), spec).tolist()
         write_result_rows(writer, spec, [[]] * len(result), result)
     return len(x)
+
+
+def write_header(handle: Any, spec: DataSpec, id_column: str | None) -> Any:
+    writer = csv.writer(handle)
+    writer.writerow(([id_column] if id_column else []) + ["prediction"]
+                    + ([f"prob_{label}" for label in spec.classes] if spec.task == "classification" else []))
+    return writer
 
 
 def write_result_rows(writer: Any, spec: DataSpec, lead: list[list[str]], result: list[Any]) -> None:
@@ -227,9 +230,7 @@ def write_result_rows(writer: Any, spec: DataSpec, lead: list[list[str]], result
 def write_predictions(handle: Any, tables: Iterable[Table], model: nn.Module, spec: DataSpec, id_column: str | None,
                       unseen: Counter[str]) -> int:
     """Header, then one row per input row, piece by piece; counts unseen values into `unseen`. Returns the rows."""
-    writer = csv.writer(handle)
-    writer.writerow(([id_column] if id_column else []) + ["prediction"]
-                    + ([f"prob_{label}" for label in spec.classes] if spec.task == "classification" else []))
+    writer = write_header(handle, spec, id_column)
     rows = 0
     for table in tables:
         if id_column is not None and id_column not in table.names:

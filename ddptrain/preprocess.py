@@ -82,15 +82,6 @@ def embedding_size(cardinality: int) -> int:
     return int(min(600, round(1.6 * cardinality ** 0.56)))
 
 
-def label_text(value: Any) -> str:
-    """A cell as a category or class label: integral numbers lose '.0' (1, 1.0 and '1' are one level)."""
-    if isinstance(value, (bool, np.bool_)):
-        return "true" if value else "false"
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    return str(value).strip()
-
-
 # -- roles ------------------------------------------------------------------------------------------------------
 def infer_roles(table: Table, target: str, categorical: tuple[str, ...] = (), numeric: tuple[str, ...] = (),
                 drop: tuple[str, ...] = ()) -> list[ColumnRole]:

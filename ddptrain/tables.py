@@ -16,9 +16,9 @@ import csv
 import glob
 import os
 from collections.abc import Iterator
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,9 +80,16 @@ class Table:
         return Table(self.path, self.names, [c[rows] for c in self.columns], self.kinds, False, self.integer)
 
 
-def _levels(col: np.ndarray, kind: str, missing: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    from ddptrain.preprocess import label_text
+def label_text(value: Any) -> str:
+    """A cell as a category or class label: integral numbers lose '.0' (1, 1.0 and '1' are one level)."""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip()
 
+
+def _levels(col: np.ndarray, kind: str, missing: np.ndarray) -> tuple[np.ndarray, list[str]]:
     codes = np.full(len(col), -1, dtype=np.int32)
     if kind in ("number", "datetime"):
         values, inverse = np.unique(col[~missing], return_inverse=True)
@@ -194,8 +201,8 @@ def _csv_pieces(path: Path, rows: int) -> Iterator[Table]:
         start = _header_end(fd, size)
         piece_bytes = _piece_bytes(fd, start, size, rows)
         while start < size:
-            end = _line_end(fd, start, size, piece_bytes)
-            chunk = os.pread(fd, end - start, start)
+            chunk = _next_piece(fd, start, size, piece_bytes)
+            end = start + len(chunk)
             convert = _convert_options(types)
             try:
                 arrow = pa.csv.read_csv(pa.BufferReader(chunk), parse_options=parse, convert_options=convert,
@@ -239,12 +246,12 @@ def _header_end(fd: int, size: int) -> int:
     return size
 
 
-def _line_end(fd: int, start: int, size: int, length: int) -> int:
-    """The offset just past the last line end in [start, start + length) that is outside quotes (an even number
-    of '"' since `start`, itself outside quotes), reading further while there is none; `size` at the end."""
+def _next_piece(fd: int, start: int, size: int, length: int) -> bytes:
+    """The bytes from `start` (outside quotes) to just past the last line end within `length` bytes that is
+    outside quotes (an even number of '"' before it), reading further while there is none; the rest at the end."""
     while True:
         if start + length >= size:
-            return size
+            return os.pread(fd, size - start, start)
         chunk = os.pread(fd, length, start)
         cut = chunk.rfind(b"\n")
         odd = chunk.count(b'"', 0, max(cut, 0)) & 1
@@ -253,7 +260,7 @@ def _line_end(fd: int, start: int, size: int, length: int) -> int:
             odd ^= chunk.count(b'"', max(before, 0), cut) & 1
             cut = before
         if cut >= 0:
-            return start + cut + 1
+            return chunk[:cut + 1] if cut + 1 < len(chunk) else chunk
         length *= 2  # a quoted field longer than the piece (or no line end yet): look further
 
 
