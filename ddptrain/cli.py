@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from ddptrain import __version__
 from ddptrain.config import (
@@ -30,8 +31,23 @@ from ddptrain.config import (
 from ddptrain.console import console
 from ddptrain.errors import UsageError
 
+
+class Commands(TyperGroup):
+    """ddptrain's commands. Ctrl-C (or SIGTERM turned into it) inside any of them reaches `main` as an error to
+    report: Typer itself would turn it into a silent exit 130."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            from ddptrain.errors import Interrupted
+
+            raise Interrupted("interrupted") from None
+
+
 app = typer.Typer(help="Train an MLP on your table with PyTorch DistributedDataParallel, on 1 process, 1 machine "
-                       "or many.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                       "or many.", cls=Commands, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
 D = FitConfig()
 
 

@@ -104,6 +104,35 @@ def test_ctrl_c_during_predict_removes_the_partial_file_and_says_so(sig, trained
     assert not list(tmp_path.glob(".preds.csv.tmp-*"))
 
 
+
+@pytest.mark.slow
+def test_ctrl_c_during_eval_says_so_and_leaves_no_cache_entry(trained, tmp_path):
+    """A real SIGINT while `eval` prepares its rows into the cache: one `error: interrupted` line and exit 130
+    (Typer alone would exit 130 in silence), and no half-built cache entry left behind."""
+    import numpy as np
+
+    rows = 400_000
+    x = np.random.default_rng(1).normal(size=(rows, 3))
+    label = np.where(x[:, 0] > 0, "malignant", "benign")
+    big = tmp_path / "big.csv"
+    with open(big, "w") as handle:
+        handle.write("radius,texture,smooth,diagnosis\n")
+        handle.writelines(f"{a:.5f},{b:.5f},{c:.5f},{d}\n" for (a, b, c), d in zip(x, label))
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "ddptrain", "eval", str(trained / "run/checkpoints/last.pt"),
+                             "--data", str(big), "--cache-dir", str(cache)], cwd=tmp_path, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(cache.glob("*/*.tmp-*")) + list(cache.glob("*.tmp-*")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert error_lines(err) == ["error: interrupted"], err
+    assert "Traceback" not in err
+    assert not list(cache.rglob("*.tmp-*"))
+
 SAVER = """
 import sys, torch
 from pathlib import Path
