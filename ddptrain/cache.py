@@ -3,7 +3,8 @@ arrays, so a rerun (or another rank, or a resume) skips the work and every rank 
 
 Keyed by the data files' identity (path, size, modification time) and every setting that shapes the prepared
 arrays. One process builds it under a file lock while the others wait; the folder appears by an atomic rename, so a
-reader never sees half of it; anything stale or damaged is rebuilt, never trusted.
+reader never sees half of it; anything stale or damaged is rebuilt, never trusted. Each entry lists its files'
+identities, so a build removes the entries whose files have since changed or gone: their keys cannot come up again.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ddptrain.tables import looks_like_path, shard_files
 
 CACHE_FORMAT = 2  # raised whenever the prepared arrays change for the same file and settings (2: range caps)
 ARRAYS = ("x_train", "y_train", "x_val", "y_val")
+SOURCES = "sources.json"  # in each entry: [path, size, mtime_ns] of the files it was built from
 T = TypeVar("T")
 
 
@@ -60,15 +62,20 @@ def _digest(what: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def cache_key(cfg: FitConfig) -> str | None:
-    """None for data that is not a file (built-ins are generated in a blink)."""
+def _fit_entry(cfg: FitConfig) -> tuple[str, list[list[Any]]] | None:
+    """(key, file identities); None for data that is not a file (built-ins are generated in a blink)."""
     files = _file_identities([cfg.data] + ([cfg.val_data] if cfg.val_data else []))
     if files is None:
         return None
     settings = {k: cfg.to_dict()[k] for k in ("target", "task", "val_fraction", "seed", "categorical", "numeric",
                                               "drop", "embedding_dim", "n_samples", "n_features", "n_classes",
                                               "noise")}
-    return _digest({"files": files, "settings": settings})
+    return _digest({"files": files, "settings": settings}), files
+
+
+def cache_key(cfg: FitConfig) -> str | None:
+    entry = _fit_entry(cfg)
+    return None if entry is None else entry[0]
 
 
 def cached_fit_data(cfg: FitConfig, build: Callable[[Path | None], FitData],
@@ -76,19 +83,20 @@ def cached_fit_data(cfg: FitConfig, build: Callable[[Path | None], FitData],
     """The prepared data from the cache, building it first if needed: `build(workspace)` prepares the table with its
     number columns staged on disk and its matrices written into memory-mapped files in `workspace` (or all in
     memory, given None). Returns the data and what happened."""
-    key = cache_key(cfg)
-    if key is None:
+    entry = _fit_entry(cfg)
+    if entry is None:
         return build(None), "not cached (a built-in dataset)"
-    data, how = _locked(cache_dir, key, _load, lambda tmp: _save(build(tmp), tmp))
+    data, how = _locked(cache_dir, entry, _load, lambda tmp: _save(build(tmp), tmp))
     return (data, how) if data is not None else (build(None), how)
 
 
-def _locked(cache_dir: Path, key: str, load: Callable[[Path], T | None],
+def _locked(cache_dir: Path, entry: tuple[str, list[list[Any]]], load: Callable[[Path], T | None],
             fill: Callable[[Path], None]) -> tuple[T | None, str]:
-    """`load(folder)` of the cache entry `key`, first built by `fill(tmp)` and published by an atomic rename if it
-    is missing, stale or damaged. One process builds it under a file lock (per machine, and per filesystem that
-    honours flock) while the others wait. None, with the reason, where no cache can be kept (the caller then works
-    without one)."""
+    """`load(folder)` of the cache entry (key, file identities), first built by `fill(tmp)` and published by an
+    atomic rename if it is missing, stale or damaged. One process builds it under a file lock (per machine, and per
+    filesystem that honours flock) while the others wait. None, with the reason, where no cache can be kept (the
+    caller then works without one). A build then removes the entries of files that changed since."""
+    key, files = entry
     folder = cache_dir / key
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -107,6 +115,7 @@ def _locked(cache_dir: Path, key: str, load: Callable[[Path], T | None],
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             fill(tmp)
+            (tmp / SOURCES).write_text(json.dumps(files))
             shutil.rmtree(folder, ignore_errors=True)  # a stale or damaged one
             os.rename(tmp, folder)
         except OSError as exc:  # no room or no permission: no cache is fine, the data fits in memory
@@ -115,9 +124,53 @@ def _locked(cache_dir: Path, key: str, load: Callable[[Path], T | None],
         except BaseException:  # Ctrl-C mid-build: leave no half-written folder behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return load(folder), f"prepared table cached in {folder}"
+        found, how = load(folder), f"prepared table cached in {folder}"
     finally:
         os.close(lock)
+    removed = prune_changed(cache_dir, keep=key)
+    return found, how + (f" (removed {removed} older entr{'y' if removed == 1 else 'ies'} of files that have "
+                         "changed since)" if removed else "")
+
+
+def _unchanged(identity: list[Any]) -> bool:
+    """Whether a file is still as an entry recorded it. A file whose folder is not there (a path mounted only on
+    the machine that built the entry, in a cache shared by machines) counts as unchanged: only a file seen to
+    change or vanish from its folder makes an entry unreachable."""
+    path, size, mtime_ns = identity
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return not os.path.isdir(os.path.dirname(path))
+    except OSError:
+        return True
+    return (stat.st_size, stat.st_mtime_ns) == (size, mtime_ns)
+
+
+def prune_changed(cache_dir: Path, keep: str) -> int:
+    """Remove the entries (other than `keep`) built from a file that has since changed or been deleted: its key
+    cannot come up again. An entry whose lock is held (being loaded or rebuilt) is left for the next build. Returns
+    how many were removed."""
+    removed = 0
+    for sources in cache_dir.glob(f"*/{SOURCES}"):
+        folder = sources.parent
+        if folder.name == keep or ".tmp-" in folder.name:
+            continue
+        try:
+            if all(_unchanged(identity) for identity in json.loads(sources.read_text())):
+                continue
+            lock = os.open(cache_dir / f"{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except (OSError, ValueError, TypeError):
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(folder, ignore_errors=True)
+            (cache_dir / f"{folder.name}.lock").unlink(missing_ok=True)
+            removed += 1
+        except OSError:  # in use: next time
+            pass
+        finally:
+            os.close(lock)
+    return removed
 
 
 # -- eval and predict: a file's rows through a checkpoint's preprocessing ---------------------------------------
@@ -131,9 +184,9 @@ class PreparedRows:
     tally: Counter[Any]
 
 
-def rows_key(source: str, spec: DataSpec, purpose: str) -> str | None:
+def _rows_entry(source: str, spec: DataSpec, purpose: str) -> tuple[str, list[list[Any]]] | None:
     files = _file_identities([source])
-    return None if files is None else _digest({"files": files, "spec": spec.to_dict(), "purpose": purpose})
+    return None if files is None else (_digest({"files": files, "spec": spec.to_dict(), "purpose": purpose}), files)
 
 
 def cached_rows(source: str, spec: DataSpec, purpose: str, cache_dir: Path,
@@ -142,8 +195,8 @@ def cached_rows(source: str, spec: DataSpec, purpose: str, cache_dir: Path,
     """The prepared rows of `source` for `purpose` (eval or predict) from the cache, built first if needed:
     `fill(append, restart)` reads the file piece by piece, calling `append(x, y)` per piece (and `restart()` if it
     must start over from a whole read), and returns its tally."""
-    key = rows_key(source, spec, purpose)
-    if key is None:
+    entry = _rows_entry(source, spec, purpose)
+    if entry is None:
         return None, "not cached (not a file)"
     width = spec.preprocessor.n_numeric + len(spec.preprocessor.embeddings)
 
@@ -189,7 +242,7 @@ def cached_rows(source: str, spec: DataSpec, purpose: str, cache_dir: Path,
             shutil.rmtree(folder, ignore_errors=True)
             return None
 
-    return _locked(cache_dir, key, load, build)
+    return _locked(cache_dir, entry, load, build)
 
 
 def _save(data: FitData, tmp: Path) -> None:

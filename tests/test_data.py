@@ -436,6 +436,47 @@ def test_the_prepared_table_is_cached_reused_and_rebuilt_when_stale_or_damaged(t
     assert cached_fit_data(other, lambda workspace: prepare_fit_data(other, workspace), tmp_path / "cache")[1].startswith("prepared table cached")
 
 
+
+def test_a_build_removes_the_entries_of_files_that_changed_or_went(tmp_path):
+    """An entry's key holds its files' size and mtime, so once a file changes its entries can never be used again:
+    the next build removes them (fit's and eval/predict's alike), but not an unchanged file's, not one whose lock is
+    held (being loaded), and not one whose file's folder is not there (another machine's mount)."""
+    import fcntl
+    import json
+    import os
+
+    from ddptrain.cache import SOURCES, cached_fit_data
+
+    cache = tmp_path / "cache"
+
+    def build(path, **settings):
+        cfg = FitConfig(data=str(path), target="label", **settings)
+        return cached_fit_data(cfg, lambda workspace: prepare_fit_data(cfg, workspace), cache)[1]
+
+    def entries():
+        return {p.name: json.loads((p / SOURCES).read_text())[0][0] for p in cache.iterdir() if p.is_dir()}
+
+    a, b = real_table(tmp_path / "a.csv"), real_table(tmp_path / "b.csv")
+    build(a), build(a, drop=("since",)), build(b)
+    assert sorted(entries().values()) == sorted([str(a.resolve())] * 2 + [str(b.resolve())])
+    (elsewhere := cache / ("0" * 32)).mkdir()  # an entry built on a machine that mounts /not-here
+    (elsewhere / SOURCES).write_text(json.dumps([["/not-here/data.csv", 1, 1]]))
+    real_table(a, rows=130)  # a changes: its two entries are dead
+    held = next(name for name, source in entries().items() if source == str(b.resolve()))
+    os.remove(b)  # b goes, but its entry is being loaded by another job right now
+    lock = os.open(cache / f"{held}.lock", os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        how = build(a)
+    finally:
+        os.close(lock)
+    assert how.endswith("(removed 2 older entries of files that have changed since)"), how
+    assert held in entries() and sorted(entries().values()) == sorted([str(a.resolve()), str(b.resolve()),
+                                                                       "/not-here/data.csv"])
+    real_table(c := tmp_path / "c.csv")
+    assert build(c).endswith("(removed 1 older entry of files that have changed since)")  # b's, now free
+    assert held not in entries() and not (cache / f"{held}.lock").exists() and elsewhere.name in entries()
+
 def test_a_float32_parquet_column_prepares_exactly_like_its_float64_copy(tmp_path):
     """float32 columns are kept at their width while reading (half the memory) and widened where computed on:
     statistics, splits and the prepared matrix equal those of the same values stored as float64."""
