@@ -122,16 +122,17 @@ def test_resume_at_another_world_size(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shuffle", ["exact", "block"])
-def test_a_real_table_trains_alike_on_1_and_2_processes_and_predicts_from_the_raw_file(tmp_path, shuffle):
+@pytest.mark.parametrize("shuffle, more", [("exact", []), ("block", ["--numeric-bins", "4"])])
+def test_a_real_table_trains_alike_on_1_and_2_processes_and_predicts_from_the_raw_file(tmp_path, shuffle, more):
     """Text categories, dates, booleans and empty cells, with only --target: the same losses at world sizes 1 and
-    2, then eval and predict on a raw test file with a level never seen in training."""
+    2, then eval and predict on a raw test file with a level never seen in training (and with numeric pieces,
+    whose edges every rank fits alike)."""
     from conftest import real_table
 
     real_table(tmp_path / "train.csv", rows=240)
     real_table(tmp_path / "test.csv", rows=40, seed=7, cities=("Paris", "Rome", "Kyiv"))
     args = ["fit", "--data", "train.csv", "--target", "label", "--epochs", "3", "--batch-size", "32", "--lr", "0.01",
-            "--val-fraction", "0.2", "--shuffle", shuffle]  # from the memory-mapped prepared-table cache
+            "--val-fraction", "0.2", "--shuffle", shuffle, *more]  # from the memory-mapped prepared-table cache
     one = cli(*args, "--out", "ws1", cwd=tmp_path)
     two = torchrun(2, *args, "--out", "ws2", cwd=tmp_path)
     assert one.returncode == 0, one.stderr

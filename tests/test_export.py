@@ -68,10 +68,11 @@ def test_onnx_classification_serves_the_same_labels_and_probabilities_as_predict
 
 
 @pytest.mark.slow
-def test_onnx_regression_serves_values_in_target_units(tmp_path):
+@pytest.mark.parametrize("bins", [0, 8])
+def test_onnx_regression_serves_values_in_target_units(tmp_path, bins):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    ckpt = trained(tmp_path, target="income", drop=("label",))
+    ckpt = trained(tmp_path, target="income", drop=("label",), numeric_bins=bins)
     out = export_checkpoint(ckpt, "onnx", tmp_path / "model.onnx", 18, overwrite=False)
     test = tmp_path / "test.csv"
     lines = test.read_text().splitlines()  # the served file may lack the target, as at prediction time

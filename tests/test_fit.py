@@ -83,10 +83,11 @@ def test_existing_run_is_not_overwritten(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
 
 
-def test_resume_at_epoch_boundary_is_bit_exact(tmp_path):
-    fit(small(tmp_path, "straight", epochs=4))
-    fit(small(tmp_path, "halves", epochs=2))
-    fit(small(tmp_path, "halves", epochs=4, resume="auto"))
+@pytest.mark.parametrize("bins", [0, 6])
+def test_resume_at_epoch_boundary_is_bit_exact(tmp_path, bins):
+    fit(small(tmp_path, "straight", epochs=4, numeric_bins=bins))
+    fit(small(tmp_path, "halves", epochs=2, numeric_bins=bins))
+    fit(small(tmp_path, "halves", epochs=4, resume="auto", numeric_bins=bins))
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "halves"))
     rows = read_metrics(tmp_path / "halves")
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [0, 1, 2, 3]  # no duplicate rows

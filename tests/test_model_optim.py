@@ -173,3 +173,44 @@ def test_a_tensor_rate_follows_the_schedule_in_place(scheduler):
         assert all(type(v) is float for key in ("base_lrs", "_last_lr") for v in state.get(key, []))
         rates.append(seen)
     assert rates[1] == pytest.approx(rates[0], rel=1e-6)
+
+
+def test_numeric_pieces_cut_at_the_training_quantiles():
+    """--numeric-bins: each number is kept and joined by pieces that are 0 below their quantile, 1 above the next
+    and linear between; a value most rows share makes a step (no division by zero); codes pass through behind."""
+    import numpy as np
+
+    from ddptrain.model import PiecewiseLinear
+
+    rng = np.random.default_rng(0)
+    numbers = np.column_stack([rng.normal(size=1000), np.r_[np.zeros(900), np.ones(100)]]).astype(np.float32)
+    pieces = PiecewiseLinear(2, 4)
+    pieces.fit(numbers)
+    edges = np.quantile(numbers[:, 0], [0, 0.25, 0.5, 0.75, 1])
+    assert np.allclose(pieces.low[0].numpy(), edges[:-1], atol=1e-6)
+    assert np.allclose(pieces.width[0].numpy(), np.diff(edges), atol=1e-6)
+    x = torch.tensor([[edges[0] - 1, 0.0, 7.0], [(edges[1] + edges[2]) / 2, 1.0, 3.0], [edges[4] + 1, 0.0, 5.0]],
+                     dtype=torch.float32)
+    out = pieces(x)
+    assert out.shape == (3, 2 + 2 * 4 + 1) and torch.isfinite(out).all()
+    assert torch.equal(out[:, :2], x[:, :2]) and torch.equal(out[:, -1], x[:, 2])  # numbers kept, codes behind
+    assert out[0, 2:6].tolist() == [0, 0, 0, 0] and out[2, 2:6].tolist() == [1, 1, 1, 1]
+    assert torch.allclose(out[1, 2:6], torch.tensor([1, 0.5, 0, 0]), atol=1e-5)
+    assert out[1, 6:10].tolist() == [1, 1, 1, 1] and out[0, 6:10].tolist() == [0, 0, 0, 0]  # 0/1: a step at 0
+    # fitted on more rows than it samples: evenly spaced rows, the same edges every time
+    tiled, sampled, chosen = np.tile(numbers, (3, 1)), PiecewiseLinear(2, 4), PiecewiseLinear(2, 4)
+    sampled.fit(tiled, max_rows=1000)
+    chosen.fit(tiled[np.linspace(0, len(tiled) - 1, 1000).astype(np.int64)])
+    assert torch.equal(sampled.low, chosen.low) and torch.allclose(sampled.low[:, 1:], pieces.low[:, 1:], atol=0.1)
+
+
+def test_a_model_with_numeric_pieces_and_embeddings_keeps_its_edges_in_the_state_dict():
+    spec = ModelSpec(3, 2, (8,), embeddings=((5, 2),), bins=4)
+    model = build_model(spec)
+    assert model(torch.tensor([[0.1, 0.2, 0.3, 4.0]])).shape == (1, 2)
+    assert model[2].in_features == 3 * (1 + 4) + 2
+    assert {"0.low", "0.width"} <= set(model.state_dict())
+    assert ModelSpec.from_dict(spec.to_dict()) == spec and ModelSpec.from_dict({**spec.to_dict()} | {"bins": 0}).bins == 0
+    for bad in (-1, True, 1000):
+        with pytest.raises(ValueError, match="bins"):
+            ModelSpec(3, 2, (8,), bins=bad).check()
