@@ -319,13 +319,11 @@ def describe(state: dict[str, Any]) -> dict[str, Any]:
     """What `inspect` shows: architecture, parameters, data spec, position, metrics, versions."""
     model_spec = ModelSpec.from_dict(state["model_spec"])
     spec = DataSpec.from_dict(state["data_spec"])
-    first = model_spec.in_features * (1 + model_spec.bins) + sum(w for _, w in model_spec.embeddings)
-    widths = "-".join(str(w) for w in (first, *model_spec.hidden, model_spec.out_features))
     position = state.get("position", {})
     return {
         "format": f"{state['format']} v{state['format_version']}",
-        "architecture": f"MLP {widths}, {model_spec.activation}, norm {model_spec.norm}, dropout {model_spec.dropout}"
-                        + (f", {model_spec.bins} pieces per number" if model_spec.bins else ""),
+        "architecture": f"MLP {model_spec.widths()}, {model_spec.activation}, norm {model_spec.norm}, dropout "
+                        f"{model_spec.dropout}",
         "parameters": parameter_count(build_model(model_spec)),
         "task": spec.task, "target": spec.target_name, "features": list(spec.feature_names),
         "columns": [f"{c.name} ({c.role}" + (f", {len(c.levels)} levels, embedding {c.embedding_dim}" if c.levels or

@@ -107,9 +107,10 @@ class FitConfig:
         None, "Width of every categorical column's embedding (default: min(600, 1.6 * levels ** 0.56)).", MODEL,
         fixed=True)
     dropout: float = setting(0.0, 'Dropout probability after each hidden layer.', MODEL, fixed=True)
-    numeric_bins: int = setting(
-        0, "Piecewise-linear pieces per numeric column, cut at the training rows' quantiles, fed to the first layer "
-           "beside the number itself (0: the number alone).", MODEL, fixed=True)
+    numeric_bins: int | None = setting(
+        None, "Piecewise-linear pieces per numeric column, cut at the training rows' quantiles, fed to the first "
+              "layer beside the number itself (0: the number alone; default: for a table file under 1,000 rows, 0 or "
+              "16, whichever a 4-fold cross-validation on the training rows prefers; else 0).", MODEL, fixed=True)
     norm: str = setting(
         "none", 'Normalization after each hidden layer (batch becomes SyncBatchNorm on GPUs).', MODEL, choices=Norm, fixed=True)
     # optimization
@@ -355,7 +356,7 @@ def validate(cfg: FitConfig) -> None:
         _check(value is None or value.strip() != "", f"{flag(name)} is empty; give a value or leave the flag out")
     _check(cfg.lr > 0, f"--lr {cfg.lr} must be a finite number > 0, e.g. --lr 0.001")
     _check(0 <= cfg.seed <= MAX_SEED, f"--seed {cfg.seed} must be an integer from 0 to {MAX_SEED} (2**63 - 1)")
-    _check(0 <= cfg.numeric_bins <= MAX_BINS, f"--numeric-bins {cfg.numeric_bins} must be from 0 to {MAX_BINS}")
+    _check(cfg.numeric_bins is None or 0 <= cfg.numeric_bins <= MAX_BINS, f"--numeric-bins {cfg.numeric_bins} must be from 0 to {MAX_BINS}")
     _check(0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)")
     _check(cfg.val_fraction is None or 0.0 <= cfg.val_fraction < 1.0, f"--val-fraction {cfg.val_fraction} must be in [0, 1) (0 turns validation off)")
     _check(cfg.batch_size is None or cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be at least 1")

@@ -36,6 +36,13 @@ class ModelSpec:
         return cls(**{**d, "hidden": tuple(d["hidden"]),
                       "embeddings": tuple(tuple(e) for e in d.get("embeddings", ()))})
 
+    def widths(self) -> str:
+        """'first-hidden...-out', the first width after the numeric pieces and the embeddings join the inputs,
+        with the pieces named: 'MLP 102-128-1 (16 pieces per number)'."""
+        first = self.in_features * (1 + self.bins) + sum(w for _, w in self.embeddings)
+        pieces = f" ({self.bins} pieces per number)" if self.bins and self.in_features else ""
+        return "-".join(str(w) for w in (first, *self.hidden, self.out_features)) + pieces
+
     def check(self) -> None:
         """Raise ValueError if this spec (e.g. read from an edited checkpoint) cannot describe an MLP."""
         def positive_int(v: Any) -> bool:

@@ -23,6 +23,7 @@ from ddptrain.config import (
     resolve_val_fraction,
 )
 from ddptrain.console import console
+from ddptrain.crossval import resolve_numeric_bins
 from ddptrain.data import FitData, prepare_fit_data
 from ddptrain.dist import DistInfo, process_group
 from ddptrain.errors import UsageError
@@ -57,12 +58,12 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     continues = cfg.resume == "auto" or env.restarted
     if env.rank == 0:  # the rank that owns the run folder decides; the others never touch it
         check_out_dir(out, resume_path, continues)
+    resumed = checkpoint.load_checkpoint(resume_path) if resume_path else None
     data_started = time.perf_counter()
-    cfg, data = load_data(cfg, env.world_size)
+    cfg, data = load_data(cfg, env.world_size, resumed.get("config", {}) if resumed else {})
     data_s = time.perf_counter() - data_started
     if cfg.tensorboard:
         check_tensorboard()
-    resumed = checkpoint.load_checkpoint(resume_path) if resume_path else None
     if resumed:
         checkpoint.check_resumable(cfg, resumed, resume_path)
     lock = claim_run_folder(out, resume_path, continues) if env.rank == 0 else None
@@ -86,9 +87,9 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     return summary
 
 
-def load_data(cfg: FitConfig, world_size: int) -> tuple[FitConfig, FitData]:
-    """The prepared data, and the config with its validation share, shuffle and batch decided and checked against
-    the data."""
+def load_data(cfg: FitConfig, world_size: int, saved: dict[str, Any]) -> tuple[FitConfig, FitData]:
+    """The prepared data, and the config with its validation share, shuffle, batch, epochs and numeric pieces
+    decided and checked against the data (`saved`: a resumed checkpoint's config, whose pieces a resume keeps)."""
     if looks_like_path(cfg.data):
         console.line(f"ddptrain fit: reading {cfg.data} ...")  # a big table takes a while: say what is happening
     data = prepare(cfg)
@@ -103,6 +104,9 @@ def load_data(cfg: FitConfig, world_size: int) -> tuple[FitConfig, FitData]:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train)} training rows; "
                          "lower it or add data")
     cfg = resolve_epochs(cfg, len(data.train))
+    cfg, how = resolve_numeric_bins(cfg, data, saved.get("numeric_bins"))
+    if how:
+        console.line(f"ddptrain fit: {how}")
     check_monitor(cfg, data)
     return cfg, data
 
@@ -234,8 +238,6 @@ def compile_model(module: nn.Module, device: torch.device) -> nn.Module:
 
 def announce(parts: Parts, out: Path) -> None:
     cfg, dist, spec = parts.cfg, parts.dist, parts.data.spec
-    first = parts.model_spec.in_features + sum(w for _, w in parts.model_spec.embeddings)
-    widths = "-".join(str(w) for w in (first, *cfg.hidden, parts.model_spec.out_features))
     val = f" / {len(parts.data.val):,} val" if parts.data.val is not None else ""
     task = f"classification, {len(spec.classes)} classes" if spec.task == "classification" else "regression"
     wrapper = "DDP" if parts.ddp is not None else "no DDP wrapper: one process"
@@ -244,7 +246,7 @@ def announce(parts: Parts, out: Path) -> None:
     console.line(f"ddptrain fit: world size {dist.world_size} ({dist.backend}, {dist.device.type}, {wrapper}); "
                  f"{len(parts.data.train):,} train{val} rows; target '{spec.target_name}' ({task}); "
                  f"{plan_summary(spec.preprocessor)}; "
-                 f"MLP {widths} ({parameter_count(parts.model):,} parameters); global batch {cfg.batch_size} "
+                 f"MLP {parts.model_spec.widths()}, {parameter_count(parts.model):,} parameters; global batch {cfg.batch_size} "
                  f"({cfg.batch_size // dist.world_size} per rank); out {out}")
 
 

@@ -74,6 +74,17 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
             assert not marker.exists() and not (tmp_path / "p.csv").exists()
 
 
+def as_in_a_terminal(command: list[str], **popen) -> subprocess.Popen:
+    """Start `command` with Ctrl-C's default action even where this suite runs in the background (`cmd &` starts
+    with SIGINT ignored, which children inherit, and Python then installs no KeyboardInterrupt handler): a handled
+    signal is reset to the default at exec, an ignored one is not."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(command, **popen)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_during_predict_removes_the_partial_file_and_says_so(sig, trained, tmp_path):
@@ -89,7 +100,7 @@ def test_ctrl_c_during_predict_removes_the_partial_file_and_says_so(sig, trained
         np.savetxt(handle, x, fmt="%.5f", delimiter=",")
     out = tmp_path / "preds.csv"
     out.write_text("an earlier file the user keeps\n")
-    proc = subprocess.Popen([sys.executable, "-m", "ddptrain", "predict", str(trained / "run/checkpoints/last.pt"),
+    proc = as_in_a_terminal([sys.executable, "-m", "ddptrain", "predict", str(trained / "run/checkpoints/last.pt"),
                              "--data", str(big), "--out", str(out), "--overwrite"], cwd=tmp_path, env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -119,7 +130,7 @@ def test_ctrl_c_during_eval_says_so_and_leaves_no_cache_entry(trained, tmp_path)
         handle.write("radius,texture,smooth,diagnosis\n")
         handle.writelines(f"{a:.5f},{b:.5f},{c:.5f},{d}\n" for (a, b, c), d in zip(x, label))
     cache = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-m", "ddptrain", "eval", str(trained / "run/checkpoints/last.pt"),
+    proc = as_in_a_terminal([sys.executable, "-m", "ddptrain", "eval", str(trained / "run/checkpoints/last.pt"),
                              "--data", str(big), "--cache-dir", str(cache)], cwd=tmp_path, env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
