@@ -66,6 +66,12 @@ def resolve_device(cfg_device: str, cfg_backend: str, local_rank: int) -> tuple[
 # "terminate called without an active exception" (SIGABRT) after its work was done and saved
 # (benchmarks/exit_stress.py). Such a process leaves through `exit_process`, which skips that teardown.
 HAD_PROCESS_GROUP = False
+# A launched worker's process groups, kept from their C++ destructor until the process ends (through `exit_process`,
+# which skips it). torch 2.13's ~ProcessGroupGloo joins the group's worker thread while holding the GIL, and that
+# thread may still be freeing the last collectives' tensors, which takes the GIL: the finished rank then hung for
+# good, its peer gone (once in ~30 two-process jobs of benchmarks/real_tables.py under load; gdb: the main thread in
+# ~Reducer -> ~ProcessGroupGloo -> thread::join, pt_gloo_runloop in ~AsyncBarrierWork -> decref -> take_gil).
+KEPT_GROUPS: list[Any] = []
 
 
 def exit_process(code: int) -> None:
@@ -113,6 +119,8 @@ def process_group(device_name: str = "auto", backend_name: str = "auto", timeout
         if env.world_size > 1:
             torch_dist.barrier()  # leave together: a rank that exits first can abort a peer's Gloo teardown
     finally:
+        if env.launched:  # see KEPT_GROUPS
+            KEPT_GROUPS.append(torch_dist.group.WORLD)
         torch_dist.destroy_process_group()
 
 
