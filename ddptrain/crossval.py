@@ -31,7 +31,7 @@ def resolve_numeric_bins(cfg: FitConfig, data: FitData, saved: int | None = None
         return cfg, None
     if saved is not None:
         return dataclasses.replace(cfg, numeric_bins=saved), None
-    small = data.val is None and len(data.train) < VALIDATE_FROM_ROWS
+    small = data.val is None and 2 * FOLDS <= len(data.train) < VALIDATE_FROM_ROWS
     if not (small and looks_like_path(cfg.data) and data.spec.preprocessor.n_numeric):
         return dataclasses.replace(cfg, numeric_bins=0), None
     threads = torch.get_num_threads()
@@ -40,7 +40,7 @@ def resolve_numeric_bins(cfg: FitConfig, data: FitData, saved: int | None = None
         losses = {bins: cross_validated_loss(cfg, data, bins) for bins in (0, AUTO_BINS)}
     finally:
         torch.set_num_threads(threads)
-    bins = min(losses, key=losses.__getitem__)  # a tie keeps the plain numbers
+    bins = AUTO_BINS if losses[AUTO_BINS] < losses[0] else 0  # a tie (or a NaN) keeps the plain numbers
     return dataclasses.replace(cfg, numeric_bins=bins), (
         f"numeric pieces: {bins} per number ({FOLDS}-fold cross-validation on the training rows: validation loss "
         f"{losses[0]:.4g} without pieces, {losses[AUTO_BINS]:.4g} with {AUTO_BINS}; --numeric-bins sets it)")
