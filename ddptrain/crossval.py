@@ -15,7 +15,7 @@ import torch
 
 from ddptrain.config import VALIDATE_FROM_ROWS, FitConfig
 from ddptrain.data import FitData
-from ddptrain.model import ModelSpec, PiecewiseLinear, build_model
+from ddptrain.model import ModelSpec, build_fitted_model
 from ddptrain.optim import build_loss, build_optimizer, build_scheduler
 from ddptrain.tables import looks_like_path
 
@@ -61,12 +61,9 @@ def cross_validated_loss(cfg: FitConfig, data: FitData, bins: int) -> float:
 def _held_out_loss(cfg: FitConfig, data: FitData, bins: int, x: torch.Tensor, y: torch.Tensor,
                    x_held: torch.Tensor, y_held: torch.Tensor) -> float:
     """Train the configured model (its optimizer, schedule, batch and epochs) on (x, y); its loss on the held rows."""
-    pre, task = data.spec.preprocessor, data.spec.task
+    task = data.spec.task
     torch.manual_seed(cfg.seed)
-    model = build_model(ModelSpec(pre.n_numeric, data.spec.n_outputs, cfg.hidden, cfg.activation, cfg.dropout,
-                                  cfg.norm, pre.embeddings, bins))
-    if isinstance(model[0], PiecewiseLinear):
-        model[0].fit(x.numpy()[:, :pre.n_numeric])
+    model = build_fitted_model(ModelSpec.of(cfg, data.spec, bins), x)
     batch = min(cfg.batch_size, len(x))
     steps = len(x) // batch
     optimizer = build_optimizer(model.parameters(), cfg)

@@ -36,6 +36,13 @@ class ModelSpec:
         return cls(**{**d, "hidden": tuple(d["hidden"]),
                       "embeddings": tuple(tuple(e) for e in d.get("embeddings", ()))})
 
+    @classmethod
+    def of(cls, cfg: Any, data_spec: Any, bins: int) -> ModelSpec:
+        """The MLP that `cfg` (a FitConfig) asks for over the inputs that `data_spec` (a DataSpec) prepares."""
+        pre = data_spec.preprocessor
+        return cls(pre.n_numeric, data_spec.n_outputs, cfg.hidden, cfg.activation, cfg.dropout, cfg.norm,
+                   pre.embeddings, bins)
+
     def widths(self) -> str:
         """'first-hidden...-out', the first width after the numeric pieces and the embeddings join the inputs,
         with the pieces named: 'MLP 102-128-1 (16 pieces per number)'."""
@@ -137,6 +144,15 @@ def build_model(spec: ModelSpec) -> nn.Sequential:
         width = size
     layers.append(nn.Linear(width, spec.out_features))
     return nn.Sequential(*layers)
+
+
+def build_fitted_model(spec: ModelSpec, train_x: torch.Tensor) -> nn.Sequential:
+    """`build_model`, with the numeric pieces' edges fitted on the training rows (a resume loads its saved edges
+    over them)."""
+    model = build_model(spec)
+    if isinstance(model[0], PiecewiseLinear):
+        model[0].fit(train_x.numpy()[:, :spec.in_features])
+    return model
 
 
 def parameter_count(model: nn.Module) -> int:

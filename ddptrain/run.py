@@ -29,7 +29,7 @@ from ddptrain.dist import DistInfo, process_group
 from ddptrain.errors import UsageError
 from ddptrain.faults import InjectedFault
 from ddptrain.launchenv import launch_env
-from ddptrain.model import ModelSpec, PiecewiseLinear, build_model, parameter_count
+from ddptrain.model import ModelSpec, build_fitted_model, parameter_count
 from ddptrain.optim import build_loss, build_optimizer, build_scheduler
 from ddptrain.preprocess import plan_summary
 from ddptrain.rundir import (
@@ -159,12 +159,8 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    pre = data.spec.preprocessor
-    spec = ModelSpec(pre.n_numeric, data.spec.n_outputs, cfg.hidden, cfg.activation, cfg.dropout, cfg.norm,
-                     pre.embeddings, cfg.numeric_bins)
-    model: nn.Module = build_model(spec)
-    if isinstance(model[0], PiecewiseLinear):  # a resume loads the saved edges over these
-        model[0].fit(data.train.x.numpy()[:, :pre.n_numeric])
+    spec = ModelSpec.of(cfg, data.spec, cfg.numeric_bins)
+    model: nn.Module = build_fitted_model(spec, data.train.x)
     if cfg.norm == "batch" and dist.world_size > 1:
         if dist.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
