@@ -49,6 +49,9 @@ app = typer.Typer(help="Train an MLP on your table with PyTorch DistributedDataP
                        "or many.", cls=Commands, no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
 D = FitConfig()
+# In a worker that `fit --nproc-per-node` started: when the command started (its agent's perf_counter: one clock
+# for the machine), so that the time to the first step counts from there.
+LAUNCHED_AT: float | None = None
 
 
 def _version(value: bool) -> None:
@@ -70,7 +73,7 @@ def root(
 def fit(ctx: typer.Context, nproc_per_node: Optional[int], config: Optional[Path], print_config: bool,
         **settings: Any) -> None:
     """Train an MLP with DDP. Run it plainly (1 process), with --nproc-per-node N, or under torchrun."""
-    started_at = time.perf_counter()
+    started_at = LAUNCHED_AT or time.perf_counter()
     given = {name: value for name, value in settings.items() if _given_on_command_line(ctx, name)}
     cfg = merge(read_config_file(config) if config else {}, given)
     if print_config:
@@ -87,7 +90,7 @@ def fit(ctx: typer.Context, nproc_per_node: Optional[int], config: Optional[Path
             from ddptrain.rundir import default_out
 
             argv += ["--out", str(default_out(launch_env()))]
-        raise typer.Exit(launch_local(nproc_per_node, argv))
+        raise typer.Exit(launch_local(nproc_per_node, argv, started_at))
     from ddptrain.run import fit as run_fit
 
     run_fit(cfg, started_at)

@@ -25,6 +25,7 @@ EXIT_USAGE = 2
 # EX_TEMPFAIL from sysexits.h: "try again later", which is what a preempted run should do (--resume auto).
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+PEER_GONE_GRACE_S = 2.0
 
 
 class DDPTrainError(Exception):
@@ -101,6 +102,9 @@ def report(exc: BaseException) -> int:
             console.err.print(f"note: rank {console.rank} stopped because another rank went away "
                               f"({str(exc).splitlines()[0][-80:]}); that rank's own error, if it could print one, "
                               "is above")
+        # A peer killed by a signal says nothing: its launcher names it, if it sees that exit before this one
+        # (its agent polls every 0.1 s and then ends the others).
+        time.sleep(PEER_GONE_GRACE_S)
         return EXIT_RUNTIME
     if is_timeout(exc):
         say("a collective timed out: another rank is stuck or gone (the limit is --timeout); check the other "

@@ -1,15 +1,27 @@
-"""`ddptrain fit --nproc-per-node N`: start N local workers through torch's own launcher (torchrun's code).
+"""`ddptrain fit --nproc-per-node N`: start N local workers through torch's own launcher (torchrun's elastic agent).
 
 `--standalone` makes torchrun's c10d rendezvous bind a free port, so two jobs on one machine never meet.
+
+On a machine without CUDA devices the workers are forked from the agent once it has imported what a worker runs
+(torch, DDP, ddptrain's training code): the machine then holds one copy of those pages, not one per rank, and no
+worker imports torch again. (`torchrun -m ddptrain` starts fresh interpreters: ~200 MB private each, RESULTS.md.)
+The agent has run no tensor operation by then, so no thread pool breaks in a child; with CUDA devices present, or
+`DDPTRAIN_WORKER_START=spawn`, the workers are spawned instead (a child may not use CUDA its parent touched).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 
 from ddptrain.console import console
-from ddptrain.errors import EXIT_PREEMPTED
+from ddptrain.errors import EXIT_PREEMPTED, UsageError
+
+# what every worker imports, loaded once in the agent before it forks them
+WORKER_MODULES = ("torch", "torch._dynamo", "torch.nn.parallel", "torch.optim", "ddptrain.run", "pyarrow",
+                  "pyarrow.csv", "pyarrow.parquet")
+START_METHODS = ("fork", "spawn")
 
 
 def strip_option(argv: list[str], name: str) -> list[str]:
@@ -25,17 +37,51 @@ def strip_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def launch_local(nproc: int, fit_argv: list[str]) -> int:
-    """Run `python -m ddptrain fit ...` on `nproc` workers; return the job's exit code."""
+def start_method() -> str:
+    """fork, unless CUDA devices may be here (a CUDA build and a /dev/nvidia* device) or the user asks for spawn."""
+    import torch
+
+    asked = os.environ.get("DDPTRAIN_WORKER_START", "")
+    if asked:
+        if asked not in START_METHODS:
+            raise UsageError(f"DDPTRAIN_WORKER_START={asked!r} is not one of {', '.join(START_METHODS)}")
+        return asked
+    gpu_build = torch.version.cuda is not None or torch.version.hip is not None
+    devices = os.path.isdir("/dev") and any(name.startswith(("nvidia", "kfd")) for name in os.listdir("/dev"))
+    return "spawn" if gpu_build and devices else "fork"
+
+
+def launch_local(nproc: int, fit_argv: list[str], started_at: float) -> int:
+    """Run `ddptrain fit ...` on `nproc` local workers; return the job's exit code."""
+    # torchrun's own default for several workers, set before torch loads (OpenMP reads it then), and here so it
+    # does not print a warning about it
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import gc
+    import importlib
+    import logging
+    import uuid
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, parse_args
 
-    # torchrun's own default for several workers, set here so it does not print a warning about it
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "ddptrain", "fit", *fit_argv])
+    args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())  # --standalone
+    config, _, _ = config_from_args(args)
+    config.start_method = start_method()
+    # a failed worker has printed its own one-line error; torch's own report of it is a traceback of the agent's
+    for name in ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    if config.start_method == "fork":
+        for name in WORKER_MODULES:
+            importlib.import_module(name)
+        gc.collect()
+        gc.freeze()  # the shared objects' pages stay shared: the collector no longer writes to them
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # or each forked worker would print the agent's buffered text again
     try:
-        run(args)
+        elastic_launch(config, entrypoint=run_worker)(fit_argv, started_at)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         if failure.exitcode < 0:  # killed by a signal: the worker could not say why, so we do
@@ -45,4 +91,28 @@ def launch_local(nproc: int, fit_argv: list[str]) -> int:
         return failure.exitcode  # the worker printed its own one-line error
     except SignalException:
         return EXIT_PREEMPTED  # the workers' rank 0 has said where its checkpoint is
+    return 0
+
+
+def run_worker(fit_argv: list[str], started_at: float) -> int:
+    """One worker: `ddptrain fit ...` with the environment torch's agent set for its rank.
+
+    Success returns (torch's agent waits for every worker's return value); a failure ends the process with its
+    exit code, which the agent reports as the job's."""
+    os.setsid()  # as torchrun's workers: a terminal's Ctrl-C reaches the agent, which passes it on once
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)  # a forked worker has the agent's handlers, which raise its exception
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from ddptrain import cli, dist
+    from ddptrain.launchenv import launch_env_lenient
+
+    console.rank = launch_env_lenient().rank
+    cli.LAUNCHED_AT = started_at
+    sys.argv = [sys.argv[0], "fit", *fit_argv]
+    try:
+        cli.main()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if code:
+            dist.exit_process(code)
     return 0

@@ -35,6 +35,15 @@ def torchrun_cmd(nproc: int, *args: str) -> list[str]:
             "-m", "ddptrain", *args]
 
 
+def nproc_cmd(nproc: int, command: str, *args: str) -> list[str]:
+    """The same job through `ddptrain fit --nproc-per-node` (workers forked from torch's agent)."""
+    return [sys.executable, "-m", "ddptrain", command, "--nproc-per-node", str(nproc), *args]
+
+
+# a job of several local ranks, as a user starts it either way
+LAUNCHERS = {"torchrun": torchrun_cmd, "nproc-per-node": nproc_cmd}
+
+
 def torchrun(nproc: int, *args: str, cwd: Path, timeout: float = 240,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(torchrun_cmd(nproc, *args), cwd=cwd, capture_output=True, text=True, timeout=timeout,

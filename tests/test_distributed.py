@@ -45,15 +45,22 @@ def test_loss_does_not_depend_on_world_size(tmp_path, shuffle):
 def test_nproc_per_node_launches_workers_on_free_ports(tmp_path):
     # two jobs at once on one machine: each gets its own rendezvous port
     args = ["fit", "--data", "xor", "--n-samples", "400", "--epochs", "2", "--nproc-per-node", "2", "--quiet"]
+    # workers forked from the agent (CPU machines' default) and spawned (where CUDA devices are)
     jobs = [subprocess.Popen([sys.executable, "-m", "ddptrain", *args, "--out", f"job{i}"], cwd=tmp_path,
-                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for i in range(2)]
+                             env=clean_env(DDPTRAIN_WORKER_START=method), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+            for i, method in enumerate(("fork", "spawn"))]
     for job in jobs:
         out, err = job.communicate(timeout=240)
         assert job.returncode == 0, err
     for i in range(2):
         state = load_checkpoint(tmp_path / f"job{i}/checkpoints/last.pt")
         assert state["world_size"] == 2 and len(epoch_rows(tmp_path / f"job{i}")) == 2
+    # either way, its workers train exactly as torchrun's
+    reference = torchrun(2, *args[:args.index("--nproc-per-node")], "--quiet", "--out", "tr", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr
+    a, b, c = (load_checkpoint(tmp_path / f"{name}/checkpoints/last.pt")["model"] for name in ("job0", "job1", "tr"))
+    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], c[k]) and torch.equal(b[k], c[k]) for k in a)
 
 
 @pytest.mark.slow

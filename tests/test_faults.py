@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import clean_env, error_lines, read_metrics, torchrun_cmd
+from conftest import LAUNCHERS, clean_env, error_lines, read_metrics, torchrun_cmd
 
 from ddptrain.checkpoint import load_checkpoint
 
@@ -95,16 +95,18 @@ def straight_run(tmp_path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_promptly_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_sigterm_checkpoints_exits_promptly_and_resumes_exactly(tmp_path, launcher):
     reference = straight_run(tmp_path)
-    proc = start(torchrun_cmd(2, *LONG, "--out", "run"), tmp_path)
+    proc = start(LAUNCHERS[launcher](2, *LONG, "--out", "run"), tmp_path)
     wait_for_steps(tmp_path / "run", 12, proc)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert time.monotonic() - sent < 25
-    assert proc.returncode != 0
+    assert proc.returncode == (75 if launcher == "nproc-per-node" else 1)  # torchrun's own code for any failure
     assert "preempted by SIGTERM" in err, err[-2000:]
+    assert launcher == "torchrun" or "Traceback" not in err  # torchrun prints its agent's own
     assert len([line for line in error_lines(err) if "preempted" in line]) == 1
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert 0 < state["position"]["global_step"] < 6 * 21
@@ -115,8 +117,9 @@ def test_sigterm_checkpoints_exits_promptly_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_signal_to_one_worker_stops_every_rank_at_the_same_step(tmp_path):
-    proc = start(torchrun_cmd(2, *LONG, "--out", "run"), tmp_path)
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_signal_to_one_worker_stops_every_rank_at_the_same_step(tmp_path, launcher):
+    proc = start(LAUNCHERS[launcher](2, *LONG, "--out", "run"), tmp_path)
     wait_for_steps(tmp_path / "run", 8, proc)
     workers = sorted(children(proc.pid))
     assert len(workers) == 2
@@ -277,6 +280,46 @@ def test_rank_0_stopped_mid_run_rank_1_reports_the_timeout(tmp_path):
     assert error_lines(err) == [
         "error: a collective timed out: another rank is stuck or gone (the limit is --timeout); check the other "
         "ranks' logs"], err[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_one_rank_failing_prints_its_error_once_and_ends_the_job(tmp_path, launcher):
+    result = subprocess.run(LAUNCHERS[launcher](2, *LONG, "--out", "run"), cwd=tmp_path, timeout=120,
+                            env=clean_env(DDPTRAIN_FAIL_AT_STEP="1:3"), capture_output=True, text=True)
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == ["error: [rank 1] RuntimeError: injected failure at step 3 "
+                                          "(DDPTRAIN_FAIL_AT_STEP) (rerun with --debug for the traceback)"]
+    if launcher == "nproc-per-node":
+        assert "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_a_worker_killed_by_a_signal_is_named_and_ends_the_job(tmp_path):
+    proc = start(LAUNCHERS["nproc-per-node"](2, *LONG, "--out", "run"), tmp_path)
+    wait_for_steps(tmp_path / "run", 6, proc)
+    workers = sorted(children(proc.pid))
+    assert len(workers) == 2
+    sent = time.monotonic()
+    os.kill(workers[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=90)
+    assert time.monotonic() - sent < 60  # torch's agent ends the survivor (SIGTERM, SIGKILL after 30 s)
+    assert proc.returncode == 1
+    assert "error: worker rank 1 was killed by SIGKILL" in error_lines(err), err[-3000:]
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_terminal_reaches_the_ranks_once_checkpoints_and_exits_75(tmp_path):
+    """A terminal's Ctrl-C signals the whole foreground process group: the agent passes it on to its workers once
+    (they are in sessions of their own), so it is a first Ctrl-C (checkpoint), not a second (abort)."""
+    proc = start(LAUNCHERS["nproc-per-node"](2, *LONG, "--out", "run"), tmp_path)
+    wait_for_steps(tmp_path / "run", 6, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err[-3000:]
+    assert len(error_lines(err)) == 1 and "preempted by SIGINT" in error_lines(err)[0], err[-3000:]
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["position"]["global_step"] >= 6
 
 
 @pytest.mark.slow
