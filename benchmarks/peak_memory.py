@@ -1,11 +1,11 @@
-"""Peak memory of a ddptrain job: the summed PSS of its worker processes (shared pages counted once per machine).
+"""Peak memory of a ddptrain job: the summed PSS of all its processes (shared pages counted once per machine).
 
-    python benchmarks/peak_memory.py -- python -m torch.distributed.run --standalone --nproc-per-node=2 \\
-        -m ddptrain fit --data big.csv --epochs 1
+    python benchmarks/peak_memory.py -- python -m ddptrain fit --nproc-per-node 2 --data big.csv --epochs 1
 
-Samples /proc/PID/smaps_rollup of every descendant running `ddptrain` (not the launcher) every 0.2 s and prints
-the peak of the sum with the wall time. PSS divides a shared page among the processes that map it, so N ranks
-mapping one cached table count it once, where RSS would count it N times.
+Samples /proc/PID/smaps_rollup of the command and every process it started (the launcher's agent included) every
+0.2 s and prints the peak of the sum with the wall time. PSS divides a shared page among the processes that map
+it, so N ranks mapping one cached table, or forked from one agent that loaded torch, count it once where RSS would
+count it N times.
 """
 
 from __future__ import annotations
@@ -42,23 +42,13 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def is_worker(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline") as handle:
-            cmd = handle.read()
-    except OSError:
-        return False
-    return "ddptrain" in cmd and "torch.distributed.run" not in cmd
-
-
 def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[int, float, int, str]:
-    """Run `command`; (exit code, seconds, peak summed PSS in bytes of its ddptrain processes, stderr)."""
+    """Run `command`; (exit code, seconds, peak summed PSS in bytes of all its processes, stderr)."""
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0
     while proc.poll() is None:
-        workers = [p for p in [proc.pid, *descendants(proc.pid)] if is_worker(p)]
-        peak = max(peak, sum(pss_bytes(p) for p in workers))
+        peak = max(peak, sum(pss_bytes(p) for p in [proc.pid, *descendants(proc.pid)]))
         time.sleep(0.2)
     return proc.returncode, time.perf_counter() - started, peak, proc.stderr.read()
 
@@ -66,7 +56,7 @@ def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[int,
 def main() -> int:
     command = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else sys.argv[1:]
     code, seconds, peak, err = measure(command)
-    print(f"exit {code}; {seconds:.1f} s; peak summed PSS of the ddptrain processes {peak / 1e9:.2f} GB"
+    print(f"exit {code}; {seconds:.1f} s; peak summed PSS of the job's processes {peak / 1e9:.2f} GB"
           + (f"\n{err[-500:]}" if code else ""))
     return code
 
