@@ -14,14 +14,18 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
+from types import FrameType
 
 from ddptrain.console import console
-from ddptrain.errors import EXIT_PREEMPTED, UsageError
+from ddptrain.errors import UsageError
 
 # what every worker imports, loaded once in the agent before it forks them
 WORKER_MODULES = ("torch", "torch._dynamo", "torch.nn.parallel", "torch.optim", "ddptrain.run", "pyarrow",
                   "pyarrow.csv", "pyarrow.parquet")
 START_METHODS = ("fork", "spawn")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def strip_option(argv: list[str], name: str) -> list[str]:
@@ -61,7 +65,6 @@ def launch_local(nproc: int, fit_argv: list[str], started_at: float) -> int:
     import logging
     import uuid
 
-    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
@@ -80,29 +83,72 @@ def launch_local(nproc: int, fit_argv: list[str], started_at: float) -> int:
         gc.freeze()  # the shared objects' pages stay shared: the collector no longer writes to them
     for stream in (sys.stdout, sys.stderr):
         stream.flush()  # or each forked worker would print the agent's buffered text again
-    try:
-        elastic_launch(config, entrypoint=run_worker)(fit_argv, started_at)
-    except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        if failure.exitcode < 0:  # killed by a signal: the worker could not say why, so we do
-            name = signal.Signals(-failure.exitcode).name
-            console.error(f"worker rank {rank} was killed by {name}")
+    failure = run_agent(lambda: elastic_launch(config, entrypoint=run_worker)(fit_argv, started_at,
+                                                                                 os.getpid()))
+    if isinstance(failure, ChildFailedError):
+        rank, first = failure.get_first_failure()
+        if first.exitcode < 0:  # killed by a signal: the worker could not say why, so we do
+            console.error(f"worker rank {rank} was killed by {signal.Signals(-first.exitcode).name}")
             return 1
-        return failure.exitcode  # the worker printed its own one-line error
-    except SignalException:
-        return EXIT_PREEMPTED  # the workers' rank 0 has said where its checkpoint is
+        return first.exitcode  # the worker printed its own one-line error
+    if failure is not None:
+        raise failure
     return 0
 
 
-def run_worker(fit_argv: list[str], started_at: float) -> int:
+def run_agent(launch: Callable[[], object]) -> BaseException | None:
+    """Run torch's agent (`launch`) in a helper thread, so that it sets no signal handlers of its own, while this
+    thread passes each signal it receives on to the workers once: a first Ctrl-C or SIGTERM checkpoints and a
+    second aborts, as in one process. (torch's own handling ends the workers with SIGTERM when a second signal
+    interrupts its shutdown.) Returns what `launch` raised, if anything."""
+    import multiprocessing
+    import threading
+
+    outcome: list[BaseException] = []
+    pending: list[int] = []  # received before the workers existed
+
+    def agent() -> None:
+        try:
+            launch()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        workers = multiprocessing.active_children()
+        if not workers:
+            pending.append(signum)
+        for worker in workers:
+            try:
+                os.kill(worker.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    thread = threading.Thread(target=agent, name="ddptrain-agent")
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+            if pending and multiprocessing.active_children():
+                for signum in pending:
+                    forward(signum, None)
+                pending.clear()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return outcome[0] if outcome else None
+
+
+def run_worker(fit_argv: list[str], started_at: float, agent_pid: int) -> int:
     """One worker: `ddptrain fit ...` with the environment torch's agent set for its rank.
 
     Success returns (torch's agent waits for every worker's return value); a failure ends the process with its
     exit code, which the agent reports as the job's."""
     os.setsid()  # as torchrun's workers: a terminal's Ctrl-C reaches the agent, which passes it on once
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(sig, signal.SIG_DFL)  # a forked worker has the agent's handlers, which raise its exception
+    for sig in FORWARDED_SIGNALS[1:]:
+        signal.signal(sig, signal.SIG_DFL)  # a forked worker has the agent's handlers
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    stop_with(agent_pid)
     from ddptrain import cli, dist
     from ddptrain.launchenv import launch_env_lenient
 
@@ -116,3 +162,19 @@ def run_worker(fit_argv: list[str], started_at: float) -> int:
         if code:
             dist.exit_process(code)
     return 0
+
+
+def stop_with(agent_pid: int) -> None:
+    """Linux: this worker gets SIGINT (checkpoint and stop) if its agent dies, e.g. killed by the OOM killer. A
+    worker would otherwise train on unwatched, and one that finished would wait for ever for the agent's go-ahead
+    to exit."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != agent_pid:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGINT)

@@ -323,6 +323,41 @@ def test_ctrl_c_on_a_terminal_reaches_the_ranks_once_checkpoints_and_exits_75(tm
 
 
 @pytest.mark.slow
+def test_second_ctrl_c_on_a_terminal_aborts_every_rank_at_once(tmp_path):
+    slow = replaced(LONG, n_samples="60000", batch_size="8", log_every="100000", checkpoint_every="100000")
+    proc = start(LAUNCHERS["nproc-per-node"](2, *slow, "--out", "run"), tmp_path)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "run" / "config.json").exists() and time.monotonic() < deadline:  # training has begun
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.2)
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 20  # not after the next sync point, which this run never reaches
+    assert proc.returncode == 130, err[-3000:]
+    assert len(error_lines(err)) == 1 and error_lines(err)[0].endswith("interrupted"), err[-3000:]
+
+
+@pytest.mark.slow
+def test_workers_checkpoint_and_stop_when_their_agent_is_killed(tmp_path):
+    proc = start(LAUNCHERS["nproc-per-node"](2, *LONG, "--out", "run"), tmp_path)
+    wait_for_steps(tmp_path / "run", 6, proc)
+    workers = sorted(children(proc.pid))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+              for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert time.monotonic() < deadline, "the workers outlived their agent"
+    err = proc.stderr.read()  # the workers wrote to the same pipe; all are gone now
+    assert len(error_lines(err)) == 1 and "preempted by SIGINT" in error_lines(err)[0], err[-3000:]
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["position"]["global_step"] >= 6
+
+
+@pytest.mark.slow
 def test_all_ranks_failing_alike_print_one_line_and_torchrun_names_the_cause(tmp_path):
     result = subprocess.run(torchrun_cmd(2, "fit", "--data", "xor", "--hidden", "abc", "--out", "run"), cwd=tmp_path,
                             env=clean_env(), capture_output=True, text=True, timeout=120)
