@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ddptrain import __version__
+from ddptrain.cachefolder import SOURCES, hold, prune_changed
 from ddptrain.config import FitConfig
 from ddptrain.data import STAGED, DataSpec, FitData, Split
 from ddptrain.errors import DDPTrainError
@@ -32,13 +33,7 @@ from ddptrain.tables import looks_like_path, shard_files
 
 CACHE_FORMAT = 2  # raised whenever the prepared arrays change for the same file and settings (2: range caps)
 ARRAYS = ("x_train", "y_train", "x_val", "y_val")
-SOURCES = "sources.json"  # in each entry: [path, size, mtime_ns] of the files it was built from
 T = TypeVar("T")
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ddptrain"
 
 
 def _file_identities(sources: list[str]) -> list[list[Any]] | None:
@@ -109,6 +104,7 @@ def _locked(cache_dir: Path, entry: tuple[str, list[list[Any]]], load: Callable[
             shutil.rmtree(stale, ignore_errors=True)  # no one else is building this key, so its leftovers go
         found = load(folder)
         if found is not None:
+            hold(cache_dir, key)  # before the build lock goes: `ddptrain cache --clear` must not take it from us
             return found, f"prepared table from the cache {folder}"
         tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
         try:
@@ -125,52 +121,13 @@ def _locked(cache_dir: Path, entry: tuple[str, list[list[Any]]], load: Callable[
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         found, how = load(folder), f"prepared table cached in {folder}"
+        if found is not None:
+            hold(cache_dir, key)
     finally:
         os.close(lock)
     removed = prune_changed(cache_dir, keep=key)
     return found, how + (f" (removed {removed} older entr{'y' if removed == 1 else 'ies'} of files that have "
                          "changed since)" if removed else "")
-
-
-def _unchanged(identity: list[Any]) -> bool:
-    """Whether a file is still as an entry recorded it. A file whose folder is not there (a path mounted only on
-    the machine that built the entry, in a cache shared by machines) counts as unchanged: only a file seen to
-    change or vanish from its folder makes an entry unreachable."""
-    path, size, mtime_ns = identity
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        return not os.path.isdir(os.path.dirname(path))
-    except OSError:
-        return True
-    return (stat.st_size, stat.st_mtime_ns) == (size, mtime_ns)
-
-
-def prune_changed(cache_dir: Path, keep: str) -> int:
-    """Remove the entries (other than `keep`) built from a file that has since changed or been deleted: its key
-    cannot come up again. An entry whose lock is held (being loaded or rebuilt) is left for the next build. Returns
-    how many were removed."""
-    removed = 0
-    for sources in cache_dir.glob(f"*/{SOURCES}"):
-        folder = sources.parent
-        if folder.name == keep or ".tmp-" in folder.name:
-            continue
-        try:
-            if all(_unchanged(identity) for identity in json.loads(sources.read_text())):
-                continue
-            lock = os.open(cache_dir / f"{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except (OSError, ValueError, TypeError):
-            continue
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(folder, ignore_errors=True)
-            (cache_dir / f"{folder.name}.lock").unlink(missing_ok=True)
-            removed += 1
-        except OSError:  # in use: next time
-            pass
-        finally:
-            os.close(lock)
-    return removed
 
 
 # -- eval and predict: a file's rows through a checkpoint's preprocessing ---------------------------------------
@@ -218,7 +175,7 @@ def cached_rows(source: str, spec: DataSpec, purpose: str, cache_dir: Path,
                 xs.seek(0), xs.truncate(), ys.seek(0), ys.truncate()
 
             tally = fill(append, restart)
-        meta = {"format": CACHE_FORMAT, "rows": rows, "width": width, "y_dtype": y_dtype,
+        meta = {"format": CACHE_FORMAT, "purpose": purpose, "rows": rows, "width": width, "y_dtype": y_dtype,
                 "tally": [[list(k) if isinstance(k, tuple) else k, n] for k, n in tally.items()]}
         (tmp / "meta.json").write_text(json.dumps(meta))
 

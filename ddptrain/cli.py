@@ -143,7 +143,7 @@ CACHE_DIR_HELP = "Where prepared tables are kept (default: $XDG_CACHE_HOME/ddptr
 def _rows_cache(cache: bool, cache_dir: Optional[Path]) -> Optional[Path]:
     if not cache:
         return None
-    from ddptrain.cache import default_cache_dir
+    from ddptrain.cachefolder import default_cache_dir
 
     return cache_dir or default_cache_dir()
 
@@ -245,6 +245,21 @@ def plot(
     from ddptrain.plot import plot_runs
 
     plot_runs(runs, out)
+
+
+@app.command("cache")
+def cache_command(
+    cache_dir: Annotated[Optional[Path], typer.Option(help=CACHE_DIR_HELP)] = None,
+    prune: Annotated[bool, typer.Option("--prune", help="Remove the entries of files that changed or went.")] = False,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove every entry (those a running job maps stay).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """List the prepared-table cache (size, last use, the files each entry was built from), or empty it."""
+    from ddptrain.cachefolder import cache_command as run, default_cache_dir
+
+    if prune and clear:
+        raise UsageError("--prune and --clear do not go together: --clear removes the stale entries too")
+    run(cache_dir or default_cache_dir(), prune, clear, json_out)
 
 
 @app.command()

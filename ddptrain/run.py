@@ -115,7 +115,8 @@ def prepare(cfg: FitConfig) -> FitData:
     """The prepared data, through the per-machine cache unless --no-cache."""
     if not cfg.cache:
         return prepare_fit_data(cfg)
-    from ddptrain.cache import cached_fit_data, default_cache_dir
+    from ddptrain.cache import cached_fit_data
+    from ddptrain.cachefolder import default_cache_dir
 
     folder = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     data, how = cached_fit_data(cfg, lambda workspace: prepare_fit_data(cfg, workspace), folder)

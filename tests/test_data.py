@@ -445,13 +445,17 @@ def test_a_build_removes_the_entries_of_files_that_changed_or_went(tmp_path):
     import json
     import os
 
-    from ddptrain.cache import SOURCES, cached_fit_data
+    from ddptrain.cache import cached_fit_data
+    from ddptrain.cachefolder import SOURCES, release
 
     cache = tmp_path / "cache"
 
-    def build(path, **settings):
+    def build(path, **settings):  # a job: it maps its entry until it ends
         cfg = FitConfig(data=str(path), target="label", **settings)
-        return cached_fit_data(cfg, lambda workspace: prepare_fit_data(cfg, workspace), cache)[1]
+        try:
+            return cached_fit_data(cfg, lambda workspace: prepare_fit_data(cfg, workspace), cache)[1]
+        finally:
+            release()
 
     def entries():
         return {p.name: json.loads((p / SOURCES).read_text())[0][0] for p in cache.iterdir() if p.is_dir()}
@@ -764,3 +768,87 @@ def test_the_index_of_a_shuffled_or_filtered_frame_is_dropped(tmp_path):
     roles = {r.name: r.role for r in prepare_fit_data(FitConfig(data=str(tmp_path / "repeat.csv"),
                                                                  target="label")).roles}
     assert roles[""] == "numeric"
+
+
+def test_cache_command_lists_prunes_and_clears_and_never_takes_what_is_in_use(tmp_path):
+    """`ddptrain cache` lists each entry (kind, files, size, state); --prune removes the entries of files that
+    changed; --clear the rest; an entry a job maps (its shared `.use` lock, held here by this process, as a running
+    job holds it) stays; a --cache-dir of the user's loses nothing that is not ddptrain's."""
+    import fcntl
+    import json
+    import os
+
+    from conftest import cli, clean_env
+
+    env = clean_env(XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    cache = tmp_path / "xdg" / "ddptrain"
+    a, b = real_table(tmp_path / "a.csv"), real_table(tmp_path / "b.csv", seed=1)
+    for data in (a, b):
+        assert cli("fit", "--data", str(data), "--target", "label", "--epochs", "1", "--quiet", "--out",
+                   f"run-{data.stem}", cwd=tmp_path, env=env).returncode == 0
+    evaluated = cli("eval", "run-a/checkpoints/last.pt", "--data", str(b), cwd=tmp_path, env=env)
+    assert evaluated.returncode == 0, evaluated.stderr
+
+    def listing(*flags):
+        done = cli("cache", "--json", *flags, cwd=tmp_path, env=env)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    found = listing()["entries"]
+    assert sorted((e["kind"], Path(e["sources"][0]).name) for e in found) == [
+        ("eval", "b.csv"), ("fit", "a.csv"), ("fit", "b.csv")]
+    assert all(e["size_bytes"] > 0 and not e["stale"] and not e["in_use"] for e in found)
+    shown = cli("cache", cwd=tmp_path, env=clean_env(XDG_CACHE_HOME=str(tmp_path / "xdg"), COLUMNS="60"))
+    assert f"      {a.resolve()}\n" in shown.stdout  # whole, however narrow the terminal
+
+    real_table(b, rows=130, seed=1)  # b changes: its fit and eval entries can never be used again
+    b_fit = next(e["key"] for e in found if e["kind"] == "fit" and e["sources"][0].endswith("b.csv"))
+    held = os.open(cache / f"{b_fit}.use", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_SH)  # a job still trains on it
+    try:
+        assert {e["key"]: e["stale"] for e in listing()["entries"]} == {e["key"]: "b.csv" in e["sources"][0]
+                                                                        for e in found}
+        pruned = listing("--prune")
+        assert [(e["kind"], e["stale"]) for e in pruned["removed"]] == [("eval", True)]
+        assert {e["key"] for e in pruned["entries"]} == {e["key"] for e in found if e["kind"] == "fit"}
+        cleared = cli("cache", "--clear", cwd=tmp_path, env=env)
+        assert cleared.stdout.startswith("ddptrain cache: removed 1 entry") and "1 entry in use kept" in cleared.stdout
+        assert [e["key"] for e in listing()["entries"]] == [b_fit] and (cache / b_fit / "meta.json").exists()
+    finally:
+        os.close(held)
+    assert listing("--clear")["entries"] == [] and not list(cache.glob("*.lock"))
+
+    mine = tmp_path / "mine"
+    (mine / ("ab" * 16)).mkdir(parents=True)
+    (mine / ("ab" * 16) / "notes.txt").write_text("mine")
+    (mine / "photo.jpg").write_text("mine")
+    assert cli("cache", "--clear", "--cache-dir", str(mine), cwd=tmp_path, env=env).returncode == 0
+    assert (mine / ("ab" * 16) / "notes.txt").exists() and (mine / "photo.jpg").exists()
+    both = cli("cache", "--prune", "--clear", cwd=tmp_path, env=env)
+    assert both.returncode == 2 and both.stderr.startswith("error: --prune and --clear do not go together")
+
+
+@pytest.mark.slow
+def test_a_running_job_keeps_its_cache_entry_through_cache_clear(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from conftest import cli, clean_env
+
+    env = clean_env(XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    data = real_table(tmp_path / "a.csv", rows=2000)
+    job = subprocess.Popen([sys.executable, "-m", "ddptrain", "fit", "--data", str(data), "--target", "label",
+                            "--epochs", "400", "--out", "run", "--quiet"], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "config.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        cleared = json.loads(cli("cache", "--clear", "--json", cwd=tmp_path, env=env).stdout)
+        assert cleared["removed"] == [] and [e["in_use"] for e in cleared["entries"]] == [True]
+    finally:
+        job.kill()
+        job.wait()
+    assert json.loads(cli("cache", "--clear", "--json", cwd=tmp_path, env=env).stdout)["entries"] == []
