@@ -165,16 +165,17 @@ def run_worker(fit_argv: list[str], started_at: float, agent_pid: int) -> int:
 
 
 def stop_with(agent_pid: int) -> None:
-    """Linux: this worker gets SIGINT (checkpoint and stop) if its agent dies, e.g. killed by the OOM killer. A
-    worker would otherwise train on unwatched, and one that finished would wait for ever for the agent's go-ahead
-    to exit."""
+    """Linux: this worker gets SIGTERM (checkpoint and stop, as when preempted) if its agent dies, e.g. killed by
+    the OOM killer. A worker would otherwise train on unwatched, and one that finished would wait for ever for the
+    agent's go-ahead to exit. (SIGTERM, not SIGINT: the kernel sends it once for each of the agent's threads that
+    ends, and a second SIGINT would abort without a checkpoint.)"""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
     try:
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         return
     if os.getppid() != agent_pid:  # it died before the line above
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)

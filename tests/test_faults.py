@@ -35,6 +35,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (waiting for its parent to collect its exit status)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def wait_for_steps(run_dir: Path, steps: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -342,18 +350,19 @@ def test_second_ctrl_c_on_a_terminal_aborts_every_rank_at_once(tmp_path):
 
 @pytest.mark.slow
 def test_workers_checkpoint_and_stop_when_their_agent_is_killed(tmp_path):
-    proc = start(LAUNCHERS["nproc-per-node"](2, *LONG, "--out", "run"), tmp_path)
+    endless = replaced(LONG, epochs="100000")  # still training whenever the agent dies
+    proc = start(LAUNCHERS["nproc-per-node"](2, *endless, "--out", "run"), tmp_path)
     wait_for_steps(tmp_path / "run", 6, proc)
     workers = sorted(children(proc.pid))
+    assert len(workers) == 2
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 60
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
-              for pid in workers) and time.monotonic() < deadline:
+    while any(running(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert time.monotonic() < deadline, "the workers outlived their agent"
     err = proc.stderr.read()  # the workers wrote to the same pipe; all are gone now
-    assert len(error_lines(err)) == 1 and "preempted by SIGINT" in error_lines(err)[0], err[-3000:]
+    assert len(error_lines(err)) == 1 and "preempted by SIGTERM" in error_lines(err)[0], err[-3000:]
     assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["position"]["global_step"] >= 6
 
 
