@@ -199,7 +199,7 @@ def describe(ctx: typer.Context, data: str, config: Optional[Path], json_out: bo
 describe.__signature__ = Signature([
     Parameter("ctx", Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
     Parameter("data", Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
-        str, typer.Argument(help="A .csv/.tsv/.npz/.parquet file, a folder or pattern of them, or a built-in name.")]),
+        str, typer.Argument(help="A .csv/.tsv/.parquet/.feather/.jsonl/.npz file (.csv.gz...), a folder or pattern of them, or a built-in name.")]),
     Parameter("config", Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[Path], typer.Option(help="A fit config (TOML or a run's config.json); flags override it.")]),
     Parameter("json_out", Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[

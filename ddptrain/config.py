@@ -74,7 +74,7 @@ class FitConfig:
 
     # data
     data: str = setting(
-        "spirals", 'Built-in dataset (xor, spirals, moons, blobs, regression) or a .csv/.tsv/.npz/.parquet file.', DATA, fixed=True)
+        "spirals", 'Built-in dataset (xor, spirals, moons, blobs, regression) or a .csv/.tsv/.parquet/.feather/.jsonl/.npz file (.csv.gz...).', DATA, fixed=True)
     target: str | None = setting(None, 'Target column (default: the last column).', DATA, fixed=True)
     task: str = setting("auto", "Task (auto: from the target's values).", DATA, choices=Task, fixed=True)
     val_fraction: float | None = setting(

@@ -1,8 +1,10 @@
-"""Read a user's table (CSV, TSV, NPZ, Parquet) into typed, named columns, with one-line errors that point at the cell.
+"""Read a user's table (CSV, TSV, Parquet, Feather/Arrow, JSON lines, NPZ) into typed, named columns, with one-line
+errors that point at the cell.
 
 CSV and TSV go through pyarrow's multithreaded typed reader: each column gets a type; empty cells and the usual NA
-tokens are missing; true/false columns are booleans; ISO and YYYY/MM/DD dates and timestamps are dates. Parquet
-keeps its own schema. Every column arrives as one of four kinds:
+tokens are missing; true/false columns are booleans; ISO and YYYY/MM/DD dates and timestamps are dates. Parquet and
+Feather/Arrow keep their own schema; JSON lines get pyarrow's (numbers, booleans, ISO timestamps, text). The text
+formats may be compressed (.gz, .bz2, .zst, .lz4: `data.csv.gz`). Every column arrives as one of four kinds:
 
 - `number`: float64, NaN where missing (`integer` marks one whose present values are all whole numbers);
 - `text`: object array of str, None where missing;
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +27,15 @@ import numpy as np
 
 from ddptrain.errors import DDPTrainError
 
-SUFFIXES = (".csv", ".tsv", ".npz", ".parquet")
+# a file's format from its name; the text formats may also be compressed
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".feather": "arrow", ".arrow": "arrow",
+           ".jsonl": "jsonl", ".ndjson": "jsonl", ".npz": "npz"}
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
+TEXT_FORMATS = ("csv", "tsv", "jsonl")
+SHARD_FORMATS = ("csv", "tsv", "parquet", "arrow", "jsonl")  # a table may be a folder or pattern of these
+ENDINGS = (*FORMATS, *(ending + c for ending, f in FORMATS.items() if f in TEXT_FORMATS for c in COMPRESSIONS))
+FORMAT_NAMES = ".csv, .tsv, .parquet, .feather, .jsonl or .npz (.csv.gz and the like for compressed text)"
+SPREADSHEETS = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")
 NA_TOKENS = ("", "NA", "N/A", "n/a", "NaN", "nan", "null", "NULL", "None", "?")
 KINDS = ("number", "text", "bool", "datetime")
 
@@ -119,11 +130,11 @@ def numeric_table(path: str, names: list[str], columns: list[np.ndarray]) -> Tab
 
 
 def looks_like_path(spec: str) -> bool:
-    return spec.lower().endswith(SUFFIXES) or os.sep in spec or Path(spec).exists() or any(c in spec for c in "*?[")
+    return spec.lower().endswith(ENDINGS) or os.sep in spec or Path(spec).exists() or any(c in spec for c in "*?[")
 
 
 def shard_files(spec: str) -> list[Path]:
-    """A dataset's files: one file, a folder's .csv/.tsv/.parquet files, or a glob pattern's matches, sorted."""
+    """A dataset's files: one file, a folder's table files (not .npz), or a glob pattern's matches, sorted."""
     if any(c in spec for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
         if not files:
@@ -131,12 +142,25 @@ def shard_files(spec: str) -> list[Path]:
         return files
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".csv", ".tsv", ".parquet") and p.is_file())
+        files = sorted(p for p in path.iterdir() if file_format(p)[0] in SHARD_FORMATS and p.is_file())
         if not files:
-            raise DDPTrainError(f"data path {path} is a folder without .csv, .tsv or .parquet files; pass a file, "
-                                "or a folder of shards of one table")
+            raise DDPTrainError(f"data path {path} is a folder without table files (.csv, .tsv, .parquet, .feather, "
+                                ".jsonl); pass a file, or a folder of shards of one table")
         return files
     return [path]
+
+
+def file_format(path: Path) -> tuple[str | None, str | None]:
+    """(format, compression) from the file's name: ('csv', None) for a.csv, ('tsv', 'gzip') for a.tsv.gz; None for
+    a name ddptrain does not read."""
+    name = path.name.lower()
+    compression = next((c for ending, c in COMPRESSIONS.items() if name.endswith(ending)), None)
+    if compression is not None:
+        name = name[:name.rindex(".")]
+    fmt = FORMATS.get(os.path.splitext(name)[1])
+    if compression is not None and fmt not in TEXT_FORMATS:
+        return None, compression
+    return fmt, compression
 
 
 def read_table(path_str: str) -> Table:
@@ -156,10 +180,14 @@ def read_pieces(path_str: str, rows: int) -> Iterator[Table]:
     pa = _pyarrow()
     for f in shard_files(path_str):
         _check_file(f)
-        suffix = f.suffix.lower()
-        if suffix == ".npz":
+        fmt, compression = file_format(f)
+        if fmt == "npz":
             yield _read_file(f)
-        elif suffix == ".parquet":
+        elif fmt == "arrow":
+            yield from _ipc_pieces(f, rows)
+        elif fmt == "jsonl" or compression is not None:
+            yield from _streamed_pieces(f, fmt, compression)
+        elif fmt == "parquet":
             try:
                 # pre_buffer off: by default pyarrow buffers the whole file ahead (3.5 GB for a 3.5 GB file)
                 parquet = pa.parquet.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
@@ -178,7 +206,7 @@ def count_rows(path_str: str) -> int | None:
     """The rows of a Parquet dataset from its files' metadata (no data read); None for other formats."""
     pa = _pyarrow()
     files = shard_files(path_str)
-    if any(f.suffix.lower() != ".parquet" for f in files):
+    if any(file_format(f)[0] != "parquet" for f in files):
         return None
     try:
         return sum(pa.parquet.ParquetFile(f).metadata.num_rows for f in files)
@@ -220,6 +248,81 @@ def _csv_pieces(path: Path, rows: int) -> Iterator[Table]:
             if arrow.num_rows:
                 yield _from_arrow(arrow, str(path), text=True)
     if not types:  # nothing after the header (a header without a line end, or only blank lines)
+        raise DDPTrainError(f"data file {path} has a header but no data rows")
+
+
+STREAM_BLOCK_BYTES = 1 << 24  # pieces of a compressed or JSON-lines file: 16 MB of text each
+
+
+def _streamed_pieces(path: Path, fmt: str, compression: str | None) -> Iterator[Table]:
+    """A compressed CSV/TSV or a JSON-lines file through pyarrow's streaming reader, 16 MB of text a piece (a
+    compressed file cannot be cut into byte ranges). Types come from the first piece; MixedTypes if a later one
+    disagrees."""
+    pa = _pyarrow()
+    if fmt == "jsonl" and not hasattr(pa.json, "open_json"):  # pyarrow < 15: no streaming JSON reader
+        yield _read_file(path)
+        return
+    stream = pa.input_stream(str(path), compression=compression)
+    try:
+        if fmt == "jsonl":
+            reader = pa.json.open_json(stream, read_options=pa.json.ReadOptions(block_size=STREAM_BLOCK_BYTES))
+        else:
+            delimiter = _delimiter(path)
+            header = _header(path, delimiter)
+            reader = pa.csv.open_csv(stream, read_options=pa.csv.ReadOptions(
+                column_names=header, skip_rows=1, encoding="utf8", block_size=STREAM_BLOCK_BYTES),
+                parse_options=pa.csv.ParseOptions(delimiter=delimiter), convert_options=_convert_options())
+        rows = 0
+        for batch in _batches(reader):
+            rows += batch.num_rows
+            if batch.num_rows:
+                yield _from_arrow(pa.Table.from_batches([batch]), str(path), text=fmt != "jsonl")
+    except _LaterBlock as exc:
+        raise MixedTypes(str(exc)) from None
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
+        raise _read_error(path, fmt, exc) from None
+    finally:
+        stream.close()
+    if rows == 0:
+        raise DDPTrainError(f"data file {path} has a header but no data rows")
+
+
+class _LaterBlock(Exception):
+    """A streamed file's block after the first failed to convert with the first's types."""
+
+
+def _batches(reader) -> Iterator[Any]:
+    """The reader's record batches; an ArrowInvalid after the first is _LaterBlock (types that changed)."""
+    first = True
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except Exception as exc:
+            if first:
+                raise
+            raise _LaterBlock(str(exc)) from None
+        first = False
+        yield batch
+
+
+def _ipc_pieces(path: Path, rows: int) -> Iterator[Table]:
+    """A Feather (v2) / Arrow IPC file batch by batch, memory-mapped, each batch in slices of `rows` (pandas writes
+    one batch for a whole table); a Feather v1 file is read whole."""
+    pa = _pyarrow()
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    except (pa.ArrowInvalid, OSError):
+        yield _from_arrow(_arrow_ipc(path), str(path), text=False)
+        return
+    total = 0
+    for i in range(reader.num_record_batches):
+        batch = reader.get_batch(i)
+        for start in range(0, batch.num_rows, rows):
+            total += min(rows, batch.num_rows - start)
+            yield _from_arrow(pa.Table.from_batches([batch.slice(start, rows)]), str(path), text=False)
+    if total == 0:
         raise DDPTrainError(f"data file {path} has a header but no data rows")
 
 
@@ -269,24 +372,27 @@ def _check_file(path: Path) -> None:
         raise DDPTrainError(f"data file {path} does not exist; check the path")
     if not os.access(path, os.R_OK):
         raise DDPTrainError(f"data file {path} is not readable; check its permissions")
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise DDPTrainError(f"data file {path}: unknown format '{suffix}'; use .csv, .tsv, .npz or .parquet")
+    if file_format(path)[0] is None:
+        suffix = path.suffix.lower()
+        if suffix in SPREADSHEETS:
+            raise DDPTrainError(f"data file {path} is a spreadsheet; save the sheet as CSV (CSV UTF-8) and pass that")
+        raise DDPTrainError(f"data file {path}: unknown format '{suffix}'; use {FORMAT_NAMES}")
     if path.stat().st_size == 0:
         raise DDPTrainError(f"data file {path} is empty; it needs a header row and data rows")
 
 
 def _read_shards(spec: str, files: list[Path]) -> Table:
     """Several files of one table (same format, same columns in the same order), read alike and stacked."""
-    suffixes = {f.suffix.lower() for f in files}
-    if len(suffixes) != 1 or suffixes & {".npz"}:
-        raise DDPTrainError(f"--data {spec}: the files mix formats ({', '.join(sorted(suffixes))}); a dataset of "
-                            "several files needs one format: .csv, .tsv or .parquet")
+    formats = {file_format(f)[0] for f in files}
+    if len(formats) != 1 or not formats <= set(SHARD_FORMATS):
+        names = sorted({f.suffix.lower() for f in files})
+        raise DDPTrainError(f"--data {spec}: the files mix formats ({', '.join(names)}); a dataset of several "
+                            "files needs one format: .csv, .tsv, .parquet, .feather or .jsonl (each may be compressed)")
     pa = _pyarrow()
     arrows, shards, start = [], [], 0
     for f in files:
         _check_file(f)
-        table = _arrow_parquet(f) if f.suffix.lower() == ".parquet" else _arrow_delimited(f, _delimiter(f))
+        table = _arrow_table(f)
         if arrows and table.column_names != arrows[0].column_names:
             raise DDPTrainError(f"--data {spec}: {f} has columns {', '.join(table.column_names)} but {files[0]} has "
                                 f"{', '.join(arrows[0].column_names)}; the files of one table need the same columns")
@@ -298,29 +404,63 @@ def _read_shards(spec: str, files: list[Path]) -> Table:
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise DDPTrainError(f"--data {spec}: the files' column types do not agree ({str(exc).splitlines()[0]})") from None
     arrows.clear()  # `combined` alone holds the columns now, so converting releases them one by one
-    result = _from_arrow(combined, spec, text=suffixes != {".parquet"})
+    result = _from_arrow(combined, spec, text=formats <= {"csv", "tsv"})
     result.shards = shards
     return result
 
 
 def _delimiter(path: Path) -> str:
-    return "\t" if path.suffix.lower() == ".tsv" else ","
+    return "\t" if file_format(path)[0] == "tsv" else ","
 
 
 def _read_file(path: Path) -> Table:
     _check_file(path)
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
+    fmt = file_format(path)[0]
+    if fmt == "npz":
         return _read_npz(path)
-    if suffix == ".parquet":
-        return _from_arrow(_arrow_parquet(path), str(path), text=False)
-    return _from_arrow(_arrow_delimited(path, _delimiter(path)), str(path), text=True)
+    return _from_arrow(_arrow_table(path), str(path), text=fmt in ("csv", "tsv"))
+
+
+def _arrow_table(path: Path):
+    """The whole file as an Arrow table (any format but NPZ)."""
+    fmt = file_format(path)[0]
+    if fmt == "parquet":
+        return _arrow_parquet(path)
+    if fmt == "arrow":
+        return _arrow_ipc(path)
+    if fmt == "jsonl":
+        return _arrow_json(path)
+    return _arrow_delimited(path, _delimiter(path))
+
+
+def _open_text(path: Path, errors: str = "strict") -> io.TextIOBase:
+    """The file as text, decompressed if its name says so (for the header and error line numbers)."""
+    compression = file_format(path)[1]
+    if compression is None:
+        return path.open(newline="", encoding="utf-8-sig", errors=errors)
+    pa = _pyarrow()
+    return io.TextIOWrapper(io.BufferedReader(pa.input_stream(str(path), compression=compression)), newline="",
+                            encoding="utf-8-sig", errors=errors)
+
+
+def _read_error(path: Path, fmt: str | None, exc: BaseException) -> DDPTrainError:
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    if fmt == "jsonl":
+        return DDPTrainError(f"data file {path} could not be read as JSON lines ({first}); each line must be one "
+                             "JSON object")
+    if isinstance(exc, UnicodeDecodeError) or "utf" in first.lower():
+        return DDPTrainError(f"data file {path} is not readable as text ({first}); save it as UTF-8")
+    if isinstance(exc, OSError) or "compress" in first.lower():
+        return DDPTrainError(f"data file {path} could not be decompressed ({first}); check the file")
+    return _parse_error(path, _delimiter(path), len(_header(path, _delimiter(path))), exc)
 
 
 def _pyarrow():
     try:
         import pyarrow
         import pyarrow.csv
+        import pyarrow.feather
+        import pyarrow.json
         import pyarrow.parquet  # noqa: F401
     except ImportError:
         raise DDPTrainError("reading tables needs pyarrow: pip install pyarrow") from None
@@ -331,11 +471,15 @@ def _arrow_delimited(path: Path, delimiter: str):
     pa = _pyarrow()
     header = _header(path, delimiter)
     read = pa.csv.ReadOptions(column_names=header, skip_rows=1, encoding="utf8")
+    compression = file_format(path)[1]
+    source = pa.input_stream(str(path), compression=compression) if compression else path
     try:
-        table = pa.csv.read_csv(path, read_options=read, convert_options=_convert_options(),
+        table = pa.csv.read_csv(source, read_options=read, convert_options=_convert_options(),
                                 parse_options=pa.csv.ParseOptions(delimiter=delimiter))
     except pa.ArrowInvalid as exc:
         raise _parse_error(path, delimiter, len(header), exc) from None
+    except OSError as exc:  # a damaged compressed file
+        raise _read_error(path, "csv", exc) from None
     if table.num_rows == 0:
         raise DDPTrainError(f"data file {path} has a header but no data rows")
     return table
@@ -350,8 +494,12 @@ def _convert_options(types: dict[str, object] | None = None):
 
 def _header(path: Path, delimiter: str) -> list[str]:
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
+        with _open_text(path) as handle:
             header = next((row for row in csv.reader(handle, delimiter=delimiter) if row), None)
+    except OSError as exc:
+        if file_format(path)[1] is None:
+            raise DDPTrainError(f"data file {path} could not be read ({exc.strerror or exc})") from None
+        raise DDPTrainError(f"data file {path} could not be decompressed ({exc}); check the file") from None
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DDPTrainError(f"data file {path} is not readable as text ({exc}); save it as UTF-8 CSV") from None
     if header is None:
@@ -371,7 +519,7 @@ def _header(path: Path, delimiter: str) -> list[str]:
 def _numbered_rows(path: Path, delimiter: str) -> list[tuple[int, list[str]]]:
     """Each data row (after the header) with its line in the file, blank lines skipped as the readers skip them.
     Only read when an error needs a line number."""
-    with path.open(newline="", encoding="utf-8-sig", errors="replace") as handle:
+    with _open_text(path, errors="replace") as handle:
         reader = csv.reader(handle, delimiter=delimiter)
         return [(reader.line_num, row) for row in reader if row][1:]
 
@@ -469,4 +617,26 @@ def _arrow_parquet(path: Path):
         raise DDPTrainError(f"data file {path} is not a readable Parquet file ({exc})") from None
     if table.num_rows == 0:
         raise DDPTrainError(f"data file {path} has a header but no data rows")
+    return table
+
+
+def _arrow_ipc(path: Path):
+    pa = _pyarrow()
+    try:
+        table = pa.feather.read_table(str(path))
+    except Exception as exc:
+        raise DDPTrainError(f"data file {path} is not a readable Feather/Arrow file ({exc})") from None
+    if table.num_rows == 0:
+        raise DDPTrainError(f"data file {path} has a header but no data rows")
+    return table
+
+
+def _arrow_json(path: Path):
+    pa = _pyarrow()
+    try:
+        table = pa.json.read_json(pa.input_stream(str(path), compression=file_format(path)[1]))
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
+        raise _read_error(path, "jsonl", exc) from None
+    if table.num_rows == 0:
+        raise DDPTrainError(f"data file {path} has no rows")
     return table

@@ -500,28 +500,52 @@ def test_a_float32_parquet_column_prepares_exactly_like_its_float64_copy(tmp_pat
     assert torch.equal(narrow.train.x, wide.train.x) and torch.equal(narrow.train.y, wide.train.y)
 
 
-@pytest.mark.parametrize("layout", ["csv", "parquet", "csv shards", "parquet shards"])
-def test_a_staged_table_is_the_table_with_its_numbers_on_disk(layout, tmp_path, monkeypatch):
-    """Read in pieces of 16 rows, numbers and dates appended to files and mapped back: the same names, kinds,
-    values, whole-number columns and error locations (file and line) as the whole read; nothing in memory for them."""
+def write_as(table, path: Path) -> Path:
+    """An Arrow table as the file its name says: CSV/TSV (compressed too), Parquet, Feather, JSON lines."""
+    import json
+
+    import pyarrow as pa
     import pyarrow.csv as pacsv
+    import pyarrow.feather as feather
     import pyarrow.parquet as pq
 
-    from ddptrain import ondisk
+    from ddptrain.tables import file_format
+
+    fmt, compression = file_format(path)
+    with pa.output_stream(str(path), compression=compression) as out:
+        if fmt in ("csv", "tsv"):
+            pacsv.write_csv(table, out, pacsv.WriteOptions(delimiter="\t" if fmt == "tsv" else ","))
+        elif fmt == "jsonl":
+            out.write("".join(json.dumps(row, default=str) + "\n" for row in table.to_pylist()).encode())
+        elif fmt == "parquet":
+            pq.write_table(table, out)
+        else:
+            feather.write_feather(table, out)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["csv", "parquet", "csv shards", "parquet shards", "csv.gz", "tsv.bz2 shards",
+                                    "feather", "feather shards", "jsonl", "jsonl.zst shards"])
+def test_a_staged_table_is_the_table_with_its_numbers_on_disk(layout, tmp_path, monkeypatch):
+    """Read in pieces of 16 rows (a compressed or JSON-lines file: of 2 kB), numbers and dates appended to files and
+    mapped back: the same names, kinds, values, whole-number columns and error locations (file and line) as the
+    whole read; nothing in memory for them."""
+    import pyarrow.csv as pacsv
+
+    from ddptrain import ondisk, tables
     from ddptrain.tables import read_table
 
     monkeypatch.setattr(ondisk, "STAGE_PIECE_ROWS", 16)
+    monkeypatch.setattr(tables, "STREAM_BLOCK_BYTES", 2048)
     source = real_table(tmp_path / "t.csv", rows=400)
     if layout != "csv":
-        whole = pacsv.read_csv(source)
+        whole = pacsv.read_csv(source, convert_options=tables._convert_options())  # typed as ddptrain reads it
         (tmp_path / "d").mkdir()
         parts = [whole.slice(0, 170), whole.slice(170)] if "shards" in layout else [whole]
+        ending = layout.split()[0]
         for i, part in enumerate(parts):
-            if layout.startswith("parquet"):
-                pq.write_table(part, tmp_path / f"d/{i}.parquet")
-            else:
-                pacsv.write_csv(part, tmp_path / f"d/{i}.csv")
-        source = tmp_path / "d" if "shards" in layout else tmp_path / "d/0.parquet"
+            write_as(part, tmp_path / f"d/{i}.{ending}")
+        source = tmp_path / "d" if "shards" in layout else tmp_path / f"d/0.{ending}"
     staged = ondisk.stage_table(str(source), tmp_path / "staged")
     read = read_table(str(source))
     assert (staged.names, staged.kinds, staged.integer, staged.path) == (read.names, read.kinds, read.integer, read.path)
@@ -852,3 +876,37 @@ def test_a_running_job_keeps_its_cache_entry_through_cache_clear(tmp_path):
         job.kill()
         job.wait()
     assert json.loads(cli("cache", "--clear", "--json", cwd=tmp_path, env=env).stdout)["entries"] == []
+
+
+@pytest.mark.parametrize("ending", ["csv.gz", "tsv", "tsv.zst", "feather", "jsonl", "ndjson.gz"])
+def test_every_format_prepares_like_the_csv(ending, tmp_path):
+    """The same table as compressed CSV, TSV, Feather or JSON lines trains on the same arrays as its CSV."""
+    import pyarrow.csv as pacsv
+
+    from ddptrain import tables
+
+    source = real_table(tmp_path / "t.csv", rows=300)
+    typed = pacsv.read_csv(source, convert_options=tables._convert_options())
+    other = write_as(typed, tmp_path / f"t.{ending}")
+    a, b = (prepare_fit_data(FitConfig(data=str(path), target="label")) for path in (source, other))
+    assert a.spec.preprocessor == b.spec.preprocessor and a.spec.classes == b.spec.classes
+    assert [r.role for r in a.roles] == [r.role for r in b.roles]
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.train.y, b.train.y)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("t.csv.gz", b"\x1f\x8b\x08\x00garbage" * 50, "could not be decompressed"),
+    ("t.jsonl", b'{"a": 1, "label": "x"}\n{"a": 2, "label": \n', "could not be read as JSON lines"),
+    ("t.xlsx", b"PK\x03\x04", "is a spreadsheet; save the sheet as CSV (CSV UTF-8) and pass that"),
+    ("t.parquet.gz", b"PAR1", "unknown format '.gz'; use .csv, .tsv, .parquet, .feather, .jsonl or .npz"),
+    ("t.feather", b"not arrow at all", "is not a readable Feather/Arrow file"),
+])
+def test_an_unreadable_file_of_any_format_is_one_line(name, content, message, tmp_path):
+    from conftest import cli, error_lines
+
+    (tmp_path / name).write_bytes(content)
+    for args in (["describe", name, "--target", "label"], ["fit", "--data", name, "--target", "label"]):
+        done = cli(*args, cwd=tmp_path)
+        assert done.returncode == 1 and len(error_lines(done.stderr)) == 1, done.stderr
+        assert message in error_lines(done.stderr)[0] and "Traceback" not in done.stderr, done.stderr
+        assert not (tmp_path / "runs").exists()
