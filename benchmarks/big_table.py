@@ -1,6 +1,9 @@
 """Issue 13's targets on a 1,000,000-row x 28-float CSV that this script writes (one sitting, same machine).
 
-    python benchmarks/big_table.py [--rows 1000000] [--text-columns 0] [--out /tmp/ddptrain-big-table]
+    python benchmarks/big_table.py [--rows 1000000] [--text-columns 0] [--compression gzip] [--out /tmp/ddptrain-big-table]
+
+`--compression gzip` (or zstd, bz2) writes `big.csv.gz` instead and measures everything on it; pandas' read of
+the file is reported beside pyarrow's where pandas is installed.
 
 Measures, each in a fresh process: pyarrow.csv.read_csv on the file (time, peak RSS); `ddptrain fit` the first
 time (the cache is built: time to first step from metrics.jsonl, peak PSS); the second time (a cache hit); and
@@ -25,13 +28,18 @@ from peak_memory import measure
 ROOT = Path(__file__).resolve().parents[1]
 READ = """
 import resource, sys, time
-import pyarrow.csv
-t = time.perf_counter(); pyarrow.csv.read_csv(sys.argv[1]); t = time.perf_counter() - t
+if sys.argv[2] == "pandas":
+    import pandas
+    t = time.perf_counter(); pandas.read_csv(sys.argv[1]); t = time.perf_counter() - t
+else:
+    import pyarrow.csv
+    t = time.perf_counter(); pyarrow.csv.read_csv(sys.argv[1]); t = time.perf_counter() - t
 print(t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
+ENDINGS = {"none": "", "gzip": ".gz", "zstd": ".zst", "bz2": ".bz2"}
 
 
-def write_csv(path: Path, rows: int, text_columns: int = 0) -> None:
+def write_csv(path: Path, rows: int, text_columns: int = 0, compression: str = "none") -> None:
     import numpy as np
     import pyarrow as pa
     import pyarrow.csv
@@ -46,7 +54,8 @@ def write_csv(path: Path, rows: int, text_columns: int = 0) -> None:
         text[f"t{k}"] = pa.array(np.char.add(f"level-{k}-", codes.astype(str)))
         score += (codes % 3 - 1) * 0.5
     y = (score > 0).astype(np.int64)
-    pa.csv.write_csv(pa.table({**{f"f{j}": x[:, j] for j in range(28)}, **text, "label": y}), path)
+    with pa.output_stream(str(path), compression=None if compression == "none" else compression) as out:
+        pa.csv.write_csv(pa.table({**{f"f{j}": x[:, j] for j in range(28)}, **text, "label": y}), out)
 
 
 def main() -> int:
@@ -54,14 +63,19 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--out", type=Path, default=Path("/tmp/ddptrain-big-table"))
     parser.add_argument("--text-columns", type=int, default=0, help="add text category columns (50, 1000, ... levels)")
+    parser.add_argument("--compression", choices=tuple(ENDINGS), default="none", help="write big.csv.gz (gzip)...")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
-    data = args.out / "big.csv"
-    write_csv(data, args.rows, args.text_columns)
+    data = args.out / f"big.csv{ENDINGS[args.compression]}"
+    write_csv(data, args.rows, args.text_columns, args.compression)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(args.out / "cache")}
-    read = subprocess.run([sys.executable, "-c", READ, str(data)], capture_output=True, text=True, check=True, env=env)
+    read = subprocess.run([sys.executable, "-c", READ, str(data), "pyarrow"], capture_output=True, text=True,
+                          check=True, env=env)
     read_s, read_rss = (float(v) for v in read.stdout.split())
+    pandas = subprocess.run([sys.executable, "-c", READ, str(data), "pandas"], capture_output=True, text=True, env=env)
+    pandas_read = ({"seconds": round(float(pandas.stdout.split()[0]), 2),
+                    "peak_rss_gb": round(float(pandas.stdout.split()[1]) / 1e9, 3)} if pandas.returncode == 0 else None)
     fit = ["-m", "ddptrain", "fit", "--data", str(data), "--target", "label", "--epochs", "1", "--batch-size", "4096",
            "--hidden", "32", "--quiet"]
 
@@ -79,8 +93,10 @@ def main() -> int:
     two = run("two", [], ("--nproc-per-node", "2"))
     torchrun = run("torchrun", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"])
     result = {
-        "rows": args.rows, "text_columns": args.text_columns, "csv_mb": round(data.stat().st_size / 1e6),
+        "rows": args.rows, "text_columns": args.text_columns, "compression": args.compression,
+        "file_mb": round(data.stat().st_size / 1e6),
         "pyarrow_read": {"seconds": round(read_s, 2), "peak_rss_gb": round(read_rss / 1e9, 3)},
+        "pandas_read": pandas_read,
         "first_fit": first, "second_fit": second, "two_processes_cache_hit": two,
         "torchrun_two_processes_cache_hit": torchrun,
         "targets": {
