@@ -108,25 +108,24 @@ def is_entry(folder: Path) -> bool:
 
 
 def remove(cache_dir: Path, key: str) -> bool:
-    """Remove an entry unless it is being built or mapped by a job (then False: it is left as it is)."""
+    """Remove an entry unless it is being built or mapped by a job (then False: it is left as it is). OSError where
+    it cannot be removed (permissions, a read-only folder)."""
     locks = []
     try:
         for name in (f"{key}.lock", f"{key}.use"):
-            fd = os.open(cache_dir / name, os.O_RDWR | os.O_CREAT, 0o644)
-            locks.append(fd)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        for fd in locks:
-            os.close(fd)
-        return False
-    try:
-        shutil.rmtree(cache_dir / key, ignore_errors=True)
+            locks.append(os.open(cache_dir / name, os.O_RDWR | os.O_CREAT, 0o644))
+            try:
+                fcntl.flock(locks[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+        if (cache_dir / key).exists():
+            shutil.rmtree(cache_dir / key)
         for name in (f"{key}.lock", f"{key}.use"):
             (cache_dir / name).unlink(missing_ok=True)
+        return True
     finally:
         for fd in locks:
             os.close(fd)
-    return True
 
 
 def remove_leftovers(cache_dir: Path) -> int:
@@ -154,7 +153,14 @@ def remove_leftovers(cache_dir: Path) -> int:
 def prune_changed(cache_dir: Path, keep: str) -> int:
     """Remove the entries (other than `keep`) built from a file that has since changed or been deleted: their keys
     cannot come up again. One in use is left for a later build. Returns how many were removed."""
-    return sum(remove(cache_dir, e.key) for e in entries(cache_dir) if e.stale and e.key != keep)
+    removed = 0
+    for entry in entries(cache_dir):
+        if entry.stale and entry.key != keep:
+            try:
+                removed += remove(cache_dir, entry.key)
+            except OSError:  # not ours to remove (permissions): the job goes on
+                pass
+    return removed
 
 
 def _busy(cache_dir: Path, key: str) -> bool:
@@ -203,8 +209,14 @@ def cache_command(cache_dir: Path, prune: bool, clear: bool, json_out: bool) -> 
     before = entries(cache_dir)
     removed: list[Entry] = []
     if prune or clear:
-        remove_leftovers(cache_dir)
-        removed = [e for e in before if (clear or e.stale) and remove(cache_dir, e.key)]
+        from ddptrain.errors import DDPTrainError
+
+        try:
+            remove_leftovers(cache_dir)
+            removed = [e for e in before if (clear or e.stale) and remove(cache_dir, e.key)]
+        except OSError as exc:
+            raise DDPTrainError(f"cannot remove from the cache {cache_dir}: {exc.strerror or exc} "
+                                f"({exc.filename or cache_dir}); check that folder's permissions") from None
     gone = {e.key for e in removed}
     left = [e for e in before if e.key not in gone]
     if json_out:

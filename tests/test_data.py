@@ -910,3 +910,30 @@ def test_an_unreadable_file_of_any_format_is_one_line(name, content, message, tm
         assert done.returncode == 1 and len(error_lines(done.stderr)) == 1, done.stderr
         assert message in error_lines(done.stderr)[0] and "Traceback" not in done.stderr, done.stderr
         assert not (tmp_path / "runs").exists()
+
+
+def test_cache_clear_on_a_read_only_cache_is_one_line(tmp_path):
+    """A cache on a read-only mount (another machine's, or a shared one): listing works, clearing says why not."""
+    import json
+    import os
+    import subprocess
+
+    from conftest import cli, clean_env, error_lines
+
+    env = clean_env(XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    data = real_table(tmp_path / "a.csv")
+    assert cli("fit", "--data", str(data), "--target", "label", "--epochs", "1", "--quiet", "--out", "run",
+               cwd=tmp_path, env=env).returncode == 0
+    cache = tmp_path / "xdg" / "ddptrain"
+    if os.geteuid() != 0 or subprocess.run(["mount", "-o", "bind,ro", str(cache), str(cache)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to make a read-only mount")
+    try:
+        listed = cli("cache", "--json", cwd=tmp_path, env=env)
+        assert listed.returncode == 0 and len(json.loads(listed.stdout)["entries"]) == 1
+        cleared = cli("cache", "--clear", cwd=tmp_path, env=env)
+        assert cleared.returncode == 1 and len(error_lines(cleared.stderr)) == 1, cleared.stderr
+        assert error_lines(cleared.stderr)[0].startswith(f"error: cannot remove from the cache {cache}: Read-only")
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+    assert len(json.loads(cli("cache", "--json", cwd=tmp_path, env=env).stdout)["entries"]) == 1
