@@ -314,7 +314,7 @@ def _ipc_pieces(path: Path, rows: int) -> Iterator[Table]:
     try:
         reader = pa.ipc.open_file(pa.memory_map(str(path)))
     except (pa.ArrowInvalid, OSError):
-        yield _from_arrow(_arrow_ipc(path), str(path), text=False)
+        yield _from_arrow(_arrow_columnar(path), str(path), text=False)
         return
     total = 0
     for i in range(reader.num_record_batches):
@@ -424,10 +424,8 @@ def _read_file(path: Path) -> Table:
 def _arrow_table(path: Path):
     """The whole file as an Arrow table (any format but NPZ)."""
     fmt = file_format(path)[0]
-    if fmt == "parquet":
-        return _arrow_parquet(path)
-    if fmt == "arrow":
-        return _arrow_ipc(path)
+    if fmt in ("parquet", "arrow"):
+        return _arrow_columnar(path)
     if fmt == "jsonl":
         return _arrow_json(path)
     return _arrow_delimited(path, _delimiter(path))
@@ -609,23 +607,15 @@ def _read_npz(path: Path) -> Table:
     return table
 
 
-def _arrow_parquet(path: Path):
+def _arrow_columnar(path: Path):
+    """A Parquet or Feather/Arrow file whole, in its own schema."""
     pa = _pyarrow()
+    parquet = file_format(path)[0] == "parquet"
     try:
-        table = pa.parquet.read_table(path)
+        table = pa.parquet.read_table(path) if parquet else pa.feather.read_table(str(path))
     except Exception as exc:
-        raise DDPTrainError(f"data file {path} is not a readable Parquet file ({exc})") from None
-    if table.num_rows == 0:
-        raise DDPTrainError(f"data file {path} has a header but no data rows")
-    return table
-
-
-def _arrow_ipc(path: Path):
-    pa = _pyarrow()
-    try:
-        table = pa.feather.read_table(str(path))
-    except Exception as exc:
-        raise DDPTrainError(f"data file {path} is not a readable Feather/Arrow file ({exc})") from None
+        raise DDPTrainError(f"data file {path} is not a readable {'Parquet' if parquet else 'Feather/Arrow'} file "
+                            f"({exc})") from None
     if table.num_rows == 0:
         raise DDPTrainError(f"data file {path} has a header but no data rows")
     return table
