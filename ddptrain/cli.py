@@ -70,7 +70,8 @@ def root(
         os.environ["DDPTRAIN_DEBUG"] = "1"  # workers started by --nproc-per-node inherit it
 
 
-def fit(ctx: typer.Context, nproc_per_node: Optional[int], config: Optional[Path], print_config: bool,
+def fit(ctx: typer.Context, nproc_per_node: Optional[int], nnodes: Optional[str], rdzv_endpoint: Optional[str],
+        rdzv_id: Optional[str], max_restarts: int, config: Optional[Path], print_config: bool,
         **settings: Any) -> None:
     """Train an MLP with DDP. Run it plainly (1 process), with --nproc-per-node N, or under torchrun."""
     started_at = LAUNCHED_AT or time.perf_counter()
@@ -79,22 +80,58 @@ def fit(ctx: typer.Context, nproc_per_node: Optional[int], config: Optional[Path
     if print_config:
         console.out.print(to_toml(cfg), markup=False, end="")
         return
-    if nproc_per_node is not None:
-        from ddptrain.launcher import launch_local, strip_option
+    launch = _launch(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, max_restarts)
+    if launch is not None:
+        from ddptrain.launcher import LAUNCH_OPTIONS, launch_local, strip_option
 
-        if nproc_per_node < 1:
-            raise UsageError(f"--nproc-per-node {nproc_per_node} must be at least 1")
-        argv = strip_option(sys.argv[sys.argv.index("fit") + 1:], "--nproc-per-node")
-        if cfg.out is None:
+        argv = sys.argv[sys.argv.index("fit") + 1:]
+        for name in LAUNCH_OPTIONS:
+            argv = strip_option(argv, name)
+        if cfg.out is None and launch.endpoint is None:  # on several nodes, runs/run-<rendezvous id> on each
             from ddptrain.launchenv import launch_env
             from ddptrain.rundir import default_out
 
             argv += ["--out", str(default_out(launch_env()))]
-        raise typer.Exit(launch_local(nproc_per_node, argv, started_at))
+        raise typer.Exit(launch_local(launch, argv, started_at))
     from ddptrain.run import fit as run_fit
 
     run_fit(cfg, started_at)
 
+
+
+def _launch(nproc: Optional[int], nnodes: Optional[str], endpoint: Optional[str], run_id: Optional[str],
+            max_restarts: int) -> Any:
+    """The launcher's settings, checked; None to run in this process (alone, or as a worker of torchrun's)."""
+    if nproc is None:
+        given = [flag for flag, value in (("--nnodes", nnodes), ("--rdzv-endpoint", endpoint), ("--rdzv-id", run_id),
+                                          ("--max-restarts", max_restarts or None)) if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} starts workers: give --nproc-per-node N with it")
+        return None
+    from ddptrain.launcher import Launch
+
+    if nproc < 1:
+        raise UsageError(f"--nproc-per-node {nproc} must be at least 1")
+    if max_restarts < 0:
+        raise UsageError(f"--max-restarts {max_restarts} must be 0 or more")
+    counts = (nnodes or "1").split(":")
+    if not (1 <= len(counts) <= 2 and all(c.isdigit() and int(c) >= 1 for c in counts)
+            and int(counts[0]) <= int(counts[-1])):
+        raise UsageError(f"--nnodes {nnodes!r} must be a node count (2) or a range (1:4)")
+    if endpoint is None:
+        if counts != ["1"]:
+            raise UsageError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every node (the "
+                             "first node's address and a free port)")
+        if run_id is not None:
+            raise UsageError("--rdzv-id goes with --rdzv-endpoint")
+        return Launch(nproc, max_restarts=max_restarts)
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--rdzv-endpoint {endpoint!r} must be HOST:PORT (e.g. node0:29500)")
+    if run_id is not None and not run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise UsageError(f"--rdzv-id {run_id!r} must be letters, digits, '-', '_' or '.' (a job id)")
+    return Launch(nproc, nnodes or "1", endpoint, run_id or f"ddptrain-{host}-{port}".replace(":", "-"),
+                  max_restarts)
 
 
 def _setting_option(f: dataclasses.Field) -> Parameter:
@@ -122,8 +159,21 @@ PLAN_SETTINGS = ("target", "task", "categorical", "numeric", "drop")
 _LAUNCH_OPTIONS = [
     Parameter("ctx", Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
     Parameter("nproc_per_node", Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-        Optional[int], typer.Option(help="Start N local workers through torch's launcher (free port).",
+        Optional[int], typer.Option(help="Start N workers on this machine through torch's launcher (alone: on a "
+                                         "free port).", rich_help_panel=DIST)]),
+    Parameter("nnodes", Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[str], typer.Option(help="With --nproc-per-node: the number of machines (or MIN:MAX), each "
+                                         "running this same command.", rich_help_panel=DIST)]),
+    Parameter("rdzv_endpoint", Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[str], typer.Option(help="With --nnodes: HOST:PORT where the machines meet (torch's c10d "
+                                         "rendezvous; the same on every machine).", rich_help_panel=DIST)]),
+    Parameter("rdzv_id", Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[str], typer.Option(help="With --rdzv-endpoint: the job's id, the same on every machine "
+                                         "(default: from the endpoint; the run folder is runs/run-ID).",
                                     rich_help_panel=DIST)]),
+    Parameter("max_restarts", Parameter.KEYWORD_ONLY, default=0, annotation=Annotated[
+        int, typer.Option(help="With --nproc-per-node: restart a failed worker group this many times (it "
+                               "resumes from the last checkpoint).", rich_help_panel=DIST)]),
     Parameter("config", Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[Path], typer.Option(help="A TOML config (or a run's config.json); flags override it.",
                                      rich_help_panel=RUN)]),

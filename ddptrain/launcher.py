@@ -1,6 +1,8 @@
 """`ddptrain fit --nproc-per-node N`: start N local workers through torch's own launcher (torchrun's elastic agent).
 
-`--standalone` makes torchrun's c10d rendezvous bind a free port, so two jobs on one machine never meet.
+On one machine its c10d rendezvous binds a free port (torchrun's `--standalone`), so two jobs never meet; on
+several, every node's `ddptrain fit --nnodes M --rdzv-endpoint HOST:PORT` meets at the endpoint (torchrun's c10d
+rendezvous), and `--max-restarts K` restarts a failed worker group (workers resume from the last checkpoint).
 
 On a machine without CUDA devices the workers are forked from the agent once it has imported what a worker runs
 (torch, DDP, ddptrain's training code): the machine then holds one copy of those pages, not one per rank, and no
@@ -15,6 +17,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 
 from ddptrain.console import console
@@ -26,6 +29,29 @@ WORKER_MODULES = ("torch", "torch._dynamo", "torch.nn.parallel", "torch.optim", 
 START_METHODS = ("fork", "spawn")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How `fit` starts its workers: `nproc` a node; `nnodes` ("2", or "1:4" for an elastic range) meeting at
+    `endpoint` (HOST:PORT, the same on every node; None: this machine alone, on a free port) under `run_id`;
+    `max_restarts` restarts of a failed worker group."""
+
+    nproc: int
+    nnodes: str = "1"
+    endpoint: str | None = None
+    run_id: str = ""
+    max_restarts: int = 0
+
+    def torchrun_args(self) -> list[str]:
+        common = [f"--nproc-per-node={self.nproc}", f"--max-restarts={self.max_restarts}"]
+        if self.endpoint is None:
+            return ["--standalone", *common]
+        return [f"--nnodes={self.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}",
+                f"--rdzv-id={self.run_id}", *common]
+
+
+LAUNCH_OPTIONS = ("--nproc-per-node", "--nnodes", "--rdzv-endpoint", "--rdzv-id", "--max-restarts")
 
 
 def strip_option(argv: list[str], name: str) -> list[str]:
@@ -55,8 +81,8 @@ def start_method() -> str:
     return "spawn" if gpu_build and devices else "fork"
 
 
-def launch_local(nproc: int, fit_argv: list[str], started_at: float) -> int:
-    """Run `ddptrain fit ...` on `nproc` local workers; return the job's exit code."""
+def launch_local(launch: Launch, fit_argv: list[str], started_at: float) -> int:
+    """Run `ddptrain fit ...` on this node's workers; return the job's exit code."""
     # torchrun's own default for several workers, set before torch loads (OpenMP reads it then), and here so it
     # does not print a warning about it
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -69,8 +95,9 @@ def launch_local(nproc: int, fit_argv: list[str], started_at: float) -> int:
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
 
-    args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "ddptrain", "fit", *fit_argv])
-    args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())  # --standalone
+    args = parse_args([*launch.torchrun_args(), "--module", "ddptrain", "fit", *fit_argv])
+    if launch.endpoint is None:  # what torchrun's run() does for --standalone
+        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     config, _, _ = config_from_args(args)
     config.start_method = start_method()
     # a failed worker has printed its own one-line error; torch's own report of it is a traceback of the agent's

@@ -71,6 +71,15 @@ def write(name: str, text: str):
 
 FIT = ["fit", "--epochs", "1", "--out", "new"]
 FLAG_CASES = {
+    "nnodes-alone": (["--nnodes", "2"], ["--nnodes starts workers", "--nproc-per-node"]),
+    "max-restarts-alone": (["--max-restarts", "1"], ["--max-restarts starts workers", "--nproc-per-node"]),
+    "nnodes-no-endpoint": (["--nproc-per-node", "1", "--nnodes", "2"], ["--nnodes 2 needs --rdzv-endpoint"]),
+    "nnodes-bad": (["--nproc-per-node", "1", "--nnodes", "4:2"], ["--nnodes '4:2'", "range (1:4)"]),
+    "endpoint-bad": (["--nproc-per-node", "1", "--nnodes", "2", "--rdzv-endpoint", "node0"], ["'node0'", "HOST:PORT"]),
+    "rdzv-id-alone": (["--nproc-per-node", "1", "--rdzv-id", "x"], ["--rdzv-id goes with --rdzv-endpoint"]),
+    "rdzv-id-bad": (["--nproc-per-node", "1", "--nnodes", "2", "--rdzv-endpoint", "h:1", "--rdzv-id", "a b"],
+                    ["--rdzv-id 'a b'"]),
+    "max-restarts-negative": (["--nproc-per-node", "1", "--max-restarts", "-1"], ["--max-restarts -1"]),
     "lr-zero": (["--lr", "0"], ["--lr", "> 0"]),
     "lr-negative": (["--lr", "-1"], ["--lr"]),
     "lr-nan": (["--lr", "nan"], ["--lr", "finite"]),

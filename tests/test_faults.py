@@ -146,10 +146,14 @@ def test_signal_to_one_worker_stops_every_rank_at_the_same_step(tmp_path, launch
 
 
 @pytest.mark.slow
-def test_elastic_restart_after_sigkill_finishes_with_the_same_weights(tmp_path):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_elastic_restart_after_sigkill_finishes_with_the_same_weights(tmp_path, launcher):
     reference = straight_run(tmp_path)
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=2",
-            "-m", "ddptrain", *LONG, "--out", "run"]
+    if launcher == "torchrun":
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                "--max-restarts=2", "-m", "ddptrain", *LONG, "--out", "run"]
+    else:  # the workers are forked again from the agent
+        args = LAUNCHERS[launcher](2, *LONG, "--max-restarts", "2", "--out", "run")
     proc = start(args, tmp_path)
     wait_for_steps(tmp_path / "run", 30, proc)
     victim = sorted(children(proc.pid))[1]
@@ -179,20 +183,26 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_agents_on_loopback_train_like_one_agent_with_two_processes(tmp_path):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_agents_on_loopback_train_like_one_agent_with_two_processes(tmp_path, launcher):
     short = LONG[:LONG.index("--epochs")] + ["--epochs", "2"] + LONG[LONG.index("--epochs") + 2:]
     single = subprocess.run(torchrun_cmd(2, *short, "--out", "one", "--quiet"), cwd=tmp_path, env=clean_env(),
                             capture_output=True, text=True, timeout=240)
     assert single.returncode == 0, single.stderr
     port = free_port()
-    agents = [start([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+    if launcher == "torchrun":
+        commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                      "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
-                     f"--node-rank={i}", "-m", "ddptrain", *short, "--out", "two", "--quiet"], tmp_path)
-              for i in range(2)]
+                     f"--node-rank={i}", "-m", "ddptrain", *short, "--out", "two", "--quiet"] for i in range(2)]
+    else:  # each machine runs the same command; the run folder is runs/run-<id> on both
+        commands = [LAUNCHERS[launcher](1, *short, "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                                        "--rdzv-id", "two-nodes", "--quiet")] * 2
+    agents = [start(command, tmp_path) for command in commands]
     for agent in agents:
         out, err = agent.communicate(timeout=240)
         assert agent.returncode == 0, err[-3000:]
-    a, b = weights(tmp_path / "one/checkpoints/last.pt"), weights(tmp_path / "two/checkpoints/last.pt")
+    two = tmp_path / ("two" if launcher == "torchrun" else "runs/run-two-nodes")
+    a, b = weights(tmp_path / "one/checkpoints/last.pt"), weights(two / "checkpoints/last.pt")
     assert same_weights(a, b)
 
 
