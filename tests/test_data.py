@@ -794,6 +794,7 @@ def test_the_index_of_a_shuffled_or_filtered_frame_is_dropped(tmp_path):
     assert roles[""] == "numeric"
 
 
+@pytest.mark.slow
 def test_cache_command_lists_prunes_and_clears_and_never_takes_what_is_in_use(tmp_path):
     """`ddptrain cache` lists each entry (kind, files, size, state); --prune removes the entries of files that
     changed; --clear the rest; an entry a job maps (its shared `.use` lock, held here by this process, as a running
@@ -894,6 +895,7 @@ def test_every_format_prepares_like_the_csv(ending, tmp_path):
     assert torch.equal(a.train.x, b.train.x) and torch.equal(a.train.y, b.train.y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, content, message", [
     ("t.csv.gz", b"\x1f\x8b\x08\x00garbage" * 50, "could not be decompressed"),
     ("t.jsonl", b'{"a": 1, "label": "x"}\n{"a": 2, "label": \n', "could not be read as JSON lines"),
@@ -912,6 +914,7 @@ def test_an_unreadable_file_of_any_format_is_one_line(name, content, message, tm
         assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_cache_clear_on_a_read_only_cache_is_one_line(tmp_path):
     """A cache on a read-only mount (another machine's, or a shared one): listing works, clearing says why not."""
     import json
