@@ -99,9 +99,9 @@ def report(exc: BaseException) -> int:
 
         record_error_file(exc, launch_env_lenient().error_file)
         if console.is_main:
-            console.err.print(f"note: rank {console.rank} stopped because another rank went away "
-                              f"({str(exc).splitlines()[0][-80:]}); that rank's own error, if it could print one, "
-                              "is above")
+            said = next(marker for marker in PEER_GONE if marker in str(exc).lower())  # is_peer_failure found one
+            console.err.print(f"note: rank {console.rank} stopped because another rank went away ({said}); that "
+                              "rank's own error, if it could print one, is above")
         # A peer killed by a signal says nothing: its launcher names it, if it sees that exit before this one
         # (its agent polls every 0.1 s and then ends the others).
         time.sleep(PEER_GONE_GRACE_S)
