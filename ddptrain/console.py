@@ -133,8 +133,9 @@ class RowProgress:
 
     PLAIN_EVERY_S = 5.0
 
-    def __init__(self, what: str, total: int | None) -> None:
-        self.what, self.total, self.rows = what, total, 0
+    def __init__(self, what: str, total: int | None, approximate: bool = False) -> None:
+        """`total`: the rows expected, if known; `approximate`: only an estimate (shown as ~N)."""
+        self.what, self.total, self.approximate, self.rows = what, total, approximate, 0
         self.enabled = console.is_main and not console.quiet
         self.started = self.last = time.perf_counter()
         self._progress: Progress | None = None
@@ -158,8 +159,9 @@ class RowProgress:
             console.line(self._line(speed))
 
     def _line(self, speed: float) -> str:
-        of = f" of {self.total:,}" if self.total else ""
-        left = f", {(self.total - self.rows) / speed:.0f} s left" if self.total and speed > 0 else ""
+        of = f" of {'~' if self.approximate else ''}{self.total:,}" if self.total else ""
+        remaining = max(0, self.total - self.rows) if self.total else 0
+        left = f", {'~' if self.approximate else ''}{remaining / speed:.0f} s left" if self.total and speed > 0 else ""
         return f"{self.what}: {self.rows:,}{of} rows, {speed:,.0f} rows/s{left}"
 
     def close(self, summary: bool = True) -> None:

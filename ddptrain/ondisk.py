@@ -69,7 +69,8 @@ def _stage(source: str, folder: Path) -> Table:
     shards: list[tuple[str, int]] = []
     integer: set[str] = set()
     rows = 0
-    progress = RowProgress(f"reading {source}", count_rows(source))
+    total, exact = count_rows(source) or (None, True)
+    progress = RowProgress(f"reading {source}", total, approximate=not exact)
     finished = False
     try:
         for piece in read_pieces(source, STAGE_PIECE_ROWS):

@@ -202,16 +202,39 @@ def read_pieces(path_str: str, rows: int) -> Iterator[Table]:
             yield from _csv_pieces(f, rows)
 
 
-def count_rows(path_str: str) -> int | None:
-    """The rows of a Parquet dataset from its files' metadata (no data read); None for other formats."""
+def count_rows(path_str: str) -> tuple[int, bool] | None:
+    """The dataset's rows, for progress: (n, True) from Parquet's metadata (no data read); (about n, False) for
+    text, judged from each file's first megabyte (decompressed); None where neither works (Feather, NPZ, a file
+    the reader will complain about)."""
     pa = _pyarrow()
-    files = shard_files(path_str)
-    if any(file_format(f)[0] != "parquet" for f in files):
-        return None
+    total, exact = 0, True
     try:
-        return sum(pa.parquet.ParquetFile(f).metadata.num_rows for f in files)
+        for f in shard_files(path_str):
+            fmt, compression = file_format(f)
+            if fmt == "parquet":
+                total += pa.parquet.ParquetFile(f).metadata.num_rows
+            elif fmt in TEXT_FORMATS:
+                total += max(0, _estimate_lines(f, compression) - (fmt != "jsonl"))  # less the header
+                exact = False
+            else:
+                return None
     except Exception:  # noqa: BLE001 -- a damaged file: the reader will say so
         return None
+    return total, exact
+
+
+def _estimate_lines(path: Path, compression: str | None) -> int:
+    """The file's lines: counted in its first megabyte (8 MB decompressed for a compressed file, whose reader takes
+    the file in chunks: the share read is known to a chunk), scaled by the share of the file those took (exact
+    when the sample is the whole file)."""
+    pa = _pyarrow()
+    size = path.stat().st_size
+    with pa.OSFile(str(path)) as raw:
+        stream = pa.CompressedInputStream(raw, compression) if compression else raw
+        sample = stream.read(8 << 20 if compression else 1 << 20)
+        consumed = raw.tell()
+    lines = sample.count(b"\n") + (bool(sample) and not sample.endswith(b"\n"))
+    return lines if consumed >= size or not sample else round(lines * size / max(consumed, 1))
 
 
 def _csv_pieces(path: Path, rows: int) -> Iterator[Table]:

@@ -742,6 +742,25 @@ def test_staging_reports_rows_as_it_reads(tmp_path, monkeypatch, capsys):
     assert lines[0].startswith(f"reading {source}: 50 of 200 rows, ") and lines[0].endswith(" s left")
     assert lines[-2].startswith(f"reading {source}: 200 of 200 rows")
     assert lines[-1].startswith(f"reading {source}: 200 rows in ")
+    # a text file's total is an estimate from its first megabyte, and says so
+    capsys.readouterr()
+    ondisk.stage_table(str(tmp_path / "t.csv"), tmp_path / "staged-csv")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"reading {tmp_path / 't.csv'}: 50 of ~200 rows, ") and lines[0].endswith(" s left")
+
+
+@pytest.mark.parametrize("ending", ["csv", "csv.gz", "jsonl.zst", "parquet"])
+def test_the_rows_of_a_big_file_are_estimated_within_a_few_percent(ending, tmp_path):
+    """For progress: Parquet's rows exactly (its metadata), a text file's (compressed too) from its first MB."""
+    import pyarrow.csv as pacsv
+
+    from ddptrain import tables
+
+    typed = pacsv.read_csv(real_table(tmp_path / "t.csv", rows=40_000), convert_options=tables._convert_options())
+    path = write_as(typed, tmp_path / f"big.{ending}")
+    rows, exact = tables.count_rows(str(path))
+    assert exact == (ending == "parquet")
+    assert rows == 40_000 if exact else abs(rows - 40_000) <= 0.05 * 40_000, rows
 
 
 def test_pieces_of_an_empty_or_damaged_parquet_file_are_refused_like_a_whole_read(tmp_path):
