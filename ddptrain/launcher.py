@@ -25,7 +25,7 @@ from ddptrain.errors import UsageError
 
 # what every worker imports, loaded once in the agent before it forks them
 WORKER_MODULES = ("torch", "torch._dynamo", "torch.nn.parallel", "torch.optim", "ddptrain.run", "pyarrow",
-                  "pyarrow.csv", "pyarrow.parquet")
+                  "pyarrow.csv", "pyarrow.parquet", "pyarrow.feather", "pyarrow.json")
 START_METHODS = ("fork", "spawn")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
