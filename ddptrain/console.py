@@ -133,16 +133,18 @@ class RowProgress:
 
     PLAIN_EVERY_S = 5.0
 
-    def __init__(self, what: str, total: int | None, approximate: bool = False) -> None:
-        """`total`: the rows expected, if known; `approximate`: only an estimate (shown as ~N)."""
+    def __init__(self, what: str, total: int | None, approximate: bool = False, stderr: bool = False) -> None:
+        """`total`: the rows expected, if known; `approximate`: only an estimate (shown as ~N); `stderr`: report
+        there (a command whose standard output is its result, such as `eval --json`)."""
         self.what, self.total, self.approximate, self.rows = what, total, approximate, 0
         self.enabled = console.is_main and not console.quiet
+        self.stream = console.err if stderr else console.out
         self.started = self.last = time.perf_counter()
         self._progress: Progress | None = None
-        if self.enabled and console.is_terminal:
+        if self.enabled and self.stream.is_terminal:
             self._progress = Progress(TextColumn(what), BarColumn(), TextColumn("{task.completed:,} rows"),
                                       TextColumn("{task.fields[speed]} rows/s"), TimeRemainingColumn(),
-                                      console=console.out, transient=True)
+                                      console=self.stream, transient=True)
             self._progress.start()
             self._task = self._progress.add_task(what, total=total, speed="-")
 
@@ -156,7 +158,7 @@ class RowProgress:
             self._progress.update(self._task, completed=self.rows, speed=f"{speed:,.0f}")
         elif now - self.last >= self.PLAIN_EVERY_S:
             self.last = now
-            console.line(self._line(speed))
+            self.stream.print(self._line(speed), markup=False)
 
     def _line(self, speed: float) -> str:
         of = f" of {'~' if self.approximate else ''}{self.total:,}" if self.total else ""
@@ -171,7 +173,7 @@ class RowProgress:
             self._progress = None
         if self.enabled and summary:
             seconds = time.perf_counter() - self.started
-            console.line(f"{self.what}: {self.rows:,} rows in {seconds:.1f} s")
+            self.stream.print(f"{self.what}: {self.rows:,} rows in {seconds:.1f} s", markup=False)
 
 
 def _number(value: float | None) -> str:

@@ -959,3 +959,21 @@ def test_cache_clear_on_a_read_only_cache_is_one_line(tmp_path):
     finally:
         subprocess.run(["umount", str(cache)], check=True)
     assert len(json.loads(cli("cache", "--json", cwd=tmp_path, env=env).stdout)["entries"]) == 1
+
+
+def test_eval_and_predict_report_their_reading_on_stderr(tmp_path, monkeypatch, capsys):
+    """Reading a file for eval/predict shows rows, rows/s and time left like fit's staging, on standard error:
+    standard output is the command's result (`eval --json` stays one JSON line)."""
+    from ddptrain.console import RowProgress, console
+    from ddptrain.evaluate import reported
+    from ddptrain.tables import read_pieces
+
+    monkeypatch.setattr(console, "quiet", False)
+    monkeypatch.setattr(RowProgress, "PLAIN_EVERY_S", 0.0)
+    source = str(real_table(tmp_path / "t.csv", rows=200))
+    capsys.readouterr()
+    assert sum(len(t) for t in reported(read_pieces(source, 50), source)) == 200
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert out == "" and lines[0].startswith(f"reading {source}: 50 of ~200 rows, ")
+    assert lines[-1].startswith(f"reading {source}: 200 rows in ")
