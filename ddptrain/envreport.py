@@ -32,9 +32,23 @@ def env_rows() -> list[tuple[str, str]]:
         ("gloo", str(torch_dist.is_gloo_available())), ("cpu count", str(os.cpu_count())),
         ("torch threads", str(torch.get_num_threads())),
         ("launcher variables", ", ".join(f"{k}={v}" for k, v in launcher.items()) or "none set"),
+        ("--nproc-per-node workers", _worker_start()),
         ("recommended launch", f"torchrun --standalone --nproc_per_node={nproc} -m ddptrain fit --data ..."
                                if gpus else "ddptrain fit --nproc-per-node 2 --data ... (CPU, Gloo)"),
     ]
+
+
+def _worker_start() -> str:
+    from ddptrain.errors import UsageError
+    from ddptrain.launcher import start_method
+
+    try:
+        method = start_method()
+    except UsageError as exc:
+        return str(exc)
+    return {"fork": "forked from the agent (one copy of torch a machine)",
+            "spawn": "spawned (fresh interpreters)"}[method] + (
+        " (DDPTRAIN_WORKER_START)" if os.environ.get("DDPTRAIN_WORKER_START") else "")
 
 
 def print_env() -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import clean_env, cli, epoch_rows
 
 from ddptrain.config import FitConfig
@@ -109,5 +110,10 @@ def test_tensorboard_events_hold_the_metrics(tmp_path):
 def test_env_report(tmp_path):
     result = cli("env", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for word in ("ddptrain", "torch", "python", "gloo", "cuda available", "recommended launch"):
+    for word in ("ddptrain", "torch", "python", "gloo", "cuda available", "recommended launch",
+                 "--nproc-per-node workers"):
         assert word in result.stdout
+    from ddptrain.envreport import env_rows
+
+    workers = dict(env_rows())["--nproc-per-node workers"]
+    assert workers.startswith("spawned" if torch.cuda.is_available() else "forked from the agent")
