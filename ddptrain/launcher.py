@@ -68,7 +68,8 @@ def strip_option(argv: list[str], name: str) -> list[str]:
 
 
 def start_method() -> str:
-    """fork, unless CUDA devices may be here (a CUDA build and a /dev/nvidia* device) or the user asks for spawn."""
+    """fork, unless CUDA devices may be here (a CUDA or ROCm build, and /dev/nvidia* or /dev/kfd) or the user asks
+    otherwise (DDPTRAIN_WORKER_START)."""
     import torch
 
     asked = os.environ.get("DDPTRAIN_WORKER_START", "")
@@ -77,7 +78,10 @@ def start_method() -> str:
             raise UsageError(f"DDPTRAIN_WORKER_START={asked!r} is not one of {', '.join(START_METHODS)}")
         return asked
     gpu_build = torch.version.cuda is not None or torch.version.hip is not None
-    devices = os.path.isdir("/dev") and any(name.startswith(("nvidia", "kfd")) for name in os.listdir("/dev"))
+    try:
+        devices = any(name.startswith(("nvidia", "kfd")) for name in os.listdir("/dev"))
+    except OSError:  # no /dev to read: assume devices rather than risk a fork
+        devices = True
     return "spawn" if gpu_build and devices else "fork"
 
 
