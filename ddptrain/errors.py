@@ -88,11 +88,11 @@ def report(exc: BaseException) -> int:
         return exc.exit_code
     if debug_requested():
         traceback.print_exc()
-    if isinstance(exc, DDPTrainError):
-        say(str(exc), exc, local=exc.local)
+    if isinstance(exc, DDPTrainError):  # an interruption reached every rank: no rank to name
+        say(str(exc), exc, local=exc.local, prefix=False if isinstance(exc, Interrupted) else None)
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt) or is_a(exc, "Abort"):
-        say("interrupted", exc, local=True)
+        say("interrupted", exc, local=True, prefix=False)  # every rank was: no rank to name
         return EXIT_INTERRUPTED
     if is_peer_failure(exc):  # another rank failed first and reported its own error
         from ddptrain.launchenv import launch_env_lenient
