@@ -80,58 +80,15 @@ def fit(ctx: typer.Context, nproc_per_node: Optional[int], nnodes: Optional[str]
     if print_config:
         console.out.print(to_toml(cfg), markup=False, end="")
         return
-    launch = _launch(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, max_restarts)
-    if launch is not None:
-        from ddptrain.launcher import LAUNCH_OPTIONS, launch_local, strip_option
+    if max_restarts or any(value is not None for value in (nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)):
+        from ddptrain.launcher import Launch, launch_local
 
-        argv = sys.argv[sys.argv.index("fit") + 1:]
-        for name in LAUNCH_OPTIONS:
-            argv = strip_option(argv, name)
-        if cfg.out is None and launch.endpoint is None:  # on several nodes, runs/run-<rendezvous id> on each
-            from ddptrain.launchenv import launch_env
-            from ddptrain.rundir import default_out
-
-            argv += ["--out", str(default_out(launch_env()))]
-        raise typer.Exit(launch_local(launch, argv, started_at))
+        launch = Launch.checked(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, max_restarts)
+        raise typer.Exit(launch_local(launch, sys.argv[sys.argv.index("fit") + 1:], cfg.out is None, started_at))
     from ddptrain.run import fit as run_fit
 
     run_fit(cfg, started_at)
 
-
-
-def _launch(nproc: Optional[int], nnodes: Optional[str], endpoint: Optional[str], run_id: Optional[str],
-            max_restarts: int) -> Any:
-    """The launcher's settings, checked; None to run in this process (alone, or as a worker of torchrun's)."""
-    if nproc is None:
-        given = [flag for flag, value in (("--nnodes", nnodes), ("--rdzv-endpoint", endpoint), ("--rdzv-id", run_id),
-                                          ("--max-restarts", max_restarts or None)) if value is not None]
-        if given:
-            raise UsageError(f"{given[0]} starts workers: give --nproc-per-node N with it")
-        return None
-    from ddptrain.launcher import Launch
-
-    if nproc < 1:
-        raise UsageError(f"--nproc-per-node {nproc} must be at least 1")
-    if max_restarts < 0:
-        raise UsageError(f"--max-restarts {max_restarts} must be 0 or more")
-    counts = (nnodes or "1").split(":")
-    if not (1 <= len(counts) <= 2 and all(c.isdigit() and int(c) >= 1 for c in counts)
-            and int(counts[0]) <= int(counts[-1])):
-        raise UsageError(f"--nnodes {nnodes!r} must be a node count (2) or a range (1:4)")
-    if endpoint is None:
-        if counts != ["1"]:
-            raise UsageError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every node (the "
-                             "first node's address and a free port)")
-        if run_id is not None:
-            raise UsageError("--rdzv-id goes with --rdzv-endpoint")
-        return Launch(nproc, max_restarts=max_restarts)
-    host, _, port = endpoint.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--rdzv-endpoint {endpoint!r} must be HOST:PORT (e.g. node0:29500)")
-    if run_id is not None and not run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise UsageError(f"--rdzv-id {run_id!r} must be letters, digits, '-', '_' or '.' (a job id)")
-    return Launch(nproc, nnodes or "1", endpoint, run_id or f"ddptrain-{host}-{port}".replace(":", "-"),
-                  max_restarts)
 
 
 def _setting_option(f: dataclasses.Field) -> Parameter:
@@ -305,7 +262,8 @@ def cache_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """List the prepared-table cache (size, last use, the files each entry was built from), or empty it."""
-    from ddptrain.cachefolder import cache_command as run, default_cache_dir
+    from ddptrain.cachefolder import cache_command as run
+    from ddptrain.cachefolder import default_cache_dir
 
     if prune and clear:
         raise UsageError("--prune and --clear do not go together: --clear removes the stale entries too")

@@ -36,6 +36,7 @@ class DDPTrainError(Exception):
     """
 
     exit_code = EXIT_RUNTIME
+    names_rank: bool | None = None  # whether the line names the rank: None, when it is `local` to this rank
 
     def __init__(self, message: str, local: bool = False) -> None:
         super().__init__(message)
@@ -58,6 +59,7 @@ class Interrupted(DDPTrainError):
     """Ctrl-C during a command that writes a file: the partial file is removed and the message says so."""
 
     exit_code = EXIT_INTERRUPTED
+    names_rank = False  # a Ctrl-C reaches every rank: none to name
 
     def __init__(self, message: str) -> None:
         super().__init__(message, local=True)
@@ -88,12 +90,11 @@ def report(exc: BaseException) -> int:
         return exc.exit_code
     if debug_requested():
         traceback.print_exc()
-    if isinstance(exc, DDPTrainError):  # an interruption reached every rank: no rank to name
-        say(str(exc), exc, local=exc.local, prefix=False if isinstance(exc, Interrupted) else None)
-        return exc.exit_code
     if isinstance(exc, KeyboardInterrupt) or is_a(exc, "Abort"):
-        say("interrupted", exc, local=True, prefix=False)  # every rank was: no rank to name
-        return EXIT_INTERRUPTED
+        exc = Interrupted("interrupted")
+    if isinstance(exc, DDPTrainError):
+        say(str(exc), exc, local=exc.local, prefix=exc.names_rank)
+        return exc.exit_code
     if is_peer_failure(exc):  # another rank failed first and reported its own error
         from ddptrain.launchenv import launch_env_lenient
 

@@ -17,7 +17,7 @@ from ddptrain import atomic
 from ddptrain.cache import PreparedRows, cached_rows
 from ddptrain.checkpoint import describe, inference_model, load_checkpoint
 from ddptrain.config import FitConfig
-from ddptrain.console import RowProgress, console
+from ddptrain.console import console
 from ddptrain.data import (
     DataSpec,
     Split,
@@ -31,9 +31,10 @@ from ddptrain.data import (
 from ddptrain.dist import all_reduce_sum, process_group
 from ddptrain.errors import DDPTrainError, Interrupted
 from ddptrain.metrics import evaluation_sums, metrics_from_sums
+from ddptrain.ondisk import read_with_progress
 from ddptrain.optim import build_loss
 from ddptrain.signals import sigterm_as_interrupt
-from ddptrain.tables import MixedTypes, Table, count_rows, label_text, looks_like_path, read_pieces
+from ddptrain.tables import MixedTypes, Table, label_text, looks_like_path
 
 PREDICT_CHUNK = 65536  # rows of a piece when eval and predict read a file
 T = TypeVar("T")
@@ -56,24 +57,10 @@ def read_in_pieces(cfg: FitConfig, source: str, seed: int | None, consume: Calla
     if not looks_like_path(source):
         return consume(whole())
     try:
-        return consume(reported(read_pieces(source, PREDICT_CHUNK), source))
+        return consume(read_with_progress(source, PREDICT_CHUNK, stderr=True))
     except MixedTypes:
         restart()
         return consume(whole())
-
-
-def reported(pieces: Iterable[Table], source: str) -> Iterator[Table]:
-    """The pieces, with rows read, rows/s and time left on rank 0's standard error (its output is the result)."""
-    total, exact = count_rows(source) or (None, True)
-    progress = RowProgress(f"reading {source}", total, approximate=not exact, stderr=True)
-    done = False
-    try:
-        for table in pieces:
-            progress.advance(len(table))
-            yield table
-        done = True
-    finally:
-        progress.close(summary=done)
 
 
 def prepared_rows(cfg: FitConfig, spec: DataSpec, source: str, purpose: str,

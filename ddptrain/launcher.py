@@ -43,6 +43,38 @@ class Launch:
     run_id: str = ""
     max_restarts: int = 0
 
+    @classmethod
+    def checked(cls, nproc: int | None, nnodes: str | None, endpoint: str | None, run_id: str | None,
+                max_restarts: int) -> Launch:
+        """From `fit`'s flags, each checked (a usage error names the flag and the fix)."""
+        if nproc is None:
+            flag = next(flag for flag, value in (("--nnodes", nnodes), ("--rdzv-endpoint", endpoint),
+                                                 ("--rdzv-id", run_id), ("--max-restarts", max_restarts or None))
+                        if value is not None)
+            raise UsageError(f"{flag} starts workers: give --nproc-per-node N with it")
+        if nproc < 1:
+            raise UsageError(f"--nproc-per-node {nproc} must be at least 1")
+        if max_restarts < 0:
+            raise UsageError(f"--max-restarts {max_restarts} must be 0 or more")
+        counts = (nnodes or "1").split(":")
+        if not (1 <= len(counts) <= 2 and all(c.isdigit() and int(c) >= 1 for c in counts)
+                and int(counts[0]) <= int(counts[-1])):
+            raise UsageError(f"--nnodes {nnodes!r} must be a node count (2) or a range (1:4)")
+        if endpoint is None:
+            if counts != ["1"]:
+                raise UsageError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every node (the "
+                                 "first node's address and a free port)")
+            if run_id is not None:
+                raise UsageError("--rdzv-id goes with --rdzv-endpoint")
+            return cls(nproc, max_restarts=max_restarts)
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(f"--rdzv-endpoint {endpoint!r} must be HOST:PORT (e.g. node0:29500)")
+        if run_id is not None and not run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise UsageError(f"--rdzv-id {run_id!r} must be letters, digits, '-', '_' or '.' (a job id)")
+        return cls(nproc, nnodes or "1", endpoint, run_id or f"ddptrain-{host}-{port}".replace(":", "-"),
+                   max_restarts)
+
     def torchrun_args(self) -> list[str]:
         common = [f"--nproc-per-node={self.nproc}", f"--max-restarts={self.max_restarts}"]
         if self.endpoint is None:
@@ -85,8 +117,24 @@ def start_method() -> str:
     return "spawn" if gpu_build and devices else "fork"
 
 
-def launch_local(launch: Launch, fit_argv: list[str], started_at: float) -> int:
-    """Run `ddptrain fit ...` on this node's workers; return the job's exit code."""
+def worker_argv(launch: Launch, fit_argv: list[str], default_out: bool) -> list[str]:
+    """The workers' `fit` arguments: this command's, less the launcher's flags, with the run folder named here
+    when it is the default (alone on a machine the workers' own default would be a timestamp each; on several
+    machines it is runs/run-<rendezvous id>, the same on every one)."""
+    for name in LAUNCH_OPTIONS:
+        fit_argv = strip_option(fit_argv, name)
+    if default_out and launch.endpoint is None:
+        from ddptrain.launchenv import launch_env
+        from ddptrain.rundir import default_out as default_folder
+
+        fit_argv = [*fit_argv, "--out", str(default_folder(launch_env()))]
+    return fit_argv
+
+
+def launch_local(launch: Launch, fit_argv: list[str], default_out: bool, started_at: float) -> int:
+    """Run `ddptrain fit ...` (`fit_argv`: this command's arguments after `fit`) on this node's workers; return
+    the job's exit code."""
+    fit_argv = worker_argv(launch, fit_argv, default_out)
     # torchrun's own default for several workers, set before torch loads (OpenMP reads it then), and here so it
     # does not print a warning about it
     os.environ.setdefault("OMP_NUM_THREADS", "1")

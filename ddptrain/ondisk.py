@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -61,6 +61,22 @@ def stage_table(source: str, folder: Path) -> Table:
         return read_table(source)
 
 
+def read_with_progress(source: str, rows: int, stderr: bool = False) -> Iterator[Table]:
+    """`read_pieces`, showing rows read, rows/s and time left on rank 0 (Parquet's total from its metadata, a text
+    file's estimated), and a summary line once the file is read. `stderr`: for a command whose output is its
+    result (`eval --json`)."""
+    total, exact = count_rows(source) or (None, True)
+    progress = RowProgress(f"reading {source}", total, approximate=not exact, stderr=stderr)
+    done = False
+    try:
+        for piece in read_pieces(source, rows):
+            progress.advance(len(piece))
+            yield piece
+        done = True
+    finally:
+        progress.close(summary=done)
+
+
 def _stage(source: str, folder: Path) -> Table:
     folder.mkdir(parents=True, exist_ok=True)
     first: Table | None = None
@@ -69,11 +85,9 @@ def _stage(source: str, folder: Path) -> Table:
     shards: list[tuple[str, int]] = []
     integer: set[str] = set()
     rows = 0
-    total, exact = count_rows(source) or (None, True)
-    progress = RowProgress(f"reading {source}", total, approximate=not exact)
-    finished = False
+    pieces = read_with_progress(source, STAGE_PIECE_ROWS)
     try:
-        for piece in read_pieces(source, STAGE_PIECE_ROWS):
+        for piece in pieces:
             if first is None:
                 first, integer = piece, set(piece.integer)
                 for j, kind in enumerate(piece.kinds):
@@ -93,10 +107,8 @@ def _stage(source: str, folder: Path) -> Table:
                 else:
                     in_memory[j].append(col)
             rows += len(piece)
-            progress.advance(len(piece))
-        finished = True
     finally:
-        progress.close(summary=finished)
+        pieces.close()  # a failed read stops its progress at once, without the summary line
         for handle in files.values():
             handle.close()
     if first is None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import real_table
+
 from ddptrain.config import FitConfig
 from ddptrain.data import epoch_indices, eval_shard, infer_task, prepare_fit_data
 
@@ -822,7 +822,7 @@ def test_cache_command_lists_prunes_and_clears_and_never_takes_what_is_in_use(tm
     import json
     import os
 
-    from conftest import cli, clean_env
+    from conftest import clean_env, cli
 
     env = clean_env(XDG_CACHE_HOME=str(tmp_path / "xdg"))
     cache = tmp_path / "xdg" / "ddptrain"
@@ -879,7 +879,7 @@ def test_a_running_job_keeps_its_cache_entry_through_cache_clear(tmp_path):
     import sys
     import time
 
-    from conftest import cli, clean_env
+    from conftest import clean_env, cli
 
     env = clean_env(XDG_CACHE_HOME=str(tmp_path / "xdg"))
     data = real_table(tmp_path / "a.csv", rows=2000)
@@ -940,7 +940,7 @@ def test_cache_clear_on_a_read_only_cache_is_one_line(tmp_path):
     import os
     import subprocess
 
-    from conftest import cli, clean_env, error_lines
+    from conftest import clean_env, cli, error_lines
 
     env = clean_env(XDG_CACHE_HOME=str(tmp_path / "xdg"))
     data = real_table(tmp_path / "a.csv")
@@ -964,15 +964,16 @@ def test_cache_clear_on_a_read_only_cache_is_one_line(tmp_path):
 def test_eval_and_predict_report_their_reading_on_stderr(tmp_path, monkeypatch, capsys):
     """Reading a file for eval/predict shows rows, rows/s and time left like fit's staging, on standard error:
     standard output is the command's result (`eval --json` stays one JSON line)."""
+    from ddptrain import evaluate
     from ddptrain.console import RowProgress, console
-    from ddptrain.evaluate import reported
-    from ddptrain.tables import read_pieces
 
     monkeypatch.setattr(console, "quiet", False)
     monkeypatch.setattr(RowProgress, "PLAIN_EVERY_S", 0.0)
+    monkeypatch.setattr(evaluate, "PREDICT_CHUNK", 50)
     source = str(real_table(tmp_path / "t.csv", rows=200))
     capsys.readouterr()
-    assert sum(len(t) for t in reported(read_pieces(source, 50), source)) == 200
+    rows = evaluate.read_in_pieces(FitConfig(), source, None, lambda tables: sum(len(t) for t in tables))
+    assert rows == 200
     out, err = capsys.readouterr()
     lines = err.splitlines()
     assert out == "" and lines[0].startswith(f"reading {source}: 50 of ~200 rows, ")
