@@ -12,7 +12,7 @@ import random
 import re
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,7 @@ from ddptrain.config import RESUME_FIXED, FitConfig
 from ddptrain.console import console
 from ddptrain.data import DataSpec
 from ddptrain.errors import DDPTrainError, UsageError
-from ddptrain.model import ModelSpec, build_model, parameter_count
+from ddptrain.model import Ensemble, ModelSpec, build_model, parameter_count
 from ddptrain.optim import (
     build_scheduler,
     load_optimizer,
@@ -58,11 +58,16 @@ class Position:
     best_epoch: int = -1
     bad_epochs: int = 0
     skipped_steps: int = 0
+    # bagging: each member's best held-out loss (NaN: none yet), its epoch, and its epochs since
+    member_best: list[float] = field(default_factory=list)
+    member_best_epoch: list[int] = field(default_factory=list)
+    member_bad_epochs: list[int] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Position:
         ints = {f.name for f in fields(cls) if f.type == "int"}
-        return cls(**{k: int(v) if k in ints else v for k, v in d.items()})
+        int_lists = {f.name for f in fields(cls) if f.type == "list[int]"}
+        return cls(**{k: int(v) if k in ints else [int(i) for i in v] if k in int_lists else v for k, v in d.items()})
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -180,6 +185,14 @@ def check_contents(state: dict[str, Any], path: Path) -> None:
         if key not in known:
             raise bad(f"its position has an unknown entry '{key}'")
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if known[key].startswith("list"):
+            members = model_spec.members if value else 0
+            whole = known[key] == "list[int]"
+            if not (isinstance(value, list) and len(value) == members and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and (not whole or v == int(v) and v >= -1)
+                    for v in value)):
+                raise bad(f"position.{key} is {value!r}, not {members or 'no'} numbers (one per member)")
+            continue
         if known[key] == "int" and not (number and value == int(value) and value >= (-1 if key == "best_epoch" else 0)):
             raise bad(f"position.{key} is {value!r}, not a non-negative integer")
         if known[key] != "int" and not (number or (value is None and key == "best")):
@@ -305,6 +318,8 @@ def inference_model(state: dict[str, Any], device: torch.device,
     spec = DataSpec.from_dict(state["data_spec"])
     model = build_model(ModelSpec.from_dict(state["model_spec"]))
     model.load_state_dict(state["model"])
+    if isinstance(model, Ensemble):
+        model.use_best()  # every member at its best epoch
     cfg_values = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()
                   if k in FitConfig.__dataclass_fields__}
     try:

@@ -47,14 +47,16 @@ Precision fp32 bf16 fp16
 CommHook none fp16 bf16 powersgd
 MonitorMode auto min max
 NanPolicy stop skip
-Monitor auto val_loss val_accuracy val_rmse val_mae val_r2 train_loss
+Monitor auto val_loss val_accuracy val_auc val_log_loss val_f1 val_balanced_accuracy val_rmse val_mae val_r2 train_loss
+ClassWeight none balanced
 Shuffle auto exact block
 """
 (Task, Activation, Norm, Optimizer, Scheduler, Loss, Backend, Device, Precision, CommHook, MonitorMode, NanPolicy,
- Monitor, Shuffle) = (_choice(*line.split(maxsplit=1)) for line in CHOICE_VALUES.strip().splitlines())
+ Monitor, ClassWeight, Shuffle) = (_choice(*line.split(maxsplit=1)) for line in CHOICE_VALUES.strip().splitlines())
 
 DEFAULT_VAL_FRACTION, VALIDATE_FROM_ROWS = 0.2, 1000
 DEFAULT_EPOCHS, MIN_DEFAULT_STEPS = 20, 250
+DEFAULT_PATIENCE = 5
 BLOCK_SHUFFLE_BYTES = 10 ** 9
 DATA, MODEL, OPTIM, DIST, RUN = "Data", "Model", "Optimization", "Distributed", "Run folder and logging"
 
@@ -107,6 +109,11 @@ class FitConfig:
         None, "Width of every categorical column's embedding (default: min(600, 1.6 * levels ** 0.56)).", MODEL,
         fixed=True)
     dropout: float = setting(0.0, 'Dropout probability after each hidden layer.', MODEL, fixed=True)
+    bagging: str = setting(
+        "auto", "k-fold bagging: K models, each trained on all training rows but one fold and early-stopped on that "
+                "fold; predictions are their average, and the out-of-fold score is the run's validation figure. A "
+                "member count (2 to 32), off, or auto: 5 for a table file under 1,000 rows without validation rows, "
+                "else off.", MODEL, fixed=True)
     numeric_bins: int | None = setting(
         None, "Piecewise-linear pieces per numeric column, cut at the training rows' quantiles, fed to the first "
               "layer beside the number itself (0: the number alone; default: for a table file under 1,000 rows, 0 or "
@@ -128,6 +135,10 @@ class FitConfig:
         None, 'Steps between decays of --scheduler step (default: a third of the run).', OPTIM, fixed=True)
     lr_gamma: float = setting(0.1, 'Decay factor of --scheduler step.', OPTIM, fixed=True)
     loss: str = setting("auto", 'Loss (auto: cross-entropy or MSE by task).', OPTIM, choices=Loss, fixed=True)
+    class_weight: str = setting(
+        "none", "Classification: balanced weighs each class's rows by rows / (classes x that class's rows), so "
+                "every class counts alike in the loss (for imbalanced targets; scikit-learn's 'balanced').", OPTIM,
+        choices=ClassWeight, fixed=True)
     seed: int = setting(0, 'Seed of data generation, split, data order and initial weights.', OPTIM, fixed=True)
     epochs: int | None = setting(
         None, f"Epochs to train (default: {DEFAULT_EPOCHS}, or for a small table as many as make {MIN_DEFAULT_STEPS} "
@@ -168,8 +179,10 @@ class FitConfig:
     monitor: str = setting(
         "auto", 'Metric for best.pt and early stopping (auto: val_loss, or train_loss without validation). Under torchrun spell it --monitor-metric (torchrun mistakes --monitor for its --monitor-interval).', RUN, choices=Monitor, flags=('--monitor', '--monitor-metric'))
     monitor_mode: str = setting(
-        "auto", 'Whether larger or smaller --monitor is better (auto: max for accuracy and r2).', RUN, choices=MonitorMode)
-    early_stop: int = setting(0, 'Stop after this many epochs without improvement (0: never).', RUN)
+        "auto", 'Whether larger or smaller --monitor is better (auto: max for accuracy, auc, f1, balanced accuracy and r2).', RUN, choices=MonitorMode)
+    early_stop: int | None = setting(
+        None, f"Stop after this many epochs without improvement of --monitor (0: never; default: "
+              f"{DEFAULT_PATIENCE} when there are validation rows, else never). best.pt keeps the best epoch.", RUN)
     quiet: bool = setting(False, 'Print only errors and the final summary.', RUN, flags=('--quiet/--no-quiet',))
     tensorboard: bool = setting(
         False, 'Also write TensorBoard events (tensorboard extra).', RUN, flags=('--tensorboard/--no-tensorboard',))
@@ -195,6 +208,7 @@ MAX_INT = 2**63 - 1  # what torch and numpy take as an integer
 MAX_SEED = MAX_INT
 MAX_WIDTH = 1_000_000
 MAX_BINS = 256  # --numeric-bins
+MAX_MEMBERS = 32  # --bagging
 MAX_BUILTIN_ROWS = 100_000_000
 
 
@@ -356,6 +370,8 @@ def validate(cfg: FitConfig) -> None:
         _check(value is None or value.strip() != "", f"{flag(name)} is empty; give a value or leave the flag out")
     _check(cfg.lr > 0, f"--lr {cfg.lr} must be a finite number > 0, e.g. --lr 0.001")
     _check(0 <= cfg.seed <= MAX_SEED, f"--seed {cfg.seed} must be an integer from 0 to {MAX_SEED} (2**63 - 1)")
+    _check(cfg.bagging in ("auto", "off") or (cfg.bagging.isascii() and cfg.bagging.isdigit() and 2 <= int(cfg.bagging) <= MAX_MEMBERS),
+           f"--bagging {cfg.bagging!r} must be a member count from 2 to {MAX_MEMBERS}, off or auto")
     _check(cfg.numeric_bins is None or 0 <= cfg.numeric_bins <= MAX_BINS, f"--numeric-bins {cfg.numeric_bins} must be from 0 to {MAX_BINS}")
     _check(0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)")
     _check(cfg.val_fraction is None or 0.0 <= cfg.val_fraction < 1.0, f"--val-fraction {cfg.val_fraction} must be in [0, 1) (0 turns validation off)")
@@ -366,7 +382,7 @@ def validate(cfg: FitConfig) -> None:
     _check(cfg.n_samples <= MAX_BUILTIN_ROWS, f"--n-samples {cfg.n_samples} must be at most {MAX_BUILTIN_ROWS:,} "
                                               "(built-in datasets are generated in memory)")
     for name in ("checkpoint_every", "keep_last", "early_stop", "warmup_steps"):
-        _check(getattr(cfg, name) >= 0, f"{flag(name)} {getattr(cfg, name)} must be 0 or more")
+        _check(getattr(cfg, name) is None or getattr(cfg, name) >= 0, f"{flag(name)} {getattr(cfg, name)} must be 0 or more")
     _check(cfg.batch_size is None or cfg.batch_size % cfg.grad_accum == 0,
            f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}; pick a multiple")
     # torch's DDP crashes (an internal assert) on no_sync() under static_graph, and once past that stops all-reducing:
@@ -436,6 +452,14 @@ def resolve_epochs(cfg: FitConfig, train_rows: int) -> FitConfig:
     return dataclasses.replace(cfg, epochs=max(DEFAULT_EPOCHS, math.ceil(MIN_DEFAULT_STEPS / steps)))
 
 
+def early_stop_patience(cfg: FitConfig, has_validation: bool) -> int:
+    """As given, or DEFAULT_PATIENCE epochs with validation rows (0, never, without: a training loss that stops
+    falling says nothing of overfitting)."""
+    if cfg.early_stop is not None:
+        return cfg.early_stop
+    return DEFAULT_PATIENCE if has_validation else 0
+
+
 def monitor_metric(cfg: FitConfig, has_validation: bool) -> str:
     """'auto' follows val_loss when there is validation data, else train_loss."""
     if cfg.monitor != "auto":
@@ -443,11 +467,14 @@ def monitor_metric(cfg: FitConfig, has_validation: bool) -> str:
     return "val_loss" if has_validation else "train_loss"
 
 
+LARGER_IS_BETTER = ("val_accuracy", "val_auc", "val_f1", "val_balanced_accuracy", "val_r2")
+
+
 def monitor_mode(cfg: FitConfig) -> str:
     """'auto' means larger is better for accuracy and R^2, smaller for losses and errors."""
     if cfg.monitor_mode != "auto":
         return cfg.monitor_mode
-    return "max" if cfg.monitor in ("val_accuracy", "val_r2") else "min"
+    return "max" if cfg.monitor in LARGER_IS_BETTER else "min"
 
 
 def to_toml(cfg: FitConfig) -> str:

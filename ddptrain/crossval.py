@@ -68,7 +68,7 @@ def _held_out_loss(cfg: FitConfig, data: FitData, bins: int, x: torch.Tensor, y:
     steps = len(x) // batch
     optimizer = build_optimizer(model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, steps * cfg.epochs)
-    loss_fn = build_loss(cfg, task)
+    loss_fn = build_loss(cfg, task, y, data.spec.n_outputs)
     squeeze = task == "regression"
     draw = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.epochs):

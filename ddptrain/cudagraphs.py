@@ -34,6 +34,8 @@ def blockers(cfg: FitConfig, world_size: int) -> list[str]:
         reasons.append("--precision fp16's GradScaler checks for overflow on the host each step (bf16 needs no scaler)")
     if cfg.grad_accum > 1:
         reasons.append("--grad-accum's micro-steps are not captured")
+    if cfg.bagging not in ("auto", "off"):
+        reasons.append("--bagging's per-row fold masks are not captured")
     if cfg.compile:
         reasons.append("--compile hands the step to torch.compile")
     if cfg.scheduler == "onecycle":

@@ -26,6 +26,7 @@ from ddptrain.preprocess import (
     Preprocessor,
     fit_preprocessor,
     infer_roles,
+    level_notes,
 )
 from ddptrain.tables import Table, looks_like_path, numeric_table, read_table
 
@@ -90,12 +91,13 @@ class DataSpec:
 class Split:
     x: torch.Tensor  # [rows, inputs] float32: standardized numbers, then category codes
     y: torch.Tensor | None  # class ids (int64) or standardized targets (float32); None when unlabelled
+    fold: torch.Tensor | None = None  # bagging: each training row's fold (int64; bagging.py)
 
     def __len__(self) -> int:
         return len(self.x)
 
     def to(self, device: torch.device) -> Split:
-        return Split(self.x.to(device), None if self.y is None else self.y.to(device))
+        return Split(*(None if t is None else t.to(device) for t in (self.x, self.y, self.fold)))
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,7 @@ def prepare_fit_data(cfg: FitConfig, workspace: Path | None = None) -> FitData:
                          "every row trains; hold some out with --val-fraction 0.2 or --val-data FILE")
         train_rows, val_rows = _split_rows(len(table), fraction, cfg.seed)
     pre = fit_preprocessor(table, roles, train_rows, cfg.embedding_dim)
+    notes += level_notes(table, roles, train_rows, cfg.embedding_dim)
     if task == "classification":
         y = encode_classes(table, target, classes, np.arange(len(table)))
         y_mean, y_std = 0.0, 1.0

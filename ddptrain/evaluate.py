@@ -137,8 +137,10 @@ def evaluate_checkpoint(path: Path, source: str, seed: int | None, as_json: bool
 
 
 def print_metrics(metrics: dict[str, Any], spec: DataSpec, path: Path, source: str) -> None:
-    keys = ["loss", "accuracy"] if spec.task == "classification" else ["loss", "mse", "rmse", "mae", "r2"]
-    rows = [("rows", f"{metrics['rows']:,}")] + [(key, f"{metrics[key]:.4f}") for key in keys]
+    keys = ["log_loss", "accuracy", "balanced_accuracy", "f1", "roc_auc"] if spec.task == "classification" \
+        else ["loss", "mse", "rmse", "mae", "r2"]
+    rows = [("rows", f"{metrics['rows']:,}")] + [(key, f"{metrics[key]:.4f}") for key in keys
+                                                 if metrics[key] is not None]
     console.table(f"ddptrain eval: {path} on {source}", rows, force=True)
     if spec.task != "classification":
         console.line(f"(mse, rmse, mae in the units of '{spec.target_name}'; loss in standardized units)", force=True)

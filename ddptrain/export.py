@@ -24,6 +24,7 @@ from torch import nn
 
 from ddptrain import atomic
 from ddptrain.checkpoint import inference_model, load_checkpoint
+from ddptrain.model import Ensemble
 from ddptrain.console import console
 from ddptrain.data import DataSpec
 from ddptrain.errors import DDPTrainError, UsageError
@@ -62,7 +63,8 @@ def export_checkpoint(path: Path, fmt: str, out: Path | None, opset: int, overwr
 def safetensors_bytes(state: dict[str, Any], model: nn.Module) -> bytes:
     """The model's weights by their state_dict names; metadata 'ddptrain' holds the model spec and data spec."""
     safetensors_torch = _require("safetensors.torch", "safetensors")
-    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()
+               if not (isinstance(model, Ensemble) and name.startswith("best_"))}  # in place already: no copies
     meta = {"format": "ddptrain-export", "version": 1, "model_spec": state["model_spec"],
             "data_spec": state["data_spec"], "layers": _layer_guide(model)}
     return safetensors_torch.save(tensors, metadata={"ddptrain": json.dumps(meta)})
@@ -70,6 +72,8 @@ def safetensors_bytes(state: dict[str, Any], model: nn.Module) -> bytes:
 
 def _layer_guide(model: nn.Module) -> list[str]:
     """What each numbered layer of the state_dict is, so another framework can rebuild the model."""
+    if isinstance(model, Ensemble):  # members.<m>.<i>; the average of their outputs is the prediction
+        return [f"members.{m}.{line}" for m, member in enumerate(model.members) for line in _layer_guide(member)]
     return [f"{i}: {type(layer).__name__}" for i, layer in enumerate(model)]
 
 

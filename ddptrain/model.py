@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ddptrain.config import MAX_BINS, Activation, Norm
+from ddptrain.config import MAX_BINS, MAX_MEMBERS, Activation, Norm
 
 ACTIVATIONS = {Activation.relu: nn.ReLU, Activation.gelu: nn.GELU, Activation.silu: nn.SiLU, Activation.tanh: nn.Tanh}
 NORMS = tuple(norm.value for norm in Norm)
@@ -24,6 +25,7 @@ class ModelSpec:
     norm: str = "none"
     embeddings: tuple[tuple[int, int], ...] = ()  # per categorical input: (levels, width)
     bins: int = 0  # piecewise-linear pieces per numeric input (0: the numbers alone)
+    members: int = 1  # >1: an ensemble of this many MLPs (k-fold bagging), averaged at inference
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -37,18 +39,19 @@ class ModelSpec:
                       "embeddings": tuple(tuple(e) for e in d.get("embeddings", ()))})
 
     @classmethod
-    def of(cls, cfg: Any, data_spec: Any, bins: int) -> ModelSpec:
+    def of(cls, cfg: Any, data_spec: Any, bins: int, members: int = 1) -> ModelSpec:
         """The MLP that `cfg` (a FitConfig) asks for over the inputs that `data_spec` (a DataSpec) prepares."""
         pre = data_spec.preprocessor
         return cls(pre.n_numeric, data_spec.n_outputs, cfg.hidden, cfg.activation, cfg.dropout, cfg.norm,
-                   pre.embeddings, bins)
+                   pre.embeddings, bins, members)
 
     def widths(self) -> str:
         """'first-hidden...-out', the first width after the numeric pieces and the embeddings join the inputs,
         with the pieces named: 'MLP 102-128-1 (16 pieces per number)'."""
         first = self.in_features * (1 + self.bins) + sum(w for _, w in self.embeddings)
         pieces = f" ({self.bins} pieces per number)" if self.bins and self.in_features else ""
-        return "-".join(str(w) for w in (first, *self.hidden, self.out_features)) + pieces
+        bagged = f" x {self.members} (bagged)" if self.members > 1 else ""
+        return "-".join(str(w) for w in (first, *self.hidden, self.out_features)) + pieces + bagged
 
     def check(self) -> None:
         """Raise ValueError if this spec (e.g. read from an edited checkpoint) cannot describe an MLP."""
@@ -70,6 +73,8 @@ class ModelSpec:
             raise ValueError(f"norm {self.norm!r} is not one of {', '.join(NORMS)}")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout {self.dropout!r} is not in [0, 1)")
+        if not (positive_int(self.members) and self.members <= MAX_MEMBERS):
+            raise ValueError(f"members {self.members!r} is not an integer from 1 to {MAX_MEMBERS}")
 
 
 class PiecewiseLinear(nn.Module):
@@ -119,7 +124,53 @@ class CategoricalEmbedding(nn.Module):
         return torch.cat(parts, dim=1)
 
 
-def build_model(spec: ModelSpec) -> nn.Sequential:
+class Ensemble(nn.Module):
+    """k MLPs of one spec (k-fold bagging, bagging.py). Training: every member's outputs, [rows, k, outputs], for
+    each member's loss on its own rows. Inference: their average, inside the module so that eval, predict and the
+    ONNX graph all see one model: class probabilities averaged (returned as their log, which softmax and argmax
+    read as logits), regression outputs averaged.
+
+    Each member's best epoch is kept as a flat buffer (`best_<i>`, in every checkpoint, so a resume is exact);
+    `use_best` puts those weights in place, which inference_model does on loading."""
+
+    def __init__(self, members: list[nn.Sequential], classification: bool) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.classification = classification
+        for i, member in enumerate(members):
+            self.register_buffer(f"best_{i}", nn.utils.parameters_to_vector(member.parameters()).detach().clone())
+
+    def member_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = self.member_outputs(x)
+        if self.training:
+            return outs
+        if self.classification:
+            return torch.logsumexp(torch.log_softmax(outs, dim=2), dim=1) - math.log(len(self.members))
+        return outs.mean(dim=1)
+
+    @torch.no_grad()
+    def keep_best(self, improved: list[bool]) -> None:
+        for i, (member, better) in enumerate(zip(self.members, improved)):
+            if better:
+                getattr(self, f"best_{i}").copy_(nn.utils.parameters_to_vector(member.parameters()))
+
+    @torch.no_grad()
+    def use_best(self) -> None:
+        for i, member in enumerate(self.members):
+            nn.utils.vector_to_parameters(getattr(self, f"best_{i}"), member.parameters())
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """One MLP (below), or `spec.members` of them as an Ensemble, each with its own initial weights."""
+    if spec.members == 1:
+        return build_mlp(spec)
+    return Ensemble([build_mlp(spec) for _ in range(spec.members)], classification=spec.out_features > 1)
+
+
+def build_mlp(spec: ModelSpec) -> nn.Sequential:
     """[numeric pieces] -> [categorical embeddings] -> Linear -> [norm] -> activation -> [dropout] per hidden width, then a linear head.
 
     An empty `hidden` gives a linear model. Batch norm is swapped for SyncBatchNorm by the DDP wrapper.
@@ -150,8 +201,11 @@ def build_fitted_model(spec: ModelSpec, train_x: torch.Tensor) -> nn.Sequential:
     """`build_model`, with the numeric pieces' edges fitted on the training rows (a resume loads its saved edges
     over them)."""
     model = build_model(spec)
-    if isinstance(model[0], PiecewiseLinear):
-        model[0].fit(train_x.numpy()[:, :spec.in_features])
+    mlps = list(model.members) if isinstance(model, Ensemble) else [model]
+    if isinstance(mlps[0][0], PiecewiseLinear):
+        mlps[0][0].fit(train_x.numpy()[:, :spec.in_features])
+        for mlp in mlps[1:]:  # the same edges for every member
+            mlp[0].load_state_dict(mlps[0][0].state_dict())
     return model
 
 

@@ -91,9 +91,50 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: FitConfig, total_step
     return lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
-def build_loss(cfg: FitConfig, task: str) -> nn.Module:
+class WeightedCrossEntropy(nn.Module):
+    """Cross-entropy with a weight per class, summed and divided by the rows (not by their weights, as torch's
+    weighted mean is): a rank's share of a batch then adds up to the whole batch's loss, so the gradient is the same
+    at every world size. Balanced weights average 1 over the training rows, so the loss keeps its usual scale."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, y, weight=self.weight.to(out.dtype), reduction="sum") / len(y)
+
+
+def per_row_loss(loss_fn: nn.Module, pred: torch.Tensor, y: torch.Tensor, weighted: bool = True) -> torch.Tensor:
+    """`loss_fn`'s loss of each row (no reduction); `weighted=False` leaves class weights out (the log loss)."""
+    functional = nn.functional
+    if isinstance(loss_fn, WeightedCrossEntropy):
+        return functional.cross_entropy(pred, y, weight=loss_fn.weight.to(pred.dtype) if weighted else None,
+                                        reduction="none")
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return functional.cross_entropy(pred, y, reduction="none")
+    if isinstance(loss_fn, nn.HuberLoss):
+        return functional.huber_loss(pred, y, reduction="none", delta=loss_fn.delta)
+    per_row = {nn.MSELoss: functional.mse_loss, nn.L1Loss: functional.l1_loss}[type(loss_fn)]
+    return per_row(pred, y, reduction="none")
+
+
+def balanced_weights(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """scikit-learn's 'balanced': rows / (classes x the class's rows); a class without training rows weighs 1."""
+    counts = torch.bincount(labels.cpu(), minlength=classes).double()
+    present = int((counts > 0).sum())
+    weight = torch.where(counts > 0, len(labels) / (present * counts.clamp(min=1)), torch.ones_like(counts))
+    return weight.float()
+
+
+def build_loss(cfg: FitConfig, task: str, train_labels: torch.Tensor | None = None, classes: int = 0) -> nn.Module:
+    """The training loss; with --class-weight balanced, weighed by `train_labels` (the training rows' class ids)."""
     name = cfg.loss if cfg.loss != "auto" else ("cross_entropy" if task == "classification" else "mse")
     if (name == "cross_entropy") != (task == "classification"):
         raise UsageError(f"--loss {name} does not fit a {task} task; use "
                          f"{'cross_entropy' if task == 'classification' else 'mse, huber or l1'} (or auto)")
+    if cfg.class_weight == "balanced":
+        if task != "classification":
+            raise UsageError("--class-weight balanced weighs classes; this run is regression: leave it out")
+        if train_labels is not None:
+            return WeightedCrossEntropy(balanced_weights(train_labels, classes))
     return LOSSES[Loss(name)]()

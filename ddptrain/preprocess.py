@@ -10,8 +10,10 @@ a constant or empty column), inferred from the table and overridden by --categor
   out, like a diamond 31.8 mm deep, would otherwise give a wild prediction; trees are flat there too), then
   standardization with the training mean and deviation;
 - datetime: year, month, day, day of week, day of year and elapsed days, each then as numeric;
-- categorical: a vocabulary of the training levels; levels rarer than RARE_COUNT share the "unknown" level, which
-  also takes levels never seen in training; missing cells have a level of their own. The codes travel in the same
+- categorical: a vocabulary of the training levels; levels rarer than `rare_count` (3 rows, or 0.1% of a long
+  table's training rows) share the "unknown" level, which also takes levels never seen in training; missing cells
+  have a level of their own; embeddings are at most EMBED_CAP wide; a text column whose distinct values number
+  half its rows or more is an ID and is dropped. The codes travel in the same
   float32 matrix as the numbers (exact below 2**24) and the model embeds them (model.py).
 """
 
@@ -28,7 +30,11 @@ from ddptrain.tables import Table
 
 ROLES = ("numeric", "categorical", "datetime", "dropped")
 DATE_PARTS = ("year", "month", "day", "dayofweek", "dayofyear", "elapsed_days")
-RARE_COUNT = 3  # a level seen fewer times in the training rows is "unknown"
+RARE_COUNT = 3  # a level seen fewer times in the training rows is "unknown" (rare_count: more on long tables)
+RARE_SHARE = 0.001  # on a long table: a level in fewer than this share of the training rows is rare
+EMBED_CAP = 8  # the widest embedding a categorical column gets by default (--embedding-dim sets every width)
+ID_SHARE = 0.5  # a text column with at least this many distinct values per present cell is an ID (dropped)
+MANY_LEVELS = 100  # a categorical column with this many levels gets a line in fit and describe
 UNKNOWN, MISSING, FIRST_LEVEL = 0, 1, 2  # the first two codes of every categorical column; known levels follow
 UNIQUE_MIN_ROWS = 20  # a text column unique in every row of a table this long is an ID or a name
 CHUNK_ROWS = 1 << 20  # rows per step of column work (transform, checks)
@@ -78,8 +84,30 @@ class ColumnPlan:
 
 
 def embedding_size(cardinality: int) -> int:
-    """fastai's rule of thumb for an embedding's width."""
-    return int(min(600, round(1.6 * cardinality ** 0.56)))
+    """fastai's rule of thumb for an embedding's width, capped at EMBED_CAP: uncapped, a 3,000-level column got a
+    139-wide embedding, most of the model's parameters, and the model learnt the levels by heart."""
+    return int(min(EMBED_CAP, round(1.6 * cardinality ** 0.56)))
+
+
+def rare_count(train_rows: int) -> int:
+    """How often a level must appear in the training rows to get an embedding of its own: RARE_COUNT, or a share
+    of the rows (RARE_SHARE) on a longer table. A level seen a handful of times in 40,000 rows can only be
+    learnt by heart; together with the other rare levels it is a level that generalises."""
+    return max(RARE_COUNT, math.ceil(train_rows * RARE_SHARE))
+
+
+def level_notes(table: Table, roles: list[ColumnRole], rows: np.ndarray, embedding_dim: int | None = None) -> list[str]:
+    """A line for each categorical column of many levels: how many get an embedding of their own among `rows`
+    (the training rows at fit; every row in describe), how many share the rare level."""
+    notes, least = [], rare_count(len(rows))
+    for r in roles:
+        if r.role != "categorical" or r.distinct < MANY_LEVELS:
+            continue
+        kept = len(_vocabulary(table, r.name, rows))
+        notes.append(f"column '{r.name}' has {r.distinct:,} levels: {kept:,} seen in {least:,} or more rows are "
+                     f"learnt, the other {r.distinct - kept:,} share one 'rare' level (embedding width "
+                     f"{embedding_dim or embedding_size(kept + FIRST_LEVEL)})")
+    return notes
 
 
 # -- roles ------------------------------------------------------------------------------------------------------
@@ -142,6 +170,9 @@ def _role(table: Table, name: str, kind: str, present: np.ndarray | None, distin
             return "numeric", f"numbers; {int(counts[~numbers].sum())} text cells are missing values"
     if kind == "text" and distinct == n and n >= UNIQUE_MIN_ROWS:
         return "dropped", "text unique in every row, like a name or an ID"
+    if kind == "text" and distinct >= ID_SHARE * n_present and n >= UNIQUE_MIN_ROWS:
+        return "dropped", (f"ID-like: {distinct:,} distinct values in {n_present:,} rows (most levels too rare to "
+                           "learn)")
     if kind in ("text", "bool"):
         return "categorical", "text" if kind == "text" else "true/false"
     if kind == "datetime":
@@ -316,7 +347,7 @@ def _vocabulary(table: Table, name: str, rows: np.ndarray) -> tuple[str, ...]:
     codes, texts = table.levels(name)
     picked = codes[rows]
     counts = np.bincount(picked[picked >= 0], minlength=len(texts))
-    return tuple(texts[i] for i in np.flatnonzero(counts >= RARE_COUNT))  # texts are sorted, so these are too
+    return tuple(texts[i] for i in np.flatnonzero(counts >= rare_count(len(rows))))  # texts are sorted, so these are too
 
 
 def _encode(table: Table, plan: ColumnPlan, rows: np.ndarray) -> tuple[np.ndarray, int]:

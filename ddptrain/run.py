@@ -23,13 +23,14 @@ from ddptrain.config import (
     resolve_val_fraction,
 )
 from ddptrain.console import console
+from ddptrain.bagging import assign_folds, members_of, resolve_members
 from ddptrain.crossval import resolve_numeric_bins
 from ddptrain.data import FitData, prepare_fit_data
 from ddptrain.dist import DistInfo, process_group
 from ddptrain.errors import UsageError
 from ddptrain.faults import InjectedFault
 from ddptrain.launchenv import launch_env
-from ddptrain.model import ModelSpec, build_fitted_model, parameter_count
+from ddptrain.model import Ensemble, ModelSpec, build_fitted_model, parameter_count
 from ddptrain.optim import build_loss, build_optimizer, build_scheduler
 from ddptrain.preprocess import plan_summary
 from ddptrain.rundir import (
@@ -107,8 +108,28 @@ def load_data(cfg: FitConfig, world_size: int, saved: dict[str, Any]) -> tuple[F
     cfg, how = resolve_numeric_bins(cfg, data, saved.get("numeric_bins"))
     if how:
         console.line(f"ddptrain fit: {how}")
+    cfg, data = resolve_bagging(cfg, data, saved)
     check_monitor(cfg, data)
     return cfg, data
+
+
+def resolve_bagging(cfg: FitConfig, data: FitData, saved: dict[str, Any]) -> tuple[FitConfig, FitData]:
+    """The config with --bagging decided (a resume of a run from before bagging existed keeps one model), and the
+    training rows with their folds when bagging."""
+    given = saved.get("bagging", "off") if saved else cfg.bagging
+    members = resolve_members(dataclasses.replace(cfg, bagging=given if cfg.bagging == "auto" else cfg.bagging),
+                              len(data.train), data.val is not None, looks_like_path(cfg.data))
+    cfg = dataclasses.replace(cfg, bagging=str(members) if members > 1 else "off")
+    if members == 1:
+        return cfg, data
+    if len(data.train) < 2 * members:
+        raise UsageError(f"--bagging {members} needs at least {2 * members} training rows, not {len(data.train)}; "
+                         "lower it or use --bagging off")
+    console.line(f"ddptrain fit: bagging: {members} models, each trained on {members - 1} of {members} folds of the "
+                 f"{len(data.train):,} training rows and early-stopped on the other; predictions average them "
+                 "(--bagging off trains one model)")
+    folds = assign_folds(len(data.train), members, cfg.seed)
+    return cfg, dataclasses.replace(data, train=dataclasses.replace(data.train, fold=folds))
 
 
 def prepare(cfg: FitConfig) -> FitData:
@@ -139,7 +160,8 @@ def resume_checkpoint_path(cfg: FitConfig, out: Path, restarted: bool) -> Path |
     return Path(cfg.resume) if cfg.resume else None
 
 
-TASK_MONITORS = {"classification": ("val_accuracy",), "regression": ("val_rmse", "val_mae", "val_r2")}
+TASK_MONITORS = {"classification": ("val_accuracy", "val_auc", "val_log_loss", "val_f1", "val_balanced_accuracy"),
+                 "regression": ("val_rmse", "val_mae", "val_r2")}
 
 
 def check_monitor(cfg: FitConfig, data: FitData) -> None:
@@ -160,7 +182,7 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    spec = ModelSpec.of(cfg, data.spec, cfg.numeric_bins)
+    spec = ModelSpec.of(cfg, data.spec, cfg.numeric_bins, members_of(cfg))
     model: nn.Module = build_fitted_model(spec, data.train.x)
     if cfg.norm == "batch" and dist.world_size > 1:
         if dist.device.type == "cuda":
@@ -183,7 +205,8 @@ def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir
     # Each rank draws its own dropout masks, from a stream fixed by (seed, rank).
     torch.manual_seed(cfg.seed + 1 + dist.rank)
     random.seed(cfg.seed + dist.rank)
-    return Parts(cfg, dist, ddp, forward, model, spec, optimizer, scheduler, scaler, build_loss(cfg, data.spec.task),
+    loss_fn = build_loss(cfg, data.spec.task, data.train.y, data.spec.n_outputs).to(dist.device)
+    return Parts(cfg, dist, ddp, forward, model, spec, optimizer, scheduler, scaler, loss_fn,
                  data.to_device(dist.device), run, fault, graphs=graphs)
 
 
@@ -195,6 +218,9 @@ def wrap_ddp(model: nn.Module, cfg: FitConfig, dist: DistInfo) -> DistributedDat
     wants_ddp = cfg.comm_hook != "none" or cfg.static_graph or cfg.bucket_cap_mb is not None
     if dist.world_size == 1 and not wants_ddp:
         return None
+    if isinstance(model, Ensemble):  # the members' best weights change at epoch ends alike on every rank
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [name for name, _ in model.named_buffers() if name.startswith("best_")])
     ddp = DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None,
                                   bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=True,
                                   static_graph=cfg.static_graph)
@@ -252,8 +278,16 @@ def print_summary(summary: dict[str, Any], out: Path, total_s: float) -> None:
     rows = [("epochs", str(summary["epochs"])), ("steps", str(summary["steps"]))]
     rows += [(key, f"{value:.4f}") for key, value in last.items()
              if key.startswith(("train_loss", "val_")) and isinstance(value, float)]
-    if summary["best"] is not None:
-        rows.append(("best", f"{summary['best']:.4f} (epoch {summary['best_epoch']})"))
+    final = summary["final"]
+    if summary["best"] is not None and not final:
+        rows.append((f"best {summary['monitor']}", f"{summary['best']:.4f} (epoch {summary['best_epoch']}: best.pt)"))
+    if final:
+        scores = ", ".join(f"{key.removeprefix('val_')} {value:.4f}" for key, value in final.items()
+                           if key.startswith("val_") and key != "val_log_loss")
+        rows.append((f"{final['validation']}, {final['members']} bagged models", scores))
+    if summary["stopped_early"]:
+        what = "no model's fold loss improved" if final else f"no better {summary['monitor']}"
+        rows.append(("stopped early", f"{what} in the last {summary['patience']} epochs (--early-stop)"))
     if "samples_per_s" in last:
         rows.append(("throughput (last epoch)", f"{last['samples_per_s']:,.0f} samples/s"))
     if summary["time_to_first_step_s"] is not None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ddptrain import checkpoint
 from ddptrain.checkpoint import Position
-from ddptrain.config import FitConfig, monitor_metric, monitor_mode
+from ddptrain.config import FitConfig, early_stop_patience, monitor_metric, monitor_mode
 from ddptrain.console import EpochProgress
 from ddptrain.cudagraphs import GraphedStep
 from ddptrain.data import FitData, epoch_indices
@@ -25,8 +25,9 @@ from ddptrain.dist import DistInfo, gather_objects
 from ddptrain.errors import DDPTrainError, Preempted
 from ddptrain.faults import InjectedFault
 from ddptrain.losswindow import LossWindow, WindowResult
+from ddptrain.bagging import bagged_loss, member_losses, track_members
 from ddptrain.metrics import evaluation_sums, metrics_from_sums, validation_row
-from ddptrain.model import ModelSpec
+from ddptrain.model import Ensemble, ModelSpec
 from ddptrain.readahead import ReadAhead
 from ddptrain.rundir import SilentRunDir
 from ddptrain.signals import StopRequest
@@ -73,12 +74,17 @@ class Trainer:
         self.no_sync = parts.ddp.no_sync if parts.ddp is not None else nullcontext  # bare module: nothing to hold back
         self.time_to_first_step: float | None = None
         self.reported_start = False
+        self.stopped_early = False
+        self.bagged = isinstance(parts.model, Ensemble)
+        self.members = len(parts.model.members) if self.bagged else 1
+        self.final: dict[str, Any] = {}
         self.graphed = GraphedStep(self._captured_step, lambda: parts.optimizer.zero_grad(set_to_none=True)) \
             if parts.graphs else None
 
     # -- one optimizer step -------------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on this rank's batch; returns its loss, detached, still on the device."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, fold: torch.Tensor | None = None) -> torch.Tensor:
+        """One optimizer step on this rank's batch (`fold`: its rows' folds when bagging); returns its loss
+        (bagging: the members' mean), detached, still on the device."""
         if self.graphed is not None:
             loss = self.graphed(x, y)
             if self.parts.scheduler is not None:  # on the host, outside the graph: it fills the rate tensor
@@ -86,29 +92,34 @@ class Trainer:
             return loss
         accum = self.parts.cfg.grad_accum
         if accum == 1:
-            loss = self._forward_backward(x, y, 1)
+            loss = self._forward_backward(x, y, 1, fold)
         else:
             losses = []
             for k in range(accum):
                 micro = slice(k * self.micro_batch, (k + 1) * self.micro_batch)
                 # Gradients are all-reduced only on the last micro-step (no_sync on the others).
                 with self.no_sync() if k < accum - 1 else nullcontext():
-                    losses.append(self._forward_backward(x[micro], y[micro], accum))
+                    losses.append(self._forward_backward(x[micro], y[micro], accum,
+                                                         None if fold is None else fold[micro]))
             loss = torch.stack(losses).sum()
         if not self._finish_step():
             self.position.skipped_steps += 1
             self.position.epoch_skipped_steps += 1
         return loss
 
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, accum: int) -> torch.Tensor:
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, accum: int,
+                          fold: torch.Tensor | None = None) -> torch.Tensor:
         p = self.parts
         with self.autocast:
             out = p.forward(x)
-            loss = p.loss_fn(out.squeeze(1) if self.regression else out, y)
+            if fold is None:
+                loss = p.loss_fn(out.squeeze(1) if self.regression else out, y)
+            else:
+                loss = bagged_loss(p.loss_fn, out, y, fold, self.regression)
         if accum > 1:
             loss = loss / accum
         (p.scaler.scale(loss) if p.scaler else loss).backward()
-        return loss.detach()
+        return loss.detach() / self.members
 
     def _captured_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The step that cudagraphs.GraphedStep captures: no host sync (cudagraphs.blockers rules out the settings
@@ -145,10 +156,13 @@ class Trainer:
         try:
             while self.position.epoch < self.parts.cfg.epochs:
                 if self.run_epoch():
-                    break  # early stop
+                    self.stopped_early = True
+                    break
         finally:
             self.parts.stop.uninstall()
             self.progress.close()
+        if self.bagged:
+            self.final = self.final_evaluation()
         return self.summary()
 
     def run_epoch(self) -> bool:
@@ -170,7 +184,8 @@ class Trainer:
                 ahead.before(step * self.rank_batch)
             idx = order[step * self.rank_batch:(step + 1) * self.rank_batch]
             # index_select, not train.x[idx]: the same rows, without advanced indexing's overhead (benchmarks/micro.py)
-            self.window.add(self.train_step(train.x.index_select(0, idx), train.y.index_select(0, idx)))
+            fold = train.fold.index_select(0, idx) if train.fold is not None else None
+            self.window.add(self.train_step(train.x.index_select(0, idx), train.y.index_select(0, idx), fold))
             pos.step_in_epoch, pos.global_step = step + 1, pos.global_step + 1
             if pos.global_step == 1:
                 self.time_to_first_step = time.perf_counter() - self.started_at
@@ -244,28 +259,68 @@ class Trainer:
             p.run.append(row)
             self.progress.update(row, result.step_in_epoch, self.steps_per_epoch)
 
-    def validate(self) -> dict[str, float]:
+    def validate(self) -> dict[str, Any]:
+        """The validation rows' metrics; when bagging, each member's loss on its own fold too and, without
+        validation rows, the out-of-fold metrics as the val_* ones."""
         p = self.parts
-        if p.data.val is None:
-            return {}
-        sums = evaluation_sums(p.model, p.data.val, p.data.spec, p.loss_fn, p.dist.rank, p.dist.world_size)
-        return validation_row(metrics_from_sums(sums, p.data.spec), p.data.spec)
+        row: dict[str, Any] = {}
+        if self.bagged:
+            row["member_val_loss"] = member_losses(p.model, p.data.train, p.loss_fn, self.regression, p.dist.rank,
+                                                   p.dist.world_size)
+        if p.data.val is not None or self.bagged:
+            split = p.data.val if p.data.val is not None else p.data.train
+            sums = evaluation_sums(p.model, split, p.data.spec, p.loss_fn, p.dist.rank, p.dist.world_size,
+                                   out_of_fold=p.data.val is None)
+            row.update(validation_row(metrics_from_sums(sums, p.data.spec), p.data.spec))
+        return row
 
     def track_best(self, row: dict[str, Any]) -> tuple[bool, bool]:
         """Decided from all-reduced metrics, hence identically on every rank."""
         cfg, pos = self.parts.cfg, self.position
+        if self.bagged:
+            return self.track_members(row)
+        patience = early_stop_patience(cfg, self.parts.data.val is not None)
         value = row.get(monitor_metric(cfg, self.parts.data.val is not None))
         if pos.epoch_skipped_steps == self.steps_per_epoch:  # nothing was learned: never the best epoch
             value = None
         if value is None or not math.isfinite(value):
             pos.bad_epochs += 1
-            return False, bool(cfg.early_stop) and pos.bad_epochs >= cfg.early_stop
-        better = pos.best is None or (value < pos.best if monitor_mode(cfg) == "min" else value > pos.best)
-        if better:
+            return False, bool(patience) and pos.bad_epochs >= patience
+        improved = self.better(value)
+        if improved:
             pos.best, pos.best_epoch, pos.bad_epochs = value, pos.epoch, 0
         else:
             pos.bad_epochs += 1
-        return better, bool(cfg.early_stop) and pos.bad_epochs >= cfg.early_stop
+        return improved, bool(patience) and pos.bad_epochs >= patience
+
+    def better(self, value: float) -> bool:
+        best = self.position.best
+        return best is None or (value < best if monitor_mode(self.parts.cfg) == "min" else value > best)
+
+    def track_members(self, row: dict[str, Any]) -> tuple[bool, bool]:
+        """Bagging: each member keeps its best epoch by its own fold's loss; best.pt is rewritten whenever one
+        improves (inference uses every member's best weights); the run stops early once none has improved for
+        the patience."""
+        improved = track_members(self.parts.model, row["member_val_loss"], self.position)
+        value = row.get(monitor_metric(self.parts.cfg, True))
+        if value is not None and math.isfinite(value) and self.better(value):
+            self.position.best, self.position.best_epoch = value, self.position.epoch
+        patience = early_stop_patience(self.parts.cfg, True)
+        return any(improved), bool(patience) and min(self.position.member_bad_epochs) >= patience
+
+    def final_evaluation(self) -> dict[str, Any]:
+        """Bagging, after the last epoch: every member's best weights in place, the out-of-fold metrics (without
+        validation rows) or the validation rows' metrics of that ensemble: the run's validation figure."""
+        p = self.parts
+        p.model.use_best()
+        split = p.data.val if p.data.val is not None else p.data.train
+        sums = evaluation_sums(p.model, split, p.data.spec, p.loss_fn, p.dist.rank, p.dist.world_size,
+                               out_of_fold=p.data.val is None)
+        row = {"kind": "final", "epoch": self.position.epoch, "members": self.members,
+               "validation": "validation rows" if p.data.val is not None else "out-of-fold",
+               **validation_row(metrics_from_sums(sums, p.data.spec), p.data.spec)}
+        p.run.append(row)
+        return row
 
     def preempted(self) -> None:
         raise Preempted(f"preempted by {self.parts.stop.signal_name or 'a signal on another rank'} at step "
@@ -287,4 +342,7 @@ class Trainer:
         pos = self.position
         return {"epochs": pos.epoch, "steps": pos.global_step, "best": pos.best, "best_epoch": pos.best_epoch + 1,
                 "time_to_first_step_s": self.time_to_first_step, "data_s": self.data_s, "last": self.last_metrics,
-                "skipped_steps": pos.skipped_steps}
+                "skipped_steps": pos.skipped_steps, "stopped_early": self.stopped_early,
+                "monitor": monitor_metric(self.parts.cfg, self.parts.data.val is not None or self.bagged),
+                "final": self.final, "patience": early_stop_patience(self.parts.cfg, self.parts.data.val is not None
+                                                                     or self.bagged)}
