@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ddptrain.datasets import BUILTIN
 from ddptrain.errors import DDPTrainError
 
 # a file's format from its name; the text formats may also be compressed
@@ -130,6 +131,11 @@ def numeric_table(path: str, names: list[str], columns: list[np.ndarray]) -> Tab
 
 
 def looks_like_path(spec: str) -> bool:
+    """Whether --data names files. A built-in dataset's bare name never does, whatever exists on disk (a folder
+    `spirals`, or the run folder `--out spirals` that rank 0 has just made, would otherwise shadow it on some ranks
+    and not others): `./spirals` is the path."""
+    if spec in BUILTIN:
+        return False
     return spec.lower().endswith(ENDINGS) or os.sep in spec or Path(spec).exists() or any(c in spec for c in "*?[")
 
 
@@ -141,6 +147,8 @@ def shard_files(spec: str) -> list[Path]:
             raise DDPTrainError(f"--data {spec}: no file matches the pattern; check it (quote it in the shell)")
         return files
     path = Path(spec)
+    if path.is_dir() and (path / "checkpoints").is_dir() and (path / "metrics.jsonl").is_file():
+        raise DDPTrainError(f"--data {spec} is a ddptrain run folder, not a table; pass the table's file or folder")
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if file_format(p)[0] in SHARD_FORMATS and p.is_file())
         if not files:

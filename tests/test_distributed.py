@@ -42,6 +42,32 @@ def test_loss_does_not_depend_on_world_size(tmp_path, shuffle):
 
 
 @pytest.mark.slow
+def test_a_bagged_small_table_trains_alike_on_1_and_2_processes(tmp_path):
+    """Bagging's folds, masked losses, per-member fold losses and out-of-fold metrics at world sizes 1 and 2 (the
+    forked workers of --nproc-per-node), and eval of the two checkpoints."""
+    from conftest import nproc_cmd, real_table
+
+    real_table(tmp_path / "train.csv", rows=240)
+    real_table(tmp_path / "test.csv", rows=40, seed=7)
+    args = ["--data", "train.csv", "--target", "label", "--epochs", "4", "--hidden", "16", "--early-stop", "0"]
+    one = cli("fit", *args, "--out", "ws1", cwd=tmp_path)
+    two = subprocess.run(nproc_cmd(2, "fit", *args, "--out", "ws2"), cwd=tmp_path, capture_output=True, text=True,
+                         timeout=240, env=clean_env())
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("bagging: 5 models") == 1
+    rows1, rows2 = epoch_rows(tmp_path / "ws1"), epoch_rows(tmp_path / "ws2")
+    assert len(rows1) == len(rows2) == 4
+    for a, b in zip(rows1, rows2):
+        for key in ("train_loss", "val_loss", "val_accuracy"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-4), (key, a[key], b[key])
+        assert all(math.isclose(x, y, rel_tol=1e-4) for x, y in zip(a["member_val_loss"], b["member_val_loss"]))
+    scores = [json.loads(cli("eval", f"ws{n}/checkpoints/best.pt", "--data", "test.csv", "--json",
+                             cwd=tmp_path).stdout) for n in (1, 2)]
+    assert math.isclose(scores[0]["loss"], scores[1]["loss"], rel_tol=1e-4)
+
+
+@pytest.mark.slow
 def test_nproc_per_node_launches_workers_on_free_ports(tmp_path):
     # two jobs at once on one machine: each gets its own rendezvous port
     args = ["fit", "--data", "xor", "--n-samples", "400", "--epochs", "2", "--nproc-per-node", "2", "--quiet"]
@@ -157,3 +183,19 @@ def test_a_real_table_trains_alike_on_1_and_2_processes_and_predicts_from_the_ra
     assert predicted.returncode == 0, predicted.stderr
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0] == "prediction,prob_high,prob_low" and len(lines) == 41
+
+
+@pytest.mark.slow
+def test_a_builtin_name_is_never_shadowed_by_a_folder_and_a_run_folder_is_never_data(tmp_path):
+    """`--data spirals --out spirals` under 2 processes: rank 0 makes the run folder `spirals` while rank 1 reads
+    `--data`; both must still take the built-in (a race that failed about one run in three). A folder of that
+    name made beforehand does not shadow it either, and a run folder given as --data is one error line."""
+    (tmp_path / "moons").mkdir()
+    for data in ("spirals", "moons"):
+        done = torchrun(2, "fit", "--data", data, "--out", data, "--epochs", "1", "--n-samples", "400", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "2 classes" in done.stdout
+    refused = cli("fit", "--data", "./spirals", "--out", "again", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert error_lines(refused.stderr) == ["error: --data ./spirals is a ddptrain run folder, not a table; pass the "
+                                           "table's file or folder"]

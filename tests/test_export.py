@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, clean_env, cli, error_lines, real_table
+from ddptrain.checkpoint import inference_model
 from ddptrain.config import FitConfig
 from ddptrain.errors import DDPTrainError, UsageError
 from ddptrain.evaluate import predict_to_csv
@@ -55,6 +56,7 @@ def test_onnx_classification_serves_the_same_labels_and_probabilities_as_predict
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     ckpt = trained(tmp_path)
+    assert torch.load(ckpt, weights_only=True)["model_spec"]["members"] == 5  # a small table: the graph averages 5
     before = digest(ckpt)
     out = export_checkpoint(ckpt, "onnx", None, 18, overwrite=False)
     assert out == ckpt.with_suffix(".onnx") and digest(ckpt) == before  # the checkpoint is only read
@@ -106,8 +108,11 @@ def test_safetensors_holds_the_weights_and_the_whole_preprocessing(tmp_path):
     out = export_checkpoint(ckpt, "safetensors", None, 18, overwrite=False)
     tensors = load_file(str(out))
     state = torch.load(ckpt, weights_only=True)
-    assert set(tensors) == set(state["model"])
-    for name, value in state["model"].items():
+    # a bagged model's weights as inference uses them: every member at its best epoch, no second copy
+    served_weights = {k: v for k, v in inference_model(state, torch.device("cpu"))[0].state_dict().items()
+                      if not k.startswith("best_")}
+    assert set(tensors) == set(served_weights) and len(served_weights) < len(state["model"])
+    for name, value in served_weights.items():
         np.testing.assert_array_equal(tensors[name], value.numpy())
     with safetensors.safe_open(str(out), framework="numpy") as handle:
         meta = json.loads(handle.metadata()["ddptrain"])

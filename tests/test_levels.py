@@ -1,0 +1,80 @@
+"""Categorical columns of many levels: rare levels share one, embeddings stay narrow, ID-like text is dropped, and
+fit and describe say so."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from ddptrain.config import FitConfig
+from ddptrain.data import prepare_fit_data
+from ddptrain.preprocess import EMBED_CAP, RARE_COUNT, RARE_SHARE, embedding_size, rare_count
+
+
+def many_levels(path, rows=6000, seed=0):
+    """A plane's tail number (3,000 of them, seen once to a few dozen times: nearly an ID), an airport (4 common
+    levels and 40 seen a handful of times), an order id unique in most rows, a number; the label follows the
+    number and the airport."""
+    rng = np.random.default_rng(seed)
+    airports = np.where(rng.random(rows) < 0.9, rng.choice(["JFK", "LGA", "EWR", "BOS"], rows),
+                        np.char.add("small-", rng.integers(0, 40, rows).astype(str)))
+    tails = np.char.add("N", (rng.zipf(1.3, rows) % 3000).astype(str))
+    order = np.char.add("order-", rng.permutation(rows * 2)[:rows].astype(str))
+    order[::10] = "order-0"  # not unique in every row: only the distinct-share rule catches it
+    delay = rng.normal(size=rows)
+    label = np.where(delay + (airports == "JFK") > 0.5, "late", "on time")
+    lines = ["tail,airport,order,delay,label"] + [f"{t},{a},{o},{d:.4f},{y}" for t, a, o, d, y in
+                                                 zip(tails, airports, order, delay, label)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_rare_levels_are_scaled_with_the_table():
+    assert rare_count(50) == RARE_COUNT and rare_count(1_000_000) == int(np.ceil(1_000_000 * RARE_SHARE))
+    assert rare_count(10_000) >= rare_count(5_000) >= RARE_COUNT
+
+
+def test_embeddings_are_capped_so_no_column_dominates():
+    assert embedding_size(4) == 3 and embedding_size(3000) == EMBED_CAP <= 16
+
+
+def test_a_many_level_column_keeps_only_levels_seen_often_and_an_id_is_dropped(tmp_path, capsys):
+    data = prepare_fit_data(FitConfig(data=str(many_levels(tmp_path / "t.csv")), target="label", cache=False))
+    pre = data.spec.preprocessor
+    plans = {c.name: c for c in pre.columns}
+    assert "order" in pre.dropped and "order" not in plans  # ID-like: distinct values in most rows
+    least = rare_count(len(data.train))
+    tails = plans["tail"]
+    train_codes = data.train.x[:, pre.n_numeric + [c.name for c in pre.columns if c.role == "categorical"].index("tail")]
+    counts = np.bincount(train_codes.numpy().astype(int))
+    assert (counts[2:] >= least).all()  # every learnt level is seen `least` times; the rest are code 0, "rare"
+    assert counts[0] > 0 and len(tails.levels) < 200 and tails.embedding_dim <= EMBED_CAP
+    assert {"JFK", "LGA", "EWR", "BOS"} <= set(plans["airport"].levels)
+    notes = " | ".join(data.spec.notes)
+    assert "column 'order' is dropped: ID-like" in notes
+    assert f"column 'tail' has" in notes and f"seen in {least:,} or more rows are learnt" in notes
+
+
+def test_describe_flags_an_id_and_a_many_level_column(tmp_path, monkeypatch, capsys):
+    from ddptrain.cli import main
+
+    path = many_levels(tmp_path / "t.csv")
+    monkeypatch.setattr(sys, "argv", ["ddptrain", "describe", str(path), "--target", "label", "--json"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    plan = json.loads(capsys.readouterr().out)
+    assert exited.value.code == 0
+    roles = {c["name"]: (c["role"], c["why"]) for c in plan["columns"]}
+    assert roles["order"][0] == "dropped" and roles["order"][1].startswith("ID-like")
+    assert roles["tail"][0] == "categorical"
+    assert any(note.startswith("column 'tail' has") and "share one 'rare' level" in note for note in plan["notes"])
+
+
+def test_an_id_kept_on_purpose_is_a_category_of_rare_levels(tmp_path):
+    data = prepare_fit_data(FitConfig(data=str(many_levels(tmp_path / "t.csv")), target="label", cache=False,
+                                      categorical=("order",)))
+    plans = {c.name: c for c in data.spec.preprocessor.columns}
+    assert plans["order"].levels == ("order-0",)  # the one repeated value; every other id is rare
