@@ -47,7 +47,7 @@ class Commands(TyperGroup):
 
 app = typer.Typer(help="Train an MLP on your table with PyTorch DistributedDataParallel, on 1 process, 1 machine "
                        "or many.", cls=Commands, no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
+                  pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
 D = FitConfig()
 # In a worker that `fit --nproc-per-node` started: when the command started (its agent's perf_counter: one clock
 # for the machine), so that the time to the first step counts from there.
@@ -247,11 +247,12 @@ def inspect(
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="Run folders (or metrics.jsonl files) to draw on shared axes.")],
     out: Annotated[Path, typer.Option(help="Output image: .png, .svg or .pdf.")] = Path("curves.png"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
 ) -> None:
     """Loss and accuracy (or RMSE) against step for one or several runs (needs the plot extra)."""
     from ddptrain.plot import plot_runs
 
-    plot_runs(runs, out)
+    plot_runs(runs, out, overwrite)
 
 
 @app.command("cache")

@@ -57,6 +57,7 @@ Shuffle auto exact block
 DEFAULT_VAL_FRACTION, VALIDATE_FROM_ROWS = 0.2, 1000
 DEFAULT_EPOCHS, MIN_DEFAULT_STEPS = 20, 250
 DEFAULT_PATIENCE = 5
+DEFAULT_ADAMW_DECAY = 0.1
 BLOCK_SHUFFLE_BYTES = 10 ** 9
 DATA, MODEL, OPTIM, DIST, RUN = "Data", "Model", "Optimization", "Distributed", "Run folder and logging"
 
@@ -122,10 +123,12 @@ class FitConfig:
         "none", 'Normalization after each hidden layer (batch becomes SyncBatchNorm on GPUs).', MODEL, choices=Norm, fixed=True)
     # optimization
     optimizer: str = setting(
-        "adam", "Optimizer (sgd, adam, adamw use torch's fused kernels).", OPTIM, choices=Optimizer, fixed=True)
+        "adamw", "Optimizer (sgd, adam, adamw use torch's fused kernels).", OPTIM, choices=Optimizer, fixed=True)
     lr: float = setting(3e-3, 'Peak learning rate.', OPTIM, fixed=True)
     momentum: float = setting(0.9, 'Momentum (sgd, rmsprop).', OPTIM, fixed=True)
-    weight_decay: float = setting(0.0, 'Weight decay.', OPTIM, fixed=True)
+    weight_decay: float | None = setting(
+        None, f"Weight decay (default: {DEFAULT_ADAMW_DECAY} for adamw, whose decay is decoupled from the gradient; "
+              "0 for the others).", OPTIM, fixed=True)
     betas: tuple[float, float] = setting((0.9, 0.999), "Adam betas, 'b1,b2'.", OPTIM, fixed=True)
     scheduler: str = setting(
         "cosine", 'Learning-rate schedule, stepped per optimizer step (cosine: from --lr down to 0 over the run).',
@@ -390,7 +393,7 @@ def validate(cfg: FitConfig) -> None:
     _check(not (cfg.static_graph and cfg.grad_accum > 1),
            "--static-graph cannot be combined with --grad-accum (torch's DDP breaks on no_sync under static_graph, "
            "pytorch/pytorch#143580); drop one of them")
-    _check(cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay} must be >= 0")
+    _check(cfg.weight_decay is None or cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay} must be >= 0")
     _check(0 <= cfg.momentum < 1, f"--momentum {cfg.momentum} must be in [0, 1)")
     _check(0 < cfg.lr_gamma <= 1, f"--lr-gamma {cfg.lr_gamma} must be in (0, 1] (the factor each step decay "
                                   "multiplies the learning rate by)")
@@ -450,6 +453,14 @@ def resolve_epochs(cfg: FitConfig, train_rows: int) -> FitConfig:
         return cfg
     steps = max(1, train_rows // cfg.batch_size)
     return dataclasses.replace(cfg, epochs=max(DEFAULT_EPOCHS, math.ceil(MIN_DEFAULT_STEPS / steps)))
+
+
+def weight_decay(cfg: FitConfig) -> float:
+    """As given, or DEFAULT_ADAMW_DECAY for AdamW (decoupled: each step shrinks the weights by lr x decay, which
+    regularises a long run and barely touches a short one) and 0 for the others (an L2 term in their gradient)."""
+    if cfg.weight_decay is not None:
+        return cfg.weight_decay
+    return DEFAULT_ADAMW_DECAY if cfg.optimizer == "adamw" else 0.0
 
 
 def early_stop_patience(cfg: FitConfig, has_validation: bool) -> int:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
-from ddptrain.config import FitConfig, Loss
+from ddptrain.config import FitConfig, Loss, weight_decay
 from ddptrain.errors import UsageError
 
 LOSSES = {Loss.cross_entropy: nn.CrossEntropyLoss, Loss.mse: nn.MSELoss, Loss.huber: nn.HuberLoss, Loss.l1: nn.L1Loss}
@@ -22,15 +22,16 @@ def build_optimizer(params, cfg: FitConfig, graphed: bool = False) -> torch.opti
     the step counts stay there too (`capturable`; fused SGD has none to keep)."""
     params = list(params)
     lr = torch.tensor(cfg.lr, device=params[0].device) if graphed else cfg.lr
+    decay = weight_decay(cfg)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=decay, fused=True)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True,
+        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, weight_decay=decay, fused=True,
                                 capturable=graphed)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True,
+        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=decay, fused=True,
                                  capturable=graphed)
-    return torch.optim.RMSprop(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    return torch.optim.RMSprop(params, lr=lr, momentum=cfg.momentum, weight_decay=decay,
                                capturable=graphed)
 
 

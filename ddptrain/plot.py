@@ -36,11 +36,10 @@ def read_rows(run: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_runs(runs: list[Path], out: Path) -> None:
+def plot_runs(runs: list[Path], out: Path, overwrite: bool = False) -> None:
     if out.suffix.lower() not in SUFFIXES:
         raise DDPTrainError(f"--out {out}: use a .png, .svg or .pdf file name")
-    if not out.parent.is_dir():
-        raise DDPTrainError(f"--out {out}: folder {out.parent} does not exist")
+    atomic.check_new_file(out, overwrite, {})
     try:
         import matplotlib
 

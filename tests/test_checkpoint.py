@@ -356,9 +356,10 @@ def test_inspect(trained):
     result = cli("inspect", "run/checkpoints/last.pt", "--json", cwd=trained)
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
-    # a 600-row table file: 4-fold cross-validation chose 16 pieces per number (3 numbers -> 3 x 17 inputs)
-    assert info["architecture"].startswith("MLP 51-16-2 (16 pieces per number), relu")
-    assert info["parameters"] == 51 * 16 + 16 + 16 * 2 + 2  # the pieces' edges are buffers, not parameters
+    # a 600-row table file: 4-fold cross-validation chose 16 pieces per number (3 numbers -> 3 x 17 inputs), and
+    # it is bagged: 5 models
+    assert info["architecture"].startswith("MLP 51-16-2 (16 pieces per number) x 5 (bagged), relu")
+    assert info["parameters"] == 5 * (51 * 16 + 16 + 16 * 2 + 2)  # the edges and best weights are buffers
     assert info["classes"] == ["benign", "malignant"] and info["epoch"] == 6 and info["world_size"] == 1
 
 

@@ -98,3 +98,21 @@ def test_class_weight_on_regression_is_a_usage_error():
 
     with pytest.raises(UsageError, match="--class-weight balanced"):
         build_loss(FitConfig(class_weight="balanced"), "regression")
+
+
+def test_a_fit_monitors_auc_and_weighs_classes(tmp_path):
+    """--monitor val_auc picks best.pt by the validation AUC (larger is better) and --class-weight balanced
+    trains; both recorded in the checkpoint's config, the epoch rows carry the new metrics."""
+    from conftest import epoch_rows
+
+    from ddptrain.checkpoint import load_checkpoint
+    from ddptrain.run import fit
+
+    summary = fit(FitConfig(data="blobs", n_samples=600, n_classes=3, epochs=3, hidden=(16,), batch_size=32,
+                            val_fraction=0.25, out=str(tmp_path / "run"), quiet=True, monitor="val_auc",
+                            class_weight="balanced", early_stop=0))
+    rows = epoch_rows(tmp_path / "run")
+    assert all({"val_auc", "val_f1", "val_balanced_accuracy", "val_log_loss"} <= r.keys() for r in rows)
+    assert summary["best"] == max(r["val_auc"] for r in rows)
+    config = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["config"]
+    assert config["monitor"] == "val_auc" and config["class_weight"] == "balanced"

@@ -74,6 +74,13 @@ def test_plot_two_runs(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     svg = cli("plot", "lr-small", "--out", "curves.svg", cwd=tmp_path)
     assert svg.returncode == 0 and (tmp_path / "curves.svg").read_text().lstrip().startswith("<?xml")
+    again = cli("plot", "lr-small", "--out", "curves.png", cwd=tmp_path)  # an existing file is kept
+    assert again.returncode == 1 and (tmp_path / "curves.png").read_bytes() == png
+    assert "--out curves.png already exists; pass --overwrite" in again.stderr
+    replaced = cli("plot", "lr-small", "-h", cwd=tmp_path)
+    assert replaced.returncode == 0 and "--overwrite" in replaced.stdout
+    assert cli("plot", "lr-small", "--out", "curves.png", "--overwrite", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "curves.png").read_bytes() != png
 
 
 def test_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
