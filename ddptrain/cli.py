@@ -19,7 +19,10 @@ from typer.core import TyperGroup
 from ddptrain import __version__
 from ddptrain.config import (
     COLUMN_LISTS,
+    DATA,
     DIST,
+    MODEL,
+    OPTIM,
     RUN,
     Device,
     FitConfig,
@@ -138,7 +141,11 @@ _LAUNCH_OPTIONS = [
         bool, typer.Option("--print-config", help="Print the resolved config as TOML and exit.", rich_help_panel=RUN)]),
 ]
 # Typer reads the signature: every FitConfig setting becomes an option, written once in config.py.
-fit.__signature__ = Signature(_LAUNCH_OPTIONS + [_setting_option(f) for f in dataclasses.fields(FitConfig)])
+# --help lists its panels in the order they first appear: what a newcomer needs (data, model, optimization, the
+# run folder) before the distributed settings and the launcher's options.
+HELP_PANELS = (DATA, MODEL, OPTIM, RUN, DIST)
+_SETTINGS = sorted(dataclasses.fields(FitConfig), key=lambda f: HELP_PANELS.index(f.metadata["panel"]))
+fit.__signature__ = Signature(_LAUNCH_OPTIONS[:1] + [_setting_option(f) for f in _SETTINGS] + _LAUNCH_OPTIONS[1:])
 app.command(no_args_is_help=False)(fit)
 
 

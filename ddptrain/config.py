@@ -77,12 +77,12 @@ class FitConfig:
 
     # data
     data: str = setting(
-        "spirals", 'Built-in dataset (xor, spirals, moons, blobs, regression) or a .csv/.tsv/.parquet/.feather/.jsonl/.npz file (.csv.gz...).', DATA, fixed=True)
+        "spirals", 'Built-in dataset (xor, spirals, moons, blobs, regression) or a table: a .csv, .tsv, .parquet, .feather, .jsonl or .npz file (text compressed too: .csv.gz ...), a folder of shards or a quoted glob.', DATA, fixed=True)
     target: str | None = setting(None, 'Target column (default: the last column).', DATA, fixed=True)
     task: str = setting("auto", "Task (auto: from the target's values).", DATA, choices=Task, fixed=True)
     val_fraction: float | None = setting(
         None, f'Seeded validation split of the data; 0 turns validation off (default: {DEFAULT_VAL_FRACTION} for '
-              f'tables of {VALIDATE_FROM_ROWS:,} rows or more; a smaller table trains on every row).', DATA, fixed=True)
+              f'tables of {VALIDATE_FROM_ROWS:,} rows or more; a smaller table is bagged: see --bagging).', DATA, fixed=True)
     val_data: str | None = setting(None, 'A separate validation file (instead of --val-fraction).', DATA, fixed=True)
     n_samples: int = setting(4000, 'Rows of a built-in dataset.', DATA, fixed=True)
     n_features: int | None = setting(None, 'Features of blobs/regression.', DATA, fixed=True)

@@ -301,22 +301,25 @@ def to_split(spec: DataSpec, x: np.ndarray, y: np.ndarray | None) -> Split:
     return Split(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), ys)
 
 
-def check_columns(spec: DataSpec, table: Table, allowed_extra: tuple[str, ...] = ()) -> None:
+def check_columns(spec: DataSpec, table: Table, allowed_extra: tuple[str, ...] = ()) -> list[str]:
+    """The table's columns that the model does not use (ignored, with a note; pandas' re-saved index, a column
+    added for bookkeeping); a feature missing is an error."""
     known = set(spec.feature_names) | set(spec.preprocessor.dropped) | {spec.target_name} | set(allowed_extra)
     missing = [name for name in spec.feature_names if name not in table.names]
-    extra = [name for name in table.names if name not in known]
-    if missing or extra:
-        detail = "; ".join(part for part in (
-            f"missing {', '.join(missing)}" if missing else "",
-            f"unexpected {', '.join(extra)}" if extra else "") if part)
-        raise DDPTrainError(f"{table.path}: columns do not match the model's features ({detail}); "
-                            f"it expects {', '.join(spec.feature_names)}")
+    if missing:
+        raise DDPTrainError(f"{table.path}: columns do not match the model's features (missing "
+                            f"{', '.join(missing)}); it expects {', '.join(spec.feature_names)}")
+    return [name for name in table.names if name not in known]
 
 
-def features(spec: DataSpec, table: Table, allowed_extra: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[str, int]]:
-    """A new table's feature matrix through the training preprocessor, and its unseen-value counts per column."""
-    check_columns(spec, table, allowed_extra)
-    return spec.preprocessor.transform(table)
+def features(spec: DataSpec, table: Table, allowed_extra: tuple[str, ...] = ()) -> tuple[np.ndarray, Counter[Any]]:
+    """A new table's feature matrix through the training preprocessor, and a tally of what is worth a note: cells
+    of each column unseen in training (("unseen", column)) and columns ignored (("extra", column))."""
+    extra = check_columns(spec, table, allowed_extra)
+    x, unseen = spec.preprocessor.transform(table)
+    tally: Counter[Any] = Counter({("unseen", name): count for name, count in unseen.items()})
+    tally.update({("extra", name): 1 for name in extra})
+    return x, tally
 
 
 def unseen_notes(spec: DataSpec, unseen: dict[str, int]) -> list[str]:
@@ -333,7 +336,6 @@ def labelled_split(spec: DataSpec, table: Table, require_target: bool = True,
     """Rows of a new table through the training preprocessor; targets encoded when present (rows without one are
     left out when scoring). What is worth a line (unseen levels, rows left out) is counted into `tally` (over
     several pieces of a file) and, given `notes`, said there for this table alone."""
-    check_columns(spec, table, allowed_extra)
     counts: Counter[Any] = Counter(rows=len(table))
     if spec.target_name in table.names and require_target:
         present = ~table.missing(spec.target_name)
@@ -342,8 +344,8 @@ def labelled_split(spec: DataSpec, table: Table, require_target: bool = True,
         if not present.all():
             counts["unscored"] = int((~present).sum())
             table = table.select(np.flatnonzero(present))
-    x, unseen = features(spec, table, allowed_extra)
-    counts.update({("unseen", name): count for name, count in unseen.items()})
+    x, noted = features(spec, table, allowed_extra)
+    counts.update(noted)
     if notes is not None:
         notes += tally_notes(spec, counts)
     if tally is not None:
@@ -366,7 +368,12 @@ def tally_notes(spec: DataSpec, tally: Counter[Any]) -> list[str]:
     if tally["unscored"]:
         notes.append(f"{tally['unscored']} of {tally['rows']} rows have no '{spec.target_name}' value and are not "
                      "scored")
-    return notes + unseen_notes(spec, {key[1]: n for key, n in tally.items() if isinstance(key, tuple)})
+    extra = [key[1] for key in tally if isinstance(key, tuple) and key[0] == "extra"]
+    if extra:
+        notes.append(f"column{'s' if len(extra) > 1 else ''} {', '.join(repr(n) for n in extra)} of the file "
+                     f"{'are' if len(extra) > 1 else 'is'} not used by the model and ignored")
+    return notes + unseen_notes(spec, {key[1]: n for key, n in tally.items()
+                                       if isinstance(key, tuple) and key[0] == "unseen"})
 
 
 SHUFFLE_BLOCK_ROWS = 4096  # at most; a small table's blocks are smaller, so its order still has blocks

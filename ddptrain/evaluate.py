@@ -26,7 +26,6 @@ from ddptrain.data import (
     load_table,
     tally_notes,
     to_split,
-    unseen_notes,
 )
 from ddptrain.dist import all_reduce_sum, process_group
 from ddptrain.errors import DDPTrainError, Interrupted
@@ -80,8 +79,8 @@ def prepared_rows(cfg: FitConfig, spec: DataSpec, source: str, purpose: str,
                     split = labelled_split(spec, table, tally=tally)
                     append(split.x.numpy(), split.y.numpy())
                 else:
-                    x, unseen = features(spec, table)
-                    tally.update({("unseen", name): count for name, count in unseen.items()})
+                    x, noted = features(spec, table)
+                    tally.update(noted)
                     append(x, None)
             return tally
 
@@ -179,28 +178,28 @@ def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, ov
     state = load_checkpoint(path)
     model, spec, cfg = inference_model(state, torch.device("cpu"), path)
 
-    unseen: Counter[str] = Counter()
+    tally: Counter[Any] = Counter()
     try:
         cached = prepared_rows(cfg, spec, source, "predict", None if id_column else cache_dir)
         with sigterm_as_interrupt(), atomic.replacing(out, "w", newline="") as handle:
             def restart() -> None:  # the pieces so far are written again from the whole read
                 handle.seek(0)
                 handle.truncate()
-                unseen.clear()
+                tally.clear()
 
             if cached is not None:
-                unseen.update({key[1]: n for key, n in cached.tally.items() if isinstance(key, tuple)})
+                tally.update({key: n for key, n in cached.tally.items() if isinstance(key, tuple)})
                 rows = write_prediction_rows(handle, model, spec, cached.x)
             else:
                 rows = read_in_pieces(cfg, source, None,
-                                      lambda tables: write_predictions(handle, tables, model, spec, id_column, unseen),
+                                      lambda tables: write_predictions(handle, tables, model, spec, id_column, tally),
                                       restart)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; --out {out} was not written (the partial file was removed)") from None
     except OSError as exc:
         raise DDPTrainError(f"could not write --out {out} ({exc.strerror}); free space or pick another path; "
                             "the partial file was removed") from None
-    for note in unseen_notes(spec, dict(unseen)):
+    for note in tally_notes(spec, tally):
         console.note(note)
     console.line(f"wrote {rows:,} predictions to {out}", force=True)
 
@@ -231,16 +230,17 @@ def write_result_rows(writer: Any, spec: DataSpec, lead: list[list[str]], result
 
 
 def write_predictions(handle: Any, tables: Iterable[Table], model: nn.Module, spec: DataSpec, id_column: str | None,
-                      unseen: Counter[str]) -> int:
-    """Header, then one row per input row, piece by piece; counts unseen values into `unseen`. Returns the rows."""
+                      tally: Counter[Any]) -> int:
+    """Header, then one row per input row, piece by piece; counts what is worth a note (unseen values, ignored
+    columns) into `tally`. Returns the rows."""
     writer = write_header(handle, spec, id_column)
     rows = 0
     for table in tables:
         if id_column is not None and id_column not in table.names:
             raise DDPTrainError(f"--id-column '{id_column}' is not a column of {table.path}; its columns: "
                                 f"{', '.join(table.names)}")
-        x, counts = features(spec, table, (id_column,) if id_column else ())
-        unseen.update(counts)
+        x, noted = features(spec, table, (id_column,) if id_column else ())
+        tally.update(noted)
         result = predict_rows(model, to_split(spec, x, None), spec).tolist()
         lead = [[]] * len(result)
         if id_column:  # as the file had it: whole numbers without '.0', missing cells empty
