@@ -10,7 +10,7 @@ as users' files have it), split 80/20 with each of `--seeds` into train.csv/test
 --data train.csv --target T` and scored with `ddptrain eval best.pt --data test.csv`. The other models see the same
 split, rows without a target left out as ddptrain does, each with its library's own handling of text columns:
 HistGradientBoosting and LightGBM native categories (HistGradientBoosting's limit is 255 levels: a column of more is
-ordinal-encoded), RealMLP-TD pandas categories, the MLP one-hot (levels in under 1% of the rows pooled) after median
+ordinal-encoded), RealMLP-TD pandas categories (and training medians in missing numbers, which it refuses), the MLP one-hot (levels in under 1% of the rows pooled) after median
 imputation and scaling. Each model's fit time is kept. With `--nproc 1,2` ddptrain also trains with 2 processes
 (`--nproc-per-node 2`) and the largest relative gap of the per-epoch losses between the two is reported. Prints a
 table and the goals' summary, and writes JSON.
@@ -160,6 +160,9 @@ def baseline(model: str, train: pd.DataFrame, test: pd.DataFrame, target: str, t
     if model == "realmlp_td":
         from pytabkit import RealMLP_TD_Classifier, RealMLP_TD_Regressor
 
+        numbers = [c for c in x_train.columns if c not in text]  # it takes no missing numbers: training medians
+        medians = x_train[numbers].median()
+        x_train[numbers], x_test[numbers] = x_train[numbers].fillna(medians), x_test[numbers].fillna(medians)
         kind = RealMLP_TD_Classifier if classify else RealMLP_TD_Regressor
         fitted = kind(random_state=seed, n_threads=1, device="cpu", verbosity=0).fit(x_train, y_train)
         return score(task, fitted.predict(x_test), y_test)
