@@ -24,6 +24,7 @@ from ddptrain.console import console
 from ddptrain.data import DataSpec
 from ddptrain.errors import DDPTrainError, UsageError
 from ddptrain.model import Ensemble, ModelSpec, build_model, parameter_count
+from ddptrain.rundir import BEST, LAST
 from ddptrain.optim import (
     build_scheduler,
     load_optimizer,
@@ -35,12 +36,10 @@ from ddptrain.optim import (
 if TYPE_CHECKING:
     from torch import nn
 
-    from ddptrain.train import Parts
+    from ddptrain.parts import Parts
 
 FORMAT_NAME = "ddptrain.checkpoint"
 FORMAT_VERSION = 2  # 2: the data spec holds the fitted preprocessor (1: numeric features only; still read)
-LAST = "last.pt"
-BEST = "best.pt"
 STEP_COPY = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -328,6 +327,12 @@ def inference_model(state: dict[str, Any], device: torch.device,
         raise DDPTrainError(f"checkpoint {path or ''} is inconsistent: its training config is invalid ({exc}); the "
                             "file was edited or damaged; use another checkpoint") from None
     return model.to(device).eval(), spec, cfg
+
+
+def saved_specs(state: dict[str, Any]) -> dict[str, Any]:
+    """The model spec and data spec of a checked checkpoint as plain values (what an export's metadata carries
+    so that another framework can rebuild the model and its inputs)."""
+    return {"model_spec": state["model_spec"], "data_spec": state["data_spec"]}
 
 
 def describe(state: dict[str, Any]) -> dict[str, Any]:

@@ -52,9 +52,6 @@ app = typer.Typer(help="Train an MLP on your table with PyTorch DistributedDataP
                        "or many.", cls=Commands, no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
 D = FitConfig()
-# In a worker that `fit --nproc-per-node` started: when the command started (its agent's perf_counter: one clock
-# for the machine), so that the time to the first step counts from there.
-LAUNCHED_AT: float | None = None
 
 
 def _version(value: bool) -> None:
@@ -77,7 +74,7 @@ def fit(ctx: typer.Context, nproc_per_node: Optional[int], nnodes: Optional[str]
         rdzv_id: Optional[str], max_restarts: int, config: Optional[Path], print_config: bool,
         **settings: Any) -> None:
     """Train an MLP with DDP. Run it plainly (1 process), with --nproc-per-node N, or under torchrun."""
-    started_at = LAUNCHED_AT or time.perf_counter()
+    started_at = time.perf_counter()
     given = {name: value for name, value in settings.items() if _given_on_command_line(ctx, name)}
     cfg = merge(read_config_file(config) if config else {}, given)
     if print_config:
@@ -87,7 +84,7 @@ def fit(ctx: typer.Context, nproc_per_node: Optional[int], nnodes: Optional[str]
         from ddptrain.launcher import Launch, launch_local
 
         launch = Launch.checked(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, max_restarts)
-        raise typer.Exit(launch_local(launch, sys.argv[sys.argv.index("fit") + 1:], cfg.out is None, started_at))
+        raise typer.Exit(launch_local(launch, cfg, started_at))
     from ddptrain.run import fit as run_fit
 
     run_fit(cfg, started_at)
@@ -308,7 +305,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except (Exception, KeyboardInterrupt) as exc:
-        from ddptrain.errors import report
+        from ddptrain.report import report
 
         code = report(exc)
     sys.exit(code or 0)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ddptrain import atomic
-from ddptrain.checkpoint import inference_model, load_checkpoint
+from ddptrain.checkpoint import inference_model, load_checkpoint, saved_specs
 from ddptrain.model import Ensemble
 from ddptrain.console import console
 from ddptrain.data import DataSpec
@@ -65,8 +65,7 @@ def safetensors_bytes(state: dict[str, Any], model: nn.Module) -> bytes:
     safetensors_torch = _require("safetensors.torch", "safetensors")
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()
                if not (isinstance(model, Ensemble) and name.startswith("best_"))}  # in place already: no copies
-    meta = {"format": "ddptrain-export", "version": 1, "model_spec": state["model_spec"],
-            "data_spec": state["data_spec"], "layers": _layer_guide(model)}
+    meta = {"format": "ddptrain-export", "version": 1, **saved_specs(state), "layers": _layer_guide(model)}
     return safetensors_torch.save(tensors, metadata={"ddptrain": json.dumps(meta)})
 
 

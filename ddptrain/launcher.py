@@ -17,11 +17,15 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from ddptrain.console import console
 from ddptrain.errors import UsageError
+
+if TYPE_CHECKING:
+    from ddptrain.config import FitConfig
 
 # what every worker imports, loaded once in the agent before it forks them
 WORKER_MODULES = ("torch", "torch._dynamo", "torch.nn.parallel", "torch.optim", "ddptrain.run", "pyarrow",
@@ -83,22 +87,6 @@ class Launch:
                 f"--rdzv-id={self.run_id}", *common]
 
 
-LAUNCH_OPTIONS = ("--nproc-per-node", "--nnodes", "--rdzv-endpoint", "--rdzv-id", "--max-restarts")
-
-
-def strip_option(argv: list[str], name: str) -> list[str]:
-    """argv without `name VALUE` / `name=VALUE`."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            out.append(arg)
-    return out
-
-
 def start_method() -> str:
     """fork, unless CUDA devices may be here (a CUDA or ROCm build, and /dev/nvidia* or /dev/kfd) or the user asks
     otherwise (DDPTRAIN_WORKER_START)."""
@@ -117,24 +105,21 @@ def start_method() -> str:
     return "spawn" if gpu_build and devices else "fork"
 
 
-def worker_argv(launch: Launch, fit_argv: list[str], default_out: bool) -> list[str]:
-    """The workers' `fit` arguments: this command's, less the launcher's flags, with the run folder named here
-    when it is the default (alone on a machine the workers' own default would be a timestamp each; on several
-    machines it is runs/run-<rendezvous id>, the same on every one)."""
-    for name in LAUNCH_OPTIONS:
-        fit_argv = strip_option(fit_argv, name)
-    if default_out and launch.endpoint is None:
+def worker_config(launch: Launch, cfg: FitConfig) -> FitConfig:
+    """What every worker runs: this command's resolved settings (flags and --config read once, here), with the run
+    folder named here when it is the default (alone on a machine the workers' own default would be a timestamp
+    each; on several machines it is runs/run-<rendezvous id>, the same on every one)."""
+    if cfg.out is None and launch.endpoint is None:
         from ddptrain.launchenv import launch_env
-        from ddptrain.rundir import default_out as default_folder
+        from ddptrain.rundir import default_out
 
-        fit_argv = [*fit_argv, "--out", str(default_folder(launch_env()))]
-    return fit_argv
+        return replace(cfg, out=str(default_out(launch_env())))
+    return cfg
 
 
-def launch_local(launch: Launch, fit_argv: list[str], default_out: bool, started_at: float) -> int:
-    """Run `ddptrain fit ...` (`fit_argv`: this command's arguments after `fit`) on this node's workers; return
-    the job's exit code."""
-    fit_argv = worker_argv(launch, fit_argv, default_out)
+def launch_local(launch: Launch, cfg: FitConfig, started_at: float) -> int:
+    """Run `fit` with `cfg` on this node's workers; return the job's exit code."""
+    cfg = worker_config(launch, cfg)
     # torchrun's own default for several workers, set before torch loads (OpenMP reads it then), and here so it
     # does not print a warning about it
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -147,7 +132,7 @@ def launch_local(launch: Launch, fit_argv: list[str], default_out: bool, started
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
 
-    args = parse_args([*launch.torchrun_args(), "--module", "ddptrain", "fit", *fit_argv])
+    args = parse_args([*launch.torchrun_args(), "--module", "ddptrain", "fit"])  # the workers run run_worker
     if launch.endpoint is None:  # what torchrun's run() does for --standalone
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     config, _, _ = config_from_args(args)
@@ -162,8 +147,7 @@ def launch_local(launch: Launch, fit_argv: list[str], default_out: bool, started
         gc.freeze()  # the shared objects' pages stay shared: the collector no longer writes to them
     for stream in (sys.stdout, sys.stderr):
         stream.flush()  # or each forked worker would print the agent's buffered text again
-    failure = run_agent(lambda: elastic_launch(config, entrypoint=run_worker)(fit_argv, started_at,
-                                                                                 os.getpid()))
+    failure = run_agent(lambda: elastic_launch(config, entrypoint=run_worker)(cfg, started_at, os.getpid()))
     if isinstance(failure, ChildFailedError):
         rank, first = failure.get_first_failure()
         if first.exitcode < 0:  # killed by a signal: the worker could not say why, so we do
@@ -218,8 +202,9 @@ def run_agent(launch: Callable[[], object]) -> BaseException | None:
     return outcome[0] if outcome else None
 
 
-def run_worker(fit_argv: list[str], started_at: float, agent_pid: int) -> int:
-    """One worker: `ddptrain fit ...` with the environment torch's agent set for its rank.
+def run_worker(cfg: FitConfig, started_at: float, agent_pid: int) -> int:
+    """One worker: `fit` with `cfg`, in the environment torch's agent set for its rank; a failure is the job's one
+    error line (report.py), as in `ddptrain fit`.
 
     Success returns (torch's agent waits for every worker's return value); a failure ends the process with its
     exit code, which the agent reports as the job's."""
@@ -228,18 +213,16 @@ def run_worker(fit_argv: list[str], started_at: float, agent_pid: int) -> int:
         signal.signal(sig, signal.SIG_DFL)  # a forked worker has the agent's handlers
     signal.signal(signal.SIGINT, signal.default_int_handler)
     stop_with(agent_pid)
-    from ddptrain import cli, dist
+    from ddptrain import dist
     from ddptrain.launchenv import launch_env_lenient
+    from ddptrain.report import report
+    from ddptrain.run import fit
 
     console.rank = launch_env_lenient().rank
-    cli.LAUNCHED_AT = started_at
-    sys.argv = [sys.argv[0], "fit", *fit_argv]
     try:
-        cli.main()
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-        if code:
-            dist.exit_process(code)
+        fit(cfg, started_at)  # the time to the first step counts from the command's start, in the agent
+    except (Exception, KeyboardInterrupt) as exc:
+        dist.exit_process(report(exc))
     return 0
 
 

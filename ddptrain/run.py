@@ -42,7 +42,8 @@ from ddptrain.rundir import (
     default_out,
 )
 from ddptrain.tables import looks_like_path
-from ddptrain.train import Parts, Trainer
+from ddptrain.parts import Parts
+from ddptrain.train import Trainer
 
 
 def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from ddptrain import __version__, atomic
-from ddptrain.checkpoint import LAST
 from ddptrain.errors import DDPTrainError, UsageError
 from ddptrain.launchenv import LaunchEnv
+
+LAST = "last.pt"  # checkpoints/: the newest state, which --resume continues from
+BEST = "best.pt"  # checkpoints/: the epoch with the best --monitor
 
 
 def default_out(env: LaunchEnv) -> Path:

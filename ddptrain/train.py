@@ -9,49 +9,25 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from ddptrain import checkpoint
 from ddptrain.checkpoint import Position
-from ddptrain.config import FitConfig, early_stop_patience, monitor_metric, monitor_mode
+from ddptrain.config import early_stop_patience, monitor_metric, monitor_mode
 from ddptrain.console import EpochProgress
 from ddptrain.cudagraphs import GraphedStep
-from ddptrain.data import FitData, epoch_indices
-from ddptrain.dist import DistInfo, gather_objects
+from ddptrain.data import epoch_indices
+from ddptrain.dist import gather_objects
 from ddptrain.errors import DDPTrainError, Preempted
-from ddptrain.faults import InjectedFault
 from ddptrain.losswindow import LossWindow, WindowResult
 from ddptrain.bagging import bagged_loss, member_losses, track_members
 from ddptrain.metrics import evaluation_sums, metrics_from_sums, validation_row
-from ddptrain.model import Ensemble, ModelSpec
+from ddptrain.model import Ensemble
+from ddptrain.parts import Parts
 from ddptrain.readahead import ReadAhead
-from ddptrain.rundir import SilentRunDir
-from ddptrain.signals import StopRequest
-
-
-@dataclass
-class Parts:
-    """Everything run.py builds for the loop."""
-
-    cfg: FitConfig
-    dist: DistInfo
-    ddp: nn.parallel.DistributedDataParallel | None  # None at world size 1 (run.wrap_ddp says why)
-    forward: nn.Module  # what a step calls: the DDP module (or the bare one), or its torch.compile wrapper
-    model: nn.Module  # the bare module: its parameters and state_dict
-    model_spec: ModelSpec
-    optimizer: torch.optim.Optimizer
-    scheduler: Any  # an LRScheduler, or None for a constant rate without warm-up
-    scaler: torch.amp.GradScaler | None
-    loss_fn: nn.Module
-    data: FitData
-    run: SilentRunDir
-    fault: InjectedFault | None = None  # a test's injected failure for this rank (launchenv reads it)
-    graphs: bool = False  # each step replayed as a captured CUDA graph (cudagraphs.py)
-    stop: StopRequest = field(default_factory=StopRequest)
+from ddptrain.rundir import LAST
 
 
 class Trainer:
@@ -324,7 +300,7 @@ class Trainer:
 
     def preempted(self) -> None:
         raise Preempted(f"preempted by {self.parts.stop.signal_name or 'a signal on another rank'} at step "
-                        f"{self.position.global_step}; checkpoint saved to {self.parts.run.checkpoints / checkpoint.LAST}; "
+                        f"{self.position.global_step}; checkpoint saved to {self.parts.run.checkpoints / LAST}; "
                         "continue with --resume auto")
 
     # -- checkpoints --------------------------------------------------------------------------------------
