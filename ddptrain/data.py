@@ -198,8 +198,7 @@ def _split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndar
 def pick_target(table: Table, target: str | None) -> str:
     name = target or table.names[-1]
     if name not in table.names:
-        raise DDPTrainError(f"--target '{name}' is not a column of {table.path}; its columns: "
-                            f"{', '.join(table.names)}")
+        raise table.unknown_columns("--target", [name])
     return name
 
 

@@ -237,8 +237,7 @@ def write_predictions(handle: Any, tables: Iterable[Table], model: nn.Module, sp
     rows = 0
     for table in tables:
         if id_column is not None and id_column not in table.names:
-            raise DDPTrainError(f"--id-column '{id_column}' is not a column of {table.path}; its columns: "
-                                f"{', '.join(table.names)}")
+            raise table.unknown_columns("--id-column", [id_column])
         x, noted = features(spec, table, (id_column,) if id_column else ())
         tally.update(noted)
         result = predict_rows(model, to_split(spec, x, None), spec).tolist()

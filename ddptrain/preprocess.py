@@ -117,8 +117,7 @@ def infer_roles(table: Table, target: str, categorical: tuple[str, ...] = (), nu
     for flag, names in (("--categorical", categorical), ("--numeric", numeric), ("--drop", drop)):
         unknown = [n for n in names if n not in table.names]
         if unknown:
-            raise UsageError(f"{flag}: {', '.join(repr(n) for n in unknown)} not a column of {table.path}; its "
-                             f"columns: {', '.join(table.names)}")
+            raise table.unknown_columns(flag, unknown)
         if target in names:
             raise UsageError(f"{flag} names the target '{target}'; a target is not a feature")
     twice = sorted((set(categorical) & set(numeric)) | (set(categorical) & set(drop)) | (set(numeric) & set(drop)))

@@ -15,6 +15,7 @@ formats may be compressed (.gz, .bz2, .zst, .lz4: `data.csv.gz`). Every column a
 from __future__ import annotations
 
 import csv
+import difflib
 import glob
 import io
 import os
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ddptrain.datasets import BUILTIN
-from ddptrain.errors import DDPTrainError
+from ddptrain.errors import DDPTrainError, UsageError
 
 # a file's format from its name; the text formats may also be compressed
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".feather": "arrow", ".arrow": "arrow",
@@ -88,8 +89,33 @@ class Table:
         local = row - first
         return f"{prefix}line {lines[local]}" if local < len(lines) else f"{prefix}data row {local + 1}"
 
+    def unknown_columns(self, flag: str, names: list[str] | tuple[str, ...]) -> UsageError:
+        """The error for `flag` naming columns this table lacks: the closest column for each (a typo, another
+        case, stray spaces) and the table's columns."""
+        return UsageError(f"{flag}: {unknown_column_text(names, self.names)} of {self.path}; "
+                          f"its columns: {column_list(self.names)}")
+
     def select(self, rows: np.ndarray) -> Table:
         return Table(self.path, self.names, [c[rows] for c in self.columns], self.kinds, False, self.integer)
+
+
+def unknown_column_text(names: list[str] | tuple[str, ...], columns: list[str]) -> str:
+    """"'Age' is not a column (did you mean 'age'?)" for each name: the closest of `columns` by spelling, ignoring
+    case and surrounding spaces."""
+    folded = {column.strip().lower(): column for column in columns}
+    parts = []
+    for name in names:
+        key = name.strip().lower()
+        close = [folded[key]] if key in folded else difflib.get_close_matches(key, list(folded), n=1, cutoff=0.6)
+        hint = f" (did you mean '{folded.get(close[0], close[0])}'?)" if close else ""
+        parts.append(f"'{name}'{hint}")
+    return f"{', '.join(parts)} {'is' if len(names) == 1 else 'are'} not {'a column' if len(names) == 1 else 'columns'}"
+
+
+def column_list(columns: list[str], most: int = 30) -> str:
+    """The columns, the first `most` of a wide table and how many more."""
+    shown = ", ".join(columns[:most])
+    return shown if len(columns) <= most else f"{shown}, ... ({len(columns):,} in all)"
 
 
 def label_text(value: Any) -> str:

@@ -338,10 +338,23 @@ def test_overrides_and_their_mistakes(tmp_path):
     assert roles["age"] == "categorical" and roles["since"] == "dropped"
     with pytest.raises(UsageError, match="--numeric city: column 'city'"):
         prepare_fit_data(FitConfig(data=str(path), target="label", numeric=("city",)))
-    with pytest.raises(UsageError, match="--drop: 'nope' not a column"):
+    with pytest.raises(UsageError, match="--drop: 'nope'.* is not a column"):
         prepare_fit_data(FitConfig(data=str(path), target="label", drop=("nope",)))
     with pytest.raises(UsageError, match="two roles"):
         prepare_fit_data(FitConfig(data=str(path), target="label", drop=("age",), categorical=("age",)))
+
+
+def test_a_mistyped_column_gets_the_closest_name(tmp_path):
+    from ddptrain.errors import UsageError
+    from ddptrain.tables import column_list, unknown_column_text
+
+    path = real_table(tmp_path / "p.csv")
+    with pytest.raises(UsageError, match=r"--target: 'Lable' \(did you mean 'label'\?\) is not a column of .*p.csv; its"):
+        prepare_fit_data(FitConfig(data=str(path), target="Lable"))
+    with pytest.raises(UsageError, match=r"'citty' \(did you mean 'city'\?\), 'zzz' are not columns"):
+        prepare_fit_data(FitConfig(data=str(path), target="label", drop=("citty", "zzz")))
+    assert unknown_column_text([" AGE "], ["age", "x"]) == "' AGE ' (did you mean 'age'?) is not a column"
+    assert column_list([f"c{i}" for i in range(40)], most=3) == "c0, c1, c2, ... (40 in all)"
 
 
 def test_embedding_widths_follow_the_rule_or_the_flag(tmp_path):
