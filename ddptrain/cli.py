@@ -186,15 +186,32 @@ def predict(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by ddptrain fit.")],
     data: Annotated[str, typer.Option(help="Input file with the model's feature columns (the target may be absent).")],
     out: Annotated[Path, typer.Option(help="Output CSV: one row per input row, in input order.")],
-    id_column: Annotated[Optional[str], typer.Option(help="A column carried through to the output.")] = None,
+    keep: Annotated[Optional[str], typer.Option(
+        help="Input columns carried into the output before the predictions, comma-separated (id,name), or 'all'.",
+        metavar="COLUMNS")] = None,
+    id_column: Annotated[Optional[str], typer.Option(help="One column carried into the output: --keep COLUMN.",
+                                                     metavar="COLUMN")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
-    cache: Annotated[bool, typer.Option("--cache/--no-cache", help=CACHE_HELP + " Not with --id-column.")] = True,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help=CACHE_HELP + " Not when keeping columns.")] = True,
     cache_dir: Annotated[Optional[Path], typer.Option(help=CACHE_DIR_HELP)] = None,
 ) -> None:
     """Write predictions (labels in their original names and class probabilities, or values in target units)."""
     from ddptrain.evaluate import predict_to_csv
 
-    predict_to_csv(checkpoint, data, out, id_column, overwrite, _rows_cache(cache, cache_dir))
+    predict_to_csv(checkpoint, data, out, kept_columns(keep, id_column), overwrite, _rows_cache(cache, cache_dir))
+
+
+def kept_columns(keep: str | None, id_column: str | None) -> tuple[str, ...] | str:
+    """predict's --keep and --id-column as the columns to carry (or "all"); an empty name is a mistake, not
+    "no column"."""
+    if id_column is not None and not id_column.strip():
+        raise UsageError("--id-column '' names no column; give a column of the file (or leave the option out)")
+    if keep is not None and keep.strip().lower() == "all":
+        return "all"
+    names = tuple(keep.split(",")) if keep is not None else ()
+    if keep is not None and (not keep.strip() or any(not name.strip() for name in names)):
+        raise UsageError(f"--keep '{keep}' holds an empty name; give column names separated by commas, or all")
+    return names + ((id_column,) if id_column is not None and id_column not in names else ())
 
 
 def describe(ctx: typer.Context, data: str, config: Optional[Path], json_out: bool, **settings: Any) -> None:

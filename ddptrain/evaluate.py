@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -28,7 +29,7 @@ from ddptrain.data import (
     to_split,
 )
 from ddptrain.dist import all_reduce_sum, process_group
-from ddptrain.errors import DDPTrainError, Interrupted
+from ddptrain.errors import DDPTrainError, Interrupted, UsageError
 from ddptrain.metrics import evaluation_sums, metrics_from_sums
 from ddptrain.ondisk import read_with_progress
 from ddptrain.optim import build_loss
@@ -170,17 +171,20 @@ def predict_rows(model: nn.Module, split: Split, spec: DataSpec) -> torch.Tensor
     return spec.in_target_units(out.squeeze(1))
 
 
-def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, overwrite: bool,
+def predict_to_csv(path: Path, source: str, out: Path, keep: tuple[str, ...] | str, overwrite: bool,
                    cache_dir: Path | None = None) -> None:
-    """Predictions for every row of `source`: from the prepared-rows cache (`cache_dir`, built on first use;
-    not with --id-column, which needs the file's own cells), or written as they are made, piece by piece."""
+    """Predictions for every row of `source`, after the input columns named in `keep` (or "all" of them): from
+    the prepared-rows cache (`cache_dir`, built on first use; not when keeping columns, which needs the file's own
+    cells), or written as they are made, piece by piece."""
     atomic.check_new_file(out, overwrite, {"checkpoint": path, "--data file": Path(source)})
     state = load_checkpoint(path)
     model, spec, cfg = inference_model(state, torch.device("cpu"), path)
+    if keep != "all":
+        check_kept_names(spec, keep)
 
     tally: Counter[Any] = Counter()
     try:
-        cached = prepared_rows(cfg, spec, source, "predict", None if id_column else cache_dir)
+        cached = prepared_rows(cfg, spec, source, "predict", None if keep else cache_dir)
         with sigterm_as_interrupt(), atomic.replacing(out, "w", newline="") as handle:
             def restart() -> None:  # the pieces so far are written again from the whole read
                 handle.seek(0)
@@ -192,7 +196,7 @@ def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, ov
                 rows = write_prediction_rows(handle, model, spec, cached.x)
             else:
                 rows = read_in_pieces(cfg, source, None,
-                                      lambda tables: write_predictions(handle, tables, model, spec, id_column, tally),
+                                      lambda tables: write_predictions(handle, tables, model, spec, keep, tally),
                                       restart)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; --out {out} was not written (the partial file was removed)") from None
@@ -206,18 +210,43 @@ def predict_to_csv(path: Path, source: str, out: Path, id_column: str | None, ov
 
 def write_prediction_rows(handle: Any, model: nn.Module, spec: DataSpec, x: Any) -> int:
     """Header and one row per row of a prepared matrix, a chunk at a time."""
-    writer = write_header(handle, spec, None)
+    writer = write_header(handle, spec, ())
     for start in range(0, len(x), PREDICT_CHUNK):
         result = predict_rows(model, to_split(spec, x[start:start + PREDICT_CHUNK], None), spec).tolist()
         write_result_rows(writer, spec, [[]] * len(result), result)
     return len(x)
 
 
-def write_header(handle: Any, spec: DataSpec, id_column: str | None) -> Any:
+def output_names(spec: DataSpec) -> list[str]:
+    """The columns predict writes after the kept ones."""
+    return ["prediction"] + ([f"prob_{label}" for label in spec.classes] if spec.task == "classification" else [])
+
+
+def check_kept_names(spec: DataSpec, keep: tuple[str, ...]) -> None:
+    """Kept columns must not share a name with predict's own columns (nor be named twice): a reader of the file
+    could not tell them apart."""
+    clash = [name for name in keep if name in output_names(spec)]
+    if clash:
+        raise UsageError(f"--keep: the input column '{clash[0]}' would share its name with predict's own "
+                         f"'{clash[0]}' column; rename it in the file, or keep other columns")
+    twice = sorted({name for name in keep if keep.count(name) > 1})
+    if twice:
+        raise UsageError(f"--keep names '{twice[0]}' twice; name each column once")
+
+
+def write_header(handle: Any, spec: DataSpec, kept: list[str]) -> Any:
     writer = csv.writer(handle)
-    writer.writerow(([id_column] if id_column else []) + ["prediction"]
-                    + ([f"prob_{label}" for label in spec.classes] if spec.task == "classification" else []))
+    writer.writerow(list(kept) + output_names(spec))
     return writer
+
+
+def kept_cells(table: Table, name: str) -> list[str]:
+    """A column's cells as text, as the file had them: whole numbers without '.0', dates in ISO form (no time
+    where there is none), missing cells empty."""
+    kind, gone = table.kind(name), table.missing(name)
+    if kind == "datetime":
+        return ["" if g else t for t, g in zip(np.datetime_as_string(table.column(name), unit="auto").tolist(), gone)]
+    return ["" if g else label_text(value) for value, g in zip(table.column(name).tolist(), gone)]
 
 
 def write_result_rows(writer: Any, spec: DataSpec, lead: list[list[str]], result: list[Any]) -> None:
@@ -229,24 +258,29 @@ def write_result_rows(writer: Any, spec: DataSpec, lead: list[list[str]], result
             writer.writerow(first + [f"{row:.6g}"])
 
 
-def write_predictions(handle: Any, tables: Iterable[Table], model: nn.Module, spec: DataSpec, id_column: str | None,
-                      tally: Counter[Any]) -> int:
-    """Header, then one row per input row, piece by piece; counts what is worth a note (unseen values, ignored
-    columns) into `tally`. Returns the rows."""
-    writer = write_header(handle, spec, id_column)
+def write_predictions(handle: Any, tables: Iterable[Table], model: nn.Module, spec: DataSpec,
+                      keep: tuple[str, ...] | str, tally: Counter[Any]) -> int:
+    """Header, then one row per input row (the kept input columns first), piece by piece; counts what is worth a
+    note (unseen values, ignored columns) into `tally`. Returns the rows."""
+    writer = None
     rows = 0
     for table in tables:
-        if id_column is not None and id_column not in table.names:
-            raise table.unknown_columns("--id-column", [id_column])
-        x, noted = features(spec, table, (id_column,) if id_column else ())
+        kept = list(table.names) if keep == "all" else list(keep)
+        if writer is None:
+            if keep == "all":
+                check_kept_names(spec, tuple(kept))
+            writer = write_header(handle, spec, kept)
+        unknown = [name for name in kept if name not in table.names]
+        if unknown:
+            raise table.unknown_columns("--keep", unknown)
+        x, noted = features(spec, table, tuple(kept))
         tally.update(noted)
         result = predict_rows(model, to_split(spec, x, None), spec).tolist()
-        lead = [[]] * len(result)
-        if id_column:  # as the file had it: whole numbers without '.0', missing cells empty
-            lead = [["" if gone else label_text(value)]
-                    for value, gone in zip(table.column(id_column).tolist(), table.missing(id_column))]
+        lead = [list(cells) for cells in zip(*(kept_cells(table, name) for name in kept))] if kept else [[]] * len(result)
         write_result_rows(writer, spec, lead, result)
         rows += len(result)
+    if writer is None:  # no rows at all: the header alone
+        write_header(handle, spec, [] if keep == "all" else list(keep))
     return rows
 
 

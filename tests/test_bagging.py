@@ -98,7 +98,7 @@ def test_eval_and_predict_use_every_members_best_weights(tmp_path):
     scores = evaluate_checkpoint(best, str(test), None, True, "cpu")
     assert scores["rows"] == 40 and 0 <= scores["accuracy"] <= 1 and scores["roc_auc"] is not None
     assert evaluate_checkpoint(last, str(test), None, True, "cpu") == scores  # both load the members' bests
-    predict_to_csv(best, str(test), tmp_path / "p.csv", None, overwrite=False)
+    predict_to_csv(best, str(test), tmp_path / "p.csv", (), overwrite=False)
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0] == "prediction,prob_high,prob_low" and len(lines) == 41
     probs = [float(v) for v in lines[1].split(",")[1:]]

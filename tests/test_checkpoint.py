@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -219,11 +220,11 @@ def test_predict_speaks_the_original_labels(trained):
     assert again.returncode == 1 and "already exists" in again.stderr
 
 
-def _predict(ckpt, data, out, chunk, monkeypatch, id_column=None):
+def _predict(ckpt, data, out, chunk, monkeypatch, keep=()):
     from ddptrain import evaluate
 
     monkeypatch.setattr(evaluate, "PREDICT_CHUNK", chunk)
-    evaluate.predict_to_csv(ckpt, str(data), out, id_column, overwrite=True)
+    evaluate.predict_to_csv(ckpt, str(data), out, keep, overwrite=True)
     return out.read_text()
 
 
@@ -248,12 +249,58 @@ def test_predict_in_pieces_writes_what_predict_whole_writes(suffix, tmp_path, mo
         pq.write_table(whole.slice(25), tmp_path / "shards/b.parquet")
         new = tmp_path / "shards"
     capsys.readouterr()
-    one = _predict(ckpt, new, tmp_path / "one.csv", 10 ** 6, monkeypatch, id_column="name")
+    one = _predict(ckpt, new, tmp_path / "one.csv", 10 ** 6, monkeypatch, keep=("name",))
     notes_one = capsys.readouterr().err
-    pieces = _predict(ckpt, new, tmp_path / "pieces.csv", 7, monkeypatch, id_column="name")
+    pieces = _predict(ckpt, new, tmp_path / "pieces.csv", 7, monkeypatch, keep=("name",))
     notes_pieces = capsys.readouterr().err
     assert pieces == one and len(one.splitlines()) == 41 and one.splitlines()[1].startswith("person 0,")
     assert notes_pieces == notes_one and notes_one.count("column 'city'") == 1 and len(read_table(str(new))) == 40
+
+
+def test_predict_keeps_input_columns_as_the_file_has_them(tmp_path, monkeypatch, capsys):
+    """--keep carries named input columns (or all) before the predictions, cells as the file wrote them: whole
+    numbers without '.0', dates in ISO form, missing cells empty; the same file in pieces. Empty names, unknown
+    columns and a name that clashes with predict's own columns are one usage line each."""
+    from conftest import REAL_HEADER, real_table
+    from ddptrain.errors import UsageError
+
+    fit(FitConfig(data=str(real_table(tmp_path / "train.csv", rows=150)), target="label", epochs=2, hidden=(8,),
+                  quiet=True, out=str(tmp_path / "run")))
+    ckpt = tmp_path / "run/checkpoints/last.pt"
+    new = real_table(tmp_path / "new.csv", rows=30, seed=3)
+    source = list(csv.reader(new.open()))
+    header = source[0]
+    rows = list(csv.DictReader(io.StringIO(_predict(ckpt, new, tmp_path / "a.csv", 7, monkeypatch, keep="all"))))
+    assert list(rows[0])[:len(header)] == header and list(rows[0])[len(header):] == ["prediction", "prob_high", "prob_low"]
+    assert len(rows) == 30
+    for row, cells in zip(rows, source[1:]):
+        for name, cell in zip(header, cells):
+            written = row[name]
+            if name in ("joined", "since"):  # dates: ISO, whatever the file's spelling
+                assert written == ("" if not cell else cell.replace("/", "-"))
+            elif name == "vip":
+                assert written == cell.lower()
+            elif name == "age":  # every NA token is a missing cell
+                assert written == (cell if cell.isdigit() else "")
+            elif name == "income":  # the number, without trailing zeros
+                assert float(written) == float(cell) and not written.endswith(".00")
+            else:
+                assert written == cell, (name, cell, written)
+    some = _predict(ckpt, new, tmp_path / "b.csv", 10 ** 6, monkeypatch, keep=("label", "name"))
+    assert some.splitlines()[0] == "label,name,prediction,prob_high,prob_low"
+    assert [r["prediction"] for r in csv.DictReader(io.StringIO(some))] == [r["prediction"] for r in rows]
+    capsys.readouterr()
+    for args, message in ((["--keep", "name,"], "--keep 'name,' holds an empty name"),
+                          (["--id-column", ""], "--id-column '' names no column"),
+                          (["--keep", "Name"], "--keep: 'Name' (did you mean 'name'?) is not a column"),
+                          (["--keep", "name,name"], "--keep names 'name' twice")):
+        result = cli("predict", str(ckpt), "--data", str(new), "--out", str(tmp_path / "c.csv"), *args, cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+        assert not (tmp_path / "c.csv").exists()
+    clash = tmp_path / "clash.csv"
+    clash.write_text(new.read_text().replace(REAL_HEADER, REAL_HEADER.replace("name", "prediction", 1), 1))
+    with pytest.raises(UsageError, match="the input column 'prediction' would share its name"):
+        _predict(ckpt, clash, tmp_path / "d.csv", 7, monkeypatch, keep="all")
 
 
 def test_eval_in_pieces_scores_what_eval_whole_scores(tmp_path, monkeypatch, capsys):
@@ -310,7 +357,7 @@ def test_eval_and_predict_keep_a_files_prepared_rows_and_trust_only_a_sound_cach
         capsys.readouterr()
         metrics = evaluate.evaluate_checkpoint(ckpt, str(new), None, True, "cpu", cache_dir)
         out = tmp_path / f"p{len(list(tmp_path.glob('p*.csv')))}.csv"
-        evaluate.predict_to_csv(ckpt, str(new), out, None, False, cache_dir)
+        evaluate.predict_to_csv(ckpt, str(new), out, (), False, cache_dir)
         return metrics, out.read_text(), capsys.readouterr().err
 
     plain = both(None)
@@ -334,7 +381,7 @@ def test_eval_and_predict_keep_a_files_prepared_rows_and_trust_only_a_sound_cach
     new.write_text(new.read_text() + lines[5] + "\n")  # the file changed: a new entry, the new row counted
     assert both(cache)[1].count("\n") == plain[1].count("\n") + 1
     out = tmp_path / "ids.csv"
-    evaluate.predict_to_csv(ckpt, str(new), out, "name", False, cache)
+    evaluate.predict_to_csv(ckpt, str(new), out, ("name",), False, cache)
     assert out.read_text().splitlines()[1].startswith("person 0,")
 
 

@@ -121,6 +121,8 @@ FLAG_CASES = {
     "weight-decay-inf": (["--weight-decay", "inf"], ["--weight-decay", "finite"]),
     "monitor-accuracy-on-regression": (["--data", "regression", "--monitor-metric", "val_accuracy"],
                                        ["--monitor val_accuracy", "regression", "val_rmse"]),
+    "no-such-target": (["--data", "data.csv", "--target", "prices"], ["--target", "'prices'", "a, b, label"]),
+    "mistyped-target": (["--data", "data.csv", "--target", "Lable"], ["--target: 'Lable' (did you mean 'label'?)"]),
     "monitor-r2-on-classification": (["--data", "xor", "--monitor-metric", "val_r2"],
                                      ["--monitor val_r2", "classification", "val_accuracy"]),
 }
@@ -145,7 +147,6 @@ DATA_CASES = {
     "two-bad-columns-at-once": (write("g.csv", "a,b,y\n1,inf,0\n-inf,3,1\n"), "g.csv", ["--val-fraction", "0"],
                                 ["'a' line 3", "'b' line 2"]),
     "inf-target": (write("t.csv", "a,y\n1,0.5\n2,inf\n3,1.5\n"), "t.csv", [], ["'y'", "line 3"]),
-    "no-such-target": (None, "data.csv", ["--target", "price"], ["--target", "price", "a, b, label"]),
     "one-class": (write("o.csv", "a,y\n1,cat\n2,cat\n3,cat\n"), "o.csv", [], ["one class"]),
     "npz-without-xy": (lambda d: np.savez(d / "z.npz", features=np.zeros((3, 2))), "z.npz", [], ["'x'", "'y'", "features"]),
     "uneven-rows": (write("u.csv", "a,b,y\n1,2,0\n3,1\n"), "u.csv", [], ["line 3", "2 fields", "3"]),

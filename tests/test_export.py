@@ -60,7 +60,7 @@ def test_onnx_classification_serves_the_same_labels_and_probabilities_as_predict
     before = digest(ckpt)
     out = export_checkpoint(ckpt, "onnx", None, 18, overwrite=False)
     assert out == ckpt.with_suffix(".onnx") and digest(ckpt) == before  # the checkpoint is only read
-    predict_to_csv(ckpt, str(tmp_path / "test.csv"), tmp_path / "p.csv", None, overwrite=False)
+    predict_to_csv(ckpt, str(tmp_path / "test.csv"), tmp_path / "p.csv", (), overwrite=False)
     expected = list(csv.DictReader((tmp_path / "p.csv").open()))
     got = served(out, tmp_path / "test.csv")
     assert got["label"] == [row["prediction"] for row in expected]  # every row
@@ -79,7 +79,7 @@ def test_onnx_regression_serves_values_in_target_units(tmp_path, bins):
     test = tmp_path / "test.csv"
     lines = test.read_text().splitlines()  # the served file may lack the target, as at prediction time
     test.write_text("\n".join(",".join(line.split(",")[:-2]) for line in lines) + "\n")
-    predict_to_csv(ckpt, str(test), tmp_path / "p.csv", None, overwrite=False)
+    predict_to_csv(ckpt, str(test), tmp_path / "p.csv", (), overwrite=False)
     expected = np.array([float(row["prediction"]) for row in csv.DictReader((tmp_path / "p.csv").open())])
     got = np.array(served(out, test)["value"])
     assert expected.std() > 1 and np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
