@@ -80,7 +80,7 @@ def cached_fit_data(cfg: FitConfig, build: Callable[[Path | None], FitData],
     memory, given None). Returns the data and what happened."""
     entry = _fit_entry(cfg)
     if entry is None:
-        return build(None), "not cached (a built-in dataset)"
+        return build(None), ""  # a built-in dataset: drawn from its seed, nothing to cache
     data, how = _locked(cache_dir, entry, _load, lambda tmp: _save(build(tmp), tmp))
     return (data, how) if data is not None else (build(None), how)
 

@@ -246,7 +246,7 @@ def cache_command(cache_dir: Path, prune: bool, clear: bool, json_out: bool) -> 
 
 
 def _count(n: int) -> str:
-    return f"{n} entr{'y' if n == 1 else 'ies'}"
+    return f"{n:,} entr{'y' if n == 1 else 'ies'}"
 
 
 def _human(size: int) -> str:

@@ -346,12 +346,12 @@ def describe(state: dict[str, Any]) -> dict[str, Any]:
                         f"{model_spec.dropout}",
         "parameters": parameter_count(build_model(model_spec)),
         "task": spec.task, "target": spec.target_name, "features": list(spec.feature_names),
-        "columns": [f"{c.name} ({c.role}" + (f", {len(c.levels)} levels, embedding {c.embedding_dim}" if c.levels or
+        "columns": [f"{c.name} ({c.role}" + (f", {len(c.levels):,} levels, embedding {c.embedding_dim}" if c.levels or
                                                c.role == "categorical" else "") + (", missing indicator" if c.indicator
                                                                                    else "") + ")"
                     for c in spec.preprocessor.columns],
         "dropped": [name or "(unnamed)" for name in spec.preprocessor.dropped],
-        "classes": list(spec.classes), "epoch": position.get("epoch"), "step": position.get("global_step"),
+        "classes": list(spec.classes), "epochs_done": position.get("epoch"), "step": position.get("global_step"),
         "step_in_epoch": position.get("step_in_epoch"), "world_size": state.get("world_size"),
         "metrics": state.get("metrics", {}), "torch_version": state.get("torch_version"),
         "ddptrain_version": state.get("ddptrain_version"),

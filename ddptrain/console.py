@@ -76,8 +76,12 @@ class RankZeroConsole:
 console = RankZeroConsole()
 
 
+PLAIN_LINE_EVERY_S = 10.0  # off a terminal: a step line at most this often (a log to read, not a stream)
+
+
 class EpochProgress:
-    """A Rich progress bar per epoch on a terminal; plain periodic lines elsewhere (CI, SLURM logs)."""
+    """A Rich progress bar per epoch on a terminal; plain periodic lines elsewhere (CI, SLURM logs): the first
+    step row, then one every PLAIN_LINE_EVERY_S seconds, and every epoch's summary line."""
 
     def __init__(self, epochs: int) -> None:
         self.epochs = epochs
@@ -85,6 +89,7 @@ class EpochProgress:
         self.live = self.enabled and console.is_terminal
         self._progress: Progress | None = None
         self._task: Any = None
+        self._last_line: float | None = None
 
     def start_epoch(self, epoch: int, total_steps: int, done_steps: int = 0) -> None:
         if not self.live:
@@ -105,13 +110,15 @@ class EpochProgress:
         if self._progress is not None:
             self._progress.update(self._task, completed=step_in_epoch, loss=_number(row["train_loss"]),
                                   lr=f"{row['lr']:.2e}", speed=f"{row['samples_per_s']:,.0f}")
-        elif not self.live:
-            console.line(f"epoch {row['epoch'] + 1}/{self.epochs} step {step_in_epoch}/{total_steps} "
+        elif not self.live and (self._last_line is None
+                                or time.monotonic() - self._last_line >= PLAIN_LINE_EVERY_S):
+            self._last_line = time.monotonic()
+            console.line(f"epoch {row['epoch']}/{self.epochs} step {step_in_epoch}/{total_steps} "
                          f"loss {_number(row['train_loss'])} lr {row['lr']:.2e} {row['samples_per_s']:,.0f} samples/s")
 
     def end_epoch(self, row: dict[str, Any]) -> None:
         self.close()
-        parts = [f"epoch {row['epoch'] + 1}/{self.epochs}", f"train_loss {_number(row['train_loss'])}"]
+        parts = [f"epoch {row['epoch']}/{self.epochs}", f"train_loss {_number(row['train_loss'])}"]
         if row.get("epoch_skipped_steps"):
             parts.append(f"({row['epoch_skipped_steps']} steps skipped)")
         for key in ("val_loss", "val_accuracy", "val_rmse"):

@@ -190,7 +190,7 @@ def _split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndar
     order = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * fraction))
     if fraction > 0 and (n_val == 0 or n_val == n):
-        raise UsageError(f"--val-fraction {fraction} leaves an empty split of {n} rows; "
+        raise UsageError(f"--val-fraction {fraction} leaves an empty split of {n:,} rows; "
                          "use a fraction between 1/rows and 1 - 1/rows, or 0 for no validation")
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
@@ -209,7 +209,7 @@ def plan_target(table: Table, target: str, task: str) -> tuple[str, tuple[str, .
     if not present.any():
         raise DDPTrainError(f"{table.path}: the target '{target}' is empty in every row; pick another --target")
     if not present.all():
-        notes.append(f"{int((~present).sum())} of {len(table)} rows have no '{target}' value and are left out")
+        notes.append(f"{int((~present).sum()):,} of {len(table):,} rows have no '{target}' value and are left out")
     rows = np.flatnonzero(present)
     task = task if task != "auto" else infer_task(table, target, present)
     if task == "regression":
@@ -223,7 +223,7 @@ def plan_target(table: Table, target: str, task: str) -> tuple[str, tuple[str, .
         raise DDPTrainError(f"{table.path}: the target '{target}' is different in every row, like a name or an ID; "
                             "pick the column to predict with --target")
     if table.kind(target) == "number" and target not in table.integer and len(classes) > MAX_FLOAT_CLASSES:
-        raise DDPTrainError(f"{table.path}: the target '{target}' holds {len(classes)} distinct decimal values; as "
+        raise DDPTrainError(f"{table.path}: the target '{target}' holds {len(classes):,} distinct decimal values; as "
                             "classes that is a mistake: use --task regression (or auto)")
     return task, classes, rows, notes
 
@@ -324,7 +324,7 @@ def features(spec: DataSpec, table: Table, allowed_extra: tuple[str, ...] = ()) 
 def unseen_notes(spec: DataSpec, unseen: dict[str, int]) -> list[str]:
     """One note per column whose cells held a level unseen in training or text where numbers or dates were."""
     roles = {c.name: c.role for c in spec.preprocessor.columns}
-    return [f"column '{name}': {count} cells hold " + ("a level not seen in training (treated as unknown)"
+    return [f"column '{name}': {count:,} cells hold " + ("a level not seen in training (treated as unknown)"
             if roles[name] == "categorical" else f"values that are not {'dates' if roles[name] == 'datetime' else 'numbers'} "
             "(treated as missing)") for name, count in unseen.items()]
 

@@ -23,19 +23,31 @@ def env_rows() -> list[tuple[str, str]]:
     nccl = torch_dist.is_nccl_available()
     nccl_version = ".".join(map(str, torch.cuda.nccl.version())) if cuda and nccl else "-"
     launcher = {name: os.environ[name] for name in LAUNCHER_VARS + EXTRA_VARS if name in os.environ}
-    nproc = len(gpus) if gpus else 2
+    from ddptrain.run import usable_cores
+
+    cores = usable_cores()
     return [
         ("ddptrain", __version__), ("torch", torch.__version__), ("python", sys.version.split()[0]),
         ("os", f"{platform.system()} {platform.release()} ({platform.machine()})"),
         ("cuda available", f"{cuda} (CUDA {torch.version.cuda})" if cuda else "False"),
         ("gpus", ", ".join(gpus) or "-"), ("nccl", f"{nccl} (version {nccl_version})"),
-        ("gloo", str(torch_dist.is_gloo_available())), ("cpu count", str(os.cpu_count())),
+        ("gloo", str(torch_dist.is_gloo_available())),
+        ("cpu count", f"{os.cpu_count()} ({cores} usable by this process)" if cores != os.cpu_count()
+         else str(os.cpu_count())),
         ("torch threads", str(torch.get_num_threads())),
         ("launcher variables", ", ".join(f"{k}={v}" for k, v in launcher.items()) or "none set"),
         ("--nproc-per-node workers", _worker_start()),
-        ("recommended launch", f"torchrun --standalone --nproc_per_node={nproc} -m ddptrain fit --data ..."
-                               if gpus else "ddptrain fit --nproc-per-node 2 --data ... (CPU, Gloo)"),
+        ("recommended launch", recommended_launch(len(gpus), cores)),
     ]
+
+
+def recommended_launch(gpus: int, cores: int) -> str:
+    """One worker per GPU; on CPU one process, which uses every core (more local workers split the cores and add an
+    all-reduce a step: 2 workers on 2 cores ran at 0.3x one process; docs/speed.md)."""
+    if gpus:
+        return f"ddptrain fit --nproc-per-node {gpus} --data ... (one worker per GPU, NCCL)"
+    return (f"ddptrain fit --data ... (one process uses all {cores} cores; on CPU more local workers are slower: "
+            "use them for a DDP reference, or --nnodes for more machines)")
 
 
 def _worker_start() -> str:

@@ -103,7 +103,7 @@ def load_data(cfg: FitConfig, world_size: int, saved: dict[str, Any]) -> tuple[F
         cfg = resolve_batch(cfg, len(data.train))
         check_batch(cfg, world_size)
     if cfg.batch_size > len(data.train):
-        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train)} training rows; "
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train):,} training rows; "
                          "lower it or add data")
     cfg = resolve_epochs(cfg, len(data.train))
     cfg, how = resolve_numeric_bins(cfg, data, saved.get("numeric_bins"))
@@ -124,7 +124,7 @@ def resolve_bagging(cfg: FitConfig, data: FitData, saved: dict[str, Any]) -> tup
     if members == 1:
         return cfg, data
     if len(data.train) < 2 * members:
-        raise UsageError(f"--bagging {members} needs at least {2 * members} training rows, not {len(data.train)}; "
+        raise UsageError(f"--bagging {members} needs at least {2 * members} training rows, not {len(data.train):,}; "
                          "lower it or use --bagging off")
     console.line(f"ddptrain fit: bagging: {members} models, each trained on {members - 1} of {members} folds of the "
                  f"{len(data.train):,} training rows and early-stopped on the other; predictions average them "
@@ -142,7 +142,8 @@ def prepare(cfg: FitConfig) -> FitData:
 
     folder = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     data, how = cached_fit_data(cfg, lambda workspace: prepare_fit_data(cfg, workspace), folder)
-    console.line(f"ddptrain fit: {how}")
+    if how:
+        console.line(f"ddptrain fit: {how}")
     return data
 
 
@@ -260,6 +261,25 @@ def compile_model(module: nn.Module, device: torch.device) -> nn.Module:
         raise UsageError(f"--compile is not supported here ({str(exc).splitlines()[0]}); run without --compile") from None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or SLURM's share, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def crowded_cpu_note(device: str, local_workers: int, cores: int) -> str:
+    """A note when CPU workers on one machine have under two cores each: there, more workers were slower than one
+    process (2 workers on 2 cores: 0.3x one process's samples/s; docs/speed.md), which uses every core already."""
+    if device != "cpu" or local_workers < 2 or cores >= 2 * local_workers:
+        return ""
+    share = f"{cores / local_workers:.2g} core{'s' if cores != local_workers else ''}"
+    return (f"{local_workers} workers on this machine's {cores} core{'s' if cores != 1 else ''} leave each {share}; "
+            "on CPU one process (which uses every core) is usually faster: fewer workers, or more machines, "
+            "train quicker (docs/speed.md)")
+
+
 def announce(parts: Parts, out: Path) -> None:
     cfg, dist, spec = parts.cfg, parts.dist, parts.data.spec
     val = f" / {len(parts.data.val):,} val" if parts.data.val is not None else ""
@@ -267,6 +287,9 @@ def announce(parts: Parts, out: Path) -> None:
     wrapper = "DDP" if parts.ddp is not None else "no DDP wrapper: one process"
     for note in spec.notes:
         console.note(note)
+    crowded = crowded_cpu_note(dist.device.type, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), usable_cores())
+    if crowded:
+        console.note(crowded)
     console.line(f"ddptrain fit: world size {dist.world_size} ({dist.backend}, {dist.device.type}, {wrapper}); "
                  f"{len(parts.data.train):,} train{val} rows; target '{spec.target_name}' ({task}); "
                  f"{plan_summary(spec.preprocessor)}; "

@@ -71,13 +71,16 @@ def check_out_dir(out: Path, resume: Path | None, resume_auto: bool) -> None:
     if resume is not None and not _inside(resume, out):
         raise UsageError(f"--out {out} holds another run, which resuming {resume} there would overwrite; resume "
                          f"into the checkpoint's own run folder, or start from it in a new --out")
-    if resume is None and not resume_auto:
-        raise UsageError(f"--out {out} already holds a run; continue it with --resume auto or pick a new --out")
-    if resume is None:
-        kept = sorted(p.name for p in (out / "checkpoints").glob("*.pt")) if (out / "checkpoints").is_dir() else []
-        if kept:
-            raise UsageError(f"--out {out} holds checkpoints but no {LAST} to continue from ({', '.join(kept[:3])}); "
-                             f"resume from one explicitly, e.g. --resume {out / 'checkpoints' / kept[-1]}")
+    if resume is not None:
+        return
+    kept = sorted(p.name for p in (out / "checkpoints").glob("*.pt")) if (out / "checkpoints").is_dir() else []
+    if LAST not in kept and kept:  # --resume auto has nothing to take: say what can be resumed
+        raise UsageError(f"--out {out} holds checkpoints but no {LAST} to continue from ({', '.join(kept[:3])}); "
+                         f"resume from one explicitly, e.g. --resume {out / 'checkpoints' / kept[-1]}, or pick a new "
+                         "--out")
+    if not resume_auto:
+        advice = "continue it with --resume auto" if LAST in kept else "it has no checkpoint to continue from"
+        raise UsageError(f"--out {out} already holds a run; {advice}, or pick a new --out")
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -193,7 +193,7 @@ class Trainer:
         pos = self.position
         # None (JSON null) when no step of the epoch had a finite loss: there is no mean to report
         train_loss = pos.epoch_loss_sum / pos.epoch_loss_steps if pos.epoch_loss_steps else None
-        row = {"kind": "epoch", "epoch": pos.epoch, "step": pos.global_step, "train_loss": train_loss,
+        row = {"kind": "epoch", "epoch": pos.epoch + 1, "step": pos.global_step, "train_loss": train_loss,
                "samples_per_s": steps_done * self.parts.cfg.batch_size / elapsed, "epoch_time_s": elapsed,
                "epoch_cpu_s": cpu}  # this process's CPU time, all threads: far below wall time means starved
         if pos.skipped_steps:
@@ -229,7 +229,7 @@ class Trainer:
         pos.epoch_loss_sum += sum(finite)
         pos.epoch_loss_steps += len(finite)
         if result.log:
-            row = {"kind": "step", "step": result.last_step, "epoch": result.epoch,
+            row = {"kind": "step", "step": result.last_step, "epoch": result.epoch + 1,
                    "train_loss": sum(finite) / len(finite) if finite else None, "lr": result.lr,
                    "samples_per_s": result.samples_per_s}
             p.run.append(row)

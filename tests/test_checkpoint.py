@@ -409,7 +409,7 @@ def test_inspect(trained):
     # it is bagged: 5 models
     assert info["architecture"].startswith("MLP 51-16-2 (16 pieces per number) x 5 (bagged), relu")
     assert info["parameters"] == 5 * (51 * 16 + 16 + 16 * 2 + 2)  # the edges and best weights are buffers
-    assert info["classes"] == ["benign", "malignant"] and info["epoch"] == 6 and info["world_size"] == 1
+    assert info["classes"] == ["benign", "malignant"] and info["epochs_done"] == 6 and info["world_size"] == 1
 
 
 @pytest.mark.slow

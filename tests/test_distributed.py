@@ -76,9 +76,13 @@ def test_nproc_per_node_launches_workers_on_free_ports(tmp_path):
                              env=clean_env(DDPTRAIN_WORKER_START=method), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
             for i, method in enumerate(("fork", "spawn"))]
+    from ddptrain.run import usable_cores
+
     for job in jobs:
         out, err = job.communicate(timeout=240)
         assert job.returncode == 0, err
+        # on a machine with under two cores a worker, rank 0 says once that one process is usually faster
+        assert err.count("2 workers on this machine's") == (1 if usable_cores() < 4 else 0), err
     for i in range(2):
         state = load_checkpoint(tmp_path / f"job{i}/checkpoints/last.pt")
         assert state["world_size"] == 2 and len(epoch_rows(tmp_path / f"job{i}")) == 2
@@ -151,7 +155,7 @@ def test_resume_at_another_world_size(tmp_path):
     b = load_checkpoint(tmp_path / "straight/checkpoints/last.pt")
     assert a["position"]["epoch"] == 5 and a["world_size"] == 2
     assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-4) for k in a["model"])
-    assert [r["epoch"] for r in epoch_rows(tmp_path / "run")] == [0, 1, 2, 3, 4]
+    assert [r["epoch"] for r in epoch_rows(tmp_path / "run")] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.slow

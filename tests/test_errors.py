@@ -237,10 +237,19 @@ def test_out_holding_a_run(workdir, monkeypatch, capsys):
 
 
 def test_a_run_without_its_last_checkpoint_is_still_a_run(workdir, monkeypatch, capsys):
+    """Without last.pt, --resume auto cannot continue the run: the advice names a checkpoint it can resume."""
     (workdir / "old/checkpoints/last.pt").unlink()
-    check(["fit", "--data", "xor", "--out", "old"], 2, ["already holds a run"], workdir, monkeypatch, capsys)
+    check(["fit", "--data", "xor", "--out", "old"], 2, ["no last.pt", "--resume old/checkpoints/best.pt"], workdir,
+          monkeypatch, capsys)
     check(["fit", "--data", "xor", "--n-samples", "200", "--batch-size", "32", "--hidden", "8", "--out", "old",
            "--resume", "auto"], 2, ["no last.pt", "--resume old/checkpoints/best.pt"], workdir, monkeypatch, capsys)
+
+
+def test_a_run_without_checkpoints_is_not_sent_to_resume(workdir, monkeypatch, capsys):
+    for path in (workdir / "old/checkpoints").iterdir():
+        path.unlink()
+    check(["fit", "--data", "xor", "--out", "old"], 2, ["already holds a run; it has no checkpoint to continue from, "
+                                                        "or pick a new --out"], workdir, monkeypatch, capsys)
 
 
 def test_a_run_written_before_run_markers_is_recognised(workdir, monkeypatch, capsys):

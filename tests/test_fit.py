@@ -40,7 +40,7 @@ def test_fit_writes_run_folder(tmp_path):
     rows = read_metrics(run)
     epochs = [r for r in rows if r["kind"] == "epoch"]
     steps = [r for r in rows if r["kind"] == "step"]
-    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
     for row in epochs:
         assert {"train_loss", "samples_per_s", "epoch_time_s", "epoch_cpu_s", "val_loss", "val_accuracy", "step"} <= row.keys()
         assert 0 < row["epoch_cpu_s"] and 0 < row["epoch_time_s"]
@@ -90,7 +90,7 @@ def test_resume_at_epoch_boundary_is_bit_exact(tmp_path, bins):
     fit(small(tmp_path, "halves", epochs=4, resume="auto", numeric_bins=bins))
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "halves"))
     rows = read_metrics(tmp_path / "halves")
-    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [0, 1, 2, 3]  # no duplicate rows
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2, 3, 4]  # no duplicate rows
     steps = [r["step"] for r in rows if r["kind"] == "step"]
     assert steps == sorted(set(steps))
 
@@ -109,7 +109,7 @@ def test_resume_with_more_epochs_lays_the_schedule_out_again(tmp_path, capsys):
     assert "--epochs 3 (the checkpoint's run planned 2): the cosine rate is laid out again over 3 epochs" in said
     extended = [r for r in read_metrics(tmp_path / "two") if r["kind"] == "step"]
     planned = [r for r in read_metrics(tmp_path / "three") if r["kind"] == "step"]
-    resumed_at = max(r["step"] for r in extended if r["epoch"] == 1)
+    resumed_at = max(r["step"] for r in extended if r["epoch"] == 2)
     later = {r["step"]: r["lr"] for r in extended if r["step"] > resumed_at}
     assert later and later == pytest.approx({r["step"]: r["lr"] for r in planned if r["step"] in later}, rel=1e-9)
     assert extended[-1]["lr"] < 0.05 * extended[0]["lr"]  # it decays to (nearly) zero at the new end

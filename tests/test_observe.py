@@ -113,6 +113,20 @@ def test_tensorboard_events_hold_the_metrics(tmp_path):
     assert steps == sorted(set(steps)) and len(steps) == 3
 
 
+def test_when_more_local_workers_help():
+    """The measured rule: CPU workers under two cores each are slower than one process; GPUs get one each."""
+    from ddptrain.envreport import recommended_launch
+    from ddptrain.run import crowded_cpu_note
+
+    assert crowded_cpu_note("cpu", 2, 2) == (
+        "2 workers on this machine's 2 cores leave each 1 core; on CPU one process (which uses every core) is "
+        "usually faster: fewer workers, or more machines, train quicker (docs/speed.md)")
+    assert "leave each 0.5 cores" in crowded_cpu_note("cpu", 4, 2)
+    assert crowded_cpu_note("cpu", 2, 4) == crowded_cpu_note("cpu", 1, 1) == crowded_cpu_note("cuda", 8, 2) == ""
+    assert recommended_launch(0, 16).startswith("ddptrain fit --data ... (one process uses all 16 cores")
+    assert recommended_launch(4, 16).startswith("ddptrain fit --nproc-per-node 4 ")
+
+
 @pytest.mark.slow
 def test_env_report(tmp_path):
     result = cli("env", cwd=tmp_path)
