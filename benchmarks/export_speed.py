@@ -5,7 +5,7 @@
 
 Writes a table like the tests' (text categories, dates, booleans, every NA token), trains one epoch, exports ONNX,
 then times, alternating, (a) the whole path from the CSV to predictions: the `ddptrain predict` command against
-`benchmarks/serve_onnx.py` (onnxruntime + the csv module, no torch), and (b) the model call alone on the same rows:
+`ddptrain/serve_onnx.py` (onnxruntime + the csv module, no torch), and (b) the model call alone on the same rows:
 onnxruntime's `run` on the raw columns (preprocessing included) against ddptrain's preprocessing transform plus
 the torch forward (`predict_rows`). Medians; prints JSON.
 """
@@ -41,7 +41,7 @@ def main() -> int:
     import torch
     from conftest import clean_env, real_table
 
-    import serve_onnx
+    from ddptrain import serve_onnx
     from ddptrain.checkpoint import inference_model, load_checkpoint
     from ddptrain.config import FitConfig
     from ddptrain.data import labelled_split
@@ -66,7 +66,7 @@ def main() -> int:
 
     predict_cmd = [sys.executable, "-m", "ddptrain", "predict", str(ckpt), "--data", str(data), "--out",
                    str(args.out / "p.csv"), "--overwrite"]
-    serve_cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_onnx.py"), str(model_file), str(data), "--out",
+    serve_cmd = [sys.executable, str(ROOT / "ddptrain" / "serve_onnx.py"), str(model_file), str(data), "--out",
                  str(args.out / "o.csv")]
     # the model call alone: the same rows already read, each side from its own input form
     torch.set_num_threads(2)

@@ -13,22 +13,22 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def check_new_file(out: Path, overwrite: bool, sources: dict[str, Path]) -> None:
-    """Refuse an output path that cannot or must not be written: a folder, a missing or read-only folder, an
-    existing file without --overwrite, or one of the command's own inputs (named in `sources`)."""
+def check_new_file(out: Path, overwrite: bool, sources: dict[str, Path], flag: str = "--out") -> None:
+    """Refuse an output path (given as `flag`) that cannot or must not be written: a folder, a missing or read-only
+    folder, an existing file without --overwrite, or one of the command's own inputs (named in `sources`)."""
     from ddptrain.errors import DDPTrainError
 
     if out.is_dir():
-        raise DDPTrainError(f"--out {out} is a folder; pass a file path inside it")
+        raise DDPTrainError(f"{flag} {out} is a folder; pass a file path inside it")
     if not out.parent.is_dir():
-        raise DDPTrainError(f"--out {out}: folder {out.parent} does not exist; create it or pick another path")
+        raise DDPTrainError(f"{flag} {out}: folder {out.parent} does not exist; create it or pick another path")
     if not os.access(out.parent, os.W_OK):
-        raise DDPTrainError(f"--out {out}: folder {out.parent} is not writable; pick another path")
+        raise DDPTrainError(f"{flag} {out}: folder {out.parent} is not writable; pick another path")
     for name, given in sources.items():
         if out.exists() and given.exists() and out.resolve() == given.resolve():
-            raise DDPTrainError(f"--out {out} is the {name} itself; --overwrite would destroy it; pick another path")
+            raise DDPTrainError(f"{flag} {out} is the {name} itself; --overwrite would destroy it; pick another path")
     if out.exists() and not overwrite:
-        raise DDPTrainError(f"--out {out} already exists; pass --overwrite or pick another path")
+        raise DDPTrainError(f"{flag} {out} already exists; pass --overwrite or pick another path")
 
 
 def temp_name(path: Path) -> Path:

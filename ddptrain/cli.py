@@ -245,12 +245,15 @@ def export(
     out: Annotated[Optional[Path], typer.Option(help="Output file (default: the checkpoint's path with .onnx or "
                                                      ".safetensors).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset of the graph (18 to 23).")] = 18,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    server: Annotated[Optional[Path], typer.Option(
+        help="Also write a standalone server of the ONNX model here (numpy and onnxruntime; no torch, no ddptrain).",
+        metavar="PATH")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out (and --server) if it exists.")] = False,
 ) -> None:
     """Write a model that serves without ddptrain, its preprocessing included (needs the export extra)."""
     from ddptrain.export import export_checkpoint
 
-    export_checkpoint(checkpoint, fmt, out, opset, overwrite)
+    export_checkpoint(checkpoint, fmt, out, opset, overwrite, server)
 
 
 @app.command()

@@ -39,13 +39,25 @@ ONNX_LIMIT = 2 ** 31 - 2 ** 24  # protobuf's 2 GB, less room for the graph itsel
 INNER = "mlp/"  # prefix of the exported torch graph's names inside the served graph
 
 
-def export_checkpoint(path: Path, fmt: str, out: Path | None, opset: int, overwrite: bool) -> Path:
+SERVER = Path(__file__).with_name("serve_onnx.py")  # the standalone ONNX server that --server copies out
+
+
+def export_checkpoint(path: Path, fmt: str, out: Path | None, opset: int, overwrite: bool,
+                      server: Path | None = None) -> Path:
+    """`path` as an ONNX graph or safetensors file at `out`; with `server`, a copy of the standalone onnxruntime
+    server (serve_onnx.py: numpy, onnxruntime and the csv module) beside it."""
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if opset not in OPSETS:
         raise UsageError(f"--opset {opset} is not supported; pick {OPSETS.start} to {OPSETS.stop - 1}")
+    if server is not None and fmt != "onnx":
+        raise UsageError("--server writes an onnxruntime server: it goes with --format onnx")
     out = out if out is not None else path.with_suffix(f".{fmt}")
     atomic.check_new_file(out, overwrite, {"checkpoint": path})
+    if server is not None:
+        if server.resolve() == out.resolve():
+            raise UsageError(f"--server {server} is the model's own --out; give the script another name")
+        atomic.check_new_file(server, overwrite, {"checkpoint": path}, "--server")
     state = load_checkpoint(path)
     model, spec, _ = inference_model(state, torch.device("cpu"), path)
     payload = onnx_bytes(model, spec, opset) if fmt == "onnx" else safetensors_bytes(state, model)
@@ -56,6 +68,14 @@ def export_checkpoint(path: Path, fmt: str, out: Path | None, opset: int, overwr
         raise DDPTrainError(f"could not write {out} ({exc.strerror}); free space or pick another path with --out") \
             from None
     console.line(f"exported {path} to {out} ({fmt}, {len(payload) / 1e6:.2f} MB)", force=True)
+    if server is not None:
+        try:
+            with atomic.replacing(server, "w") as handle:
+                handle.write(SERVER.read_text())
+        except OSError as exc:
+            raise DDPTrainError(f"could not write --server {server} ({exc.strerror}); pick another path") from None
+        console.line(f"wrote the server to {server}: pip install onnxruntime numpy && python {server} {out} "
+                     "rows.csv --out predictions.csv", force=True)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from ddptrain.preprocess import _numeric_parts
 from ddptrain.run import fit
 from ddptrain.tables import Table
 
-SERVE = ROOT / "benchmarks" / "serve_onnx.py"
+SERVE = ROOT / "ddptrain" / "serve_onnx.py"  # what `export --server` writes out
 
 
 def trained(tmp_path, target="label", rows=240, **settings):
@@ -161,3 +162,18 @@ def test_the_export_command(tmp_path):
         f"error: --out {tmp_path / 'm.safetensors'} already exists; pass --overwrite or pick another path"]
     bad = cli("export", str(ckpt), "--format", "pickle", cwd=tmp_path)
     assert bad.returncode == 2 and len(error_lines(bad.stderr)) == 1 and "Traceback" not in bad.stderr
+    # --server: the model and a standalone server beside it, which serves it with onnxruntime alone
+    server = tmp_path / "serve.py"
+    done = cli("export", str(ckpt), "--out", str(tmp_path / "m.onnx"), "--server", str(server), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert server.read_text() == SERVE.read_text() and f"python {server} {tmp_path / 'm.onnx'} rows.csv" in done.stdout
+    if importlib.util.find_spec("onnxruntime") is not None:
+        run = subprocess.run([sys.executable, str(server), str(tmp_path / "m.onnx"), str(tmp_path / "test.csv"),
+                              "--json"], capture_output=True, text=True, timeout=120, env=clean_env(), cwd=tmp_path)
+        assert run.returncode == 0 and len(json.loads(run.stdout)["label"]) == 47, run.stderr
+    again = cli("export", str(ckpt), "--out", str(tmp_path / "m2.onnx"), "--server", str(server), cwd=tmp_path)
+    assert again.returncode == 1 and error_lines(again.stderr) == [
+        f"error: --server {server} already exists; pass --overwrite or pick another path"]
+    assert not (tmp_path / "m2.onnx").exists()
+    wrong = cli("export", str(ckpt), "--format", "safetensors", "--server", str(server), cwd=tmp_path)
+    assert wrong.returncode == 2 and "--server writes an onnxruntime server" in wrong.stderr

@@ -1,9 +1,10 @@
 """Serve a model from `ddptrain export --format onnx` with onnxruntime alone: no torch, no ddptrain.
 
-    pip install onnxruntime numpy
-    python benchmarks/serve_onnx.py model.onnx rows.csv [--out predictions.csv] [--json]
+    ddptrain export CKPT --server serve_onnx.py     # writes the model and a copy of this file
+    pip install onnxruntime numpy                   # all the serving machine needs
+    python serve_onnx.py model.onnx rows.csv [--out predictions.csv] [--json]
 
-The README's serving example. Each graph input is a feature column, shape [rows, 1], and its type says how to feed
+A standalone script shipped inside the package: ddptrain never imports it, `export --server` copies it out. Each graph input is a feature column, shape [rows, 1], and its type says how to feed
 it: float32 (a number; an empty or NA cell is NaN), string (the category as written), int64 (a date or timestamp
 as seconds since 1970-01-01 UTC; -2**63 is missing). Prints rows/s of the model call alone on stderr.
 """
