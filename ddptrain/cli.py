@@ -320,10 +320,29 @@ def entry() -> None:
         raise
 
 
+def flags_without_metavar(command: Any) -> Any:
+    """On/off options (--overwrite, --cache/--no-cache) take no value: the help shows none, rather than `<bool>`."""
+    for sub in getattr(command, "commands", {}).values():
+        flags_without_metavar(sub)
+    for param in getattr(command, "params", []):
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    make_help_option = command.get_help_option  # click makes -h/--help anew for each context
+
+    def help_option(ctx: Any) -> Any:
+        option = make_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
+    return command
+
+
 def main() -> None:
     """Every failure becomes one `error:` line and an exit code (tracebacks with --debug)."""
     try:
-        code = app(standalone_mode=False)
+        code = flags_without_metavar(typer.main.get_command(app)).main(standalone_mode=False)
     except (Exception, KeyboardInterrupt) as exc:
         from ddptrain.report import report
 
