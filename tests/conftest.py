@@ -106,6 +106,17 @@ def pytest_configure(config):
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ddptrain-test-cache-")
 
 
+# the longest tests (30-45 s on 2 cores: a stuck peer waits out torchrun's 30 s grace, the README walkthrough,
+# the world-size benchmark's smoke run) start first, so the two xdist workers finish together
+LONGEST = ("test_stuck_peer_becomes_an_error_within_the_timeout", "test_the_readme_walkthrough_runs_as_written",
+           "test_compare_world_sizes_smoke", "test_the_export_command", "test_sigterm_checkpoints_exits_promptly",
+           "test_elastic_restart_after_sigkill")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: not item.name.startswith(LONGEST))  # stable: the rest keep their order
+
+
 _EXIT_STATUS: list[int] = []
 
 
@@ -120,6 +131,8 @@ def pytest_unconfigure(config):
     ddptrain's command does (`ddptrain.dist.exit_process`), so pytest cannot die of SIGABRT at teardown."""
     import sys
 
+    if hasattr(config, "workerinput"):  # an xdist worker: its controller needs the channel closed normally
+        return
     dist = sys.modules.get("ddptrain.dist")
     if dist is not None and dist.HAD_PROCESS_GROUP and _EXIT_STATUS:
         dist.exit_process(_EXIT_STATUS[-1])

@@ -1,6 +1,6 @@
 """The README and docs/ stay true: every `ddptrain ...` command they show parses with the real command line (no
 unknown option, no bad value), every link to a file of the checkout points at one, and the README's walkthrough
-runs as written, twice."""
+runs as written, and again."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def walkthrough() -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_readme_walkthrough_runs_as_written_twice(tmp_path):
+def test_the_readme_walkthrough_runs_as_written_and_again(tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     (tmp_path / "examples").symlink_to(ROOT / "examples")
@@ -105,8 +105,10 @@ def test_the_readme_walkthrough_runs_as_written_twice(tmp_path):
     assert [shlex.split(s)[:2] for s in steps][:5] == [["ddptrain", "describe"], ["ddptrain", "fit"],
                                                        ["ddptrain", "eval"], ["ddptrain", "predict"],
                                                        ["ddptrain", "export"]]
-    for attempt in (1, 2):
-        for step in steps:
+    # the second time through, the steps that would refuse to redo their work: fit (--resume auto reports the
+    # finished run), predict and export (--overwrite)
+    for attempt, todo in ((1, steps), (2, [s for s in steps if s.split()[1] in ("fit", "predict", "export")])):
+        for step in todo:
             words = shlex.split(step)
             argv = [sys.executable, "-m", "ddptrain", *words[1:]] if words[0] == "ddptrain" else [sys.executable, *words[1:]]
             done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=clean_env())
