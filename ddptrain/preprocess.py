@@ -104,6 +104,11 @@ def level_notes(table: Table, roles: list[ColumnRole], rows: np.ndarray, embeddi
         if r.role != "categorical" or r.distinct < MANY_LEVELS:
             continue
         kept = len(_vocabulary(table, r.name, rows))
+        if kept == 0:  # nothing to learn a level from: say so rather than "0 ... are learnt"
+            notes.append(f"column '{r.name}' has {r.distinct:,} levels, none seen in {least:,} or more rows: all "
+                         "share one 'rare' level, so the column tells the model only whether a cell is missing "
+                         f"(--drop {r.name} if it is an ID)")
+            continue
         notes.append(f"column '{r.name}' has {r.distinct:,} levels: {kept:,} seen in {least:,} or more rows are "
                      f"learnt, the other {r.distinct - kept:,} share one 'rare' level (embedding width "
                      f"{embedding_dim or embedding_size(kept + FIRST_LEVEL)})")

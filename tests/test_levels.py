@@ -78,3 +78,20 @@ def test_an_id_kept_on_purpose_is_a_category_of_rare_levels(tmp_path):
                                       categorical=("order",)))
     plans = {c.name: c for c in data.spec.preprocessor.columns}
     assert plans["order"].levels == ("order-0",)  # the one repeated value; every other id is rare
+
+
+def test_a_column_whose_every_level_is_rare_says_so(tmp_path):
+    """3,000 levels over 30,000 rows (about 10 each), none seen often enough to learn: the note says the column carries nothing
+    but missingness, instead of "0 levels are learnt"."""
+    from ddptrain.preprocess import level_notes, infer_roles
+    from ddptrain.tables import read_table
+
+    rng = np.random.default_rng(0)
+    lines = ["tail,x,label"] + [f"N{rng.integers(0, 3000)},{rng.normal():.3f},{i % 2}" for i in range(30000)]
+    path = tmp_path / "t.csv"
+    path.write_text("\n".join(lines) + "\n")
+    table = read_table(str(path))
+    roles = infer_roles(table, "label")
+    notes = level_notes(table, roles, np.arange(len(table)))
+    tail = [n for n in notes if n.startswith("column 'tail'")]
+    assert len(tail) == 1 and "none seen in" in tail[0] and "--drop tail" in tail[0], notes
