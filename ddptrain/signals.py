@@ -23,8 +23,12 @@ class StopRequest:
         return self
 
     def uninstall(self) -> None:
+        """The handlers from before install(); but once a SIGTERM has asked the job to stop, later SIGTERMs are
+        ignored while it checkpoints and says so: they carry no news, and a worker whose launcher died gets one
+        for each of the launcher's threads as they end (PR_SET_PDEATHSIG), some after training has stopped."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+            stopping = sig == signal.SIGTERM and self.signal_name == "SIGTERM"
+            signal.signal(sig, signal.SIG_IGN if stopping else handler)  # type: ignore[arg-type]
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:

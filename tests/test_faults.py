@@ -376,6 +376,26 @@ def test_workers_checkpoint_and_stop_when_their_agent_is_killed(tmp_path):
     assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["position"]["global_step"] >= 6
 
 
+def test_sigterms_after_a_sigterm_stop_are_ignored_until_the_process_ends():
+    """A worker whose agent died gets a SIGTERM for each of the agent's threads as they end, some after training
+    stopped: those must not kill it before it has checkpointed and said so (they did, silently, under load)."""
+    script = (
+        "import os, signal, time\n"
+        "from ddptrain.signals import StopRequest\n"
+        "stop = StopRequest().install()\n"
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)\n"
+        "assert stop.signal_name == 'SIGTERM'\n"
+        "stop.uninstall()\n"
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)\n"
+        "print('still here')\n"
+        "other = StopRequest().install(); other.uninstall()\n"  # no stop asked: the previous handler comes back
+        "assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL); StopRequest().install().uninstall()\n"
+        "assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert done.returncode == 0 and done.stdout == "still here\n", (done.returncode, done.stderr)
+
+
 @pytest.mark.slow
 def test_all_ranks_failing_alike_print_one_line_and_torchrun_names_the_cause(tmp_path):
     result = subprocess.run(torchrun_cmd(2, "fit", "--data", "xor", "--hidden", "abc", "--out", "run"), cwd=tmp_path,
