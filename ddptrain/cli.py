@@ -102,7 +102,7 @@ def _setting_option(f: dataclasses.Field) -> Parameter:
         # terminal truncates
         kind, default = meta["choices"], meta["choices"](default)
         help_text += f" One of: {', '.join(c.value for c in kind)}."
-        extra["metavar"] = f.name.upper()
+        extra["metavar"] = "NAME"
     elif f.name in ("hidden", "betas", *COLUMN_LISTS):  # comma-separated on the command line
         kind, default = str, ",".join(map(str, default))
     annotation = Optional[kind] if optional else kind

@@ -59,6 +59,7 @@ DEFAULT_EPOCHS, MIN_DEFAULT_STEPS = 20, 250
 DEFAULT_PATIENCE = 5
 DEFAULT_ADAMW_DECAY = 0.1
 BLOCK_SHUFFLE_BYTES = 10 ** 9
+EMBED_CAP = 8  # the widest embedding a categorical column gets by default (--embedding-dim sets every width)
 DATA, MODEL, OPTIM, DIST, RUN = "Data", "Model", "Optimization", "Distributed", "Run folder and logging"
 
 
@@ -107,7 +108,8 @@ class FitConfig:
         (128, 128), "Hidden widths, comma-separated ('' for a linear model).", MODEL, fixed=True)
     activation: str = setting("relu", 'Activation after each hidden layer.', MODEL, choices=Activation, fixed=True)
     embedding_dim: int | None = setting(
-        None, "Width of every categorical column's embedding (default: min(600, 1.6 * levels ** 0.56)).", MODEL,
+        None, "Width of every categorical column's embedding (default: round(1.6 * levels ** 0.56), at most "
+              f"{EMBED_CAP}: a column of many levels cannot take over the model).", MODEL,
         fixed=True)
     dropout: float = setting(0.0, 'Dropout probability after each hidden layer.', MODEL, fixed=True)
     bagging: str = setting(
@@ -162,7 +164,7 @@ class FitConfig:
     nan_policy: str = setting(
         "stop", 'On a non-finite loss: stop, or skip the step (skip costs a sync per step).', OPTIM, choices=NanPolicy)
     deterministic: bool = setting(
-        False, 'torch.use_deterministic_algorithms and cuDNN/cuBLAS settings.', OPTIM, flags=('--deterministic/--no-deterministic',))
+        False, "Use torch's deterministic algorithms and cuDNN/cuBLAS settings.", OPTIM, flags=('--deterministic/--no-deterministic',))
     # distributed
     backend: str = setting("auto", 'Process-group backend (auto: NCCL on CUDA, else Gloo).', DIST, choices=Backend)
     device: str = setting("auto", 'Device; on GPUs each process binds cuda:LOCAL_RANK.', DIST, choices=Device)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ddptrain.config import EMBED_CAP
 from ddptrain.errors import DDPTrainError, UsageError
 from ddptrain.tables import Table
 
@@ -32,7 +33,6 @@ ROLES = ("numeric", "categorical", "datetime", "dropped")
 DATE_PARTS = ("year", "month", "day", "dayofweek", "dayofyear", "elapsed_days")
 RARE_COUNT = 3  # a level seen fewer times in the training rows is "unknown" (rare_count: more on long tables)
 RARE_SHARE = 0.001  # on a long table: a level in fewer than this share of the training rows is rare
-EMBED_CAP = 8  # the widest embedding a categorical column gets by default (--embedding-dim sets every width)
 ID_SHARE = 0.5  # a text column with at least this many distinct values per present cell is an ID (dropped)
 MANY_LEVELS = 100  # a categorical column with this many levels gets a line in fit and describe
 UNKNOWN, MISSING, FIRST_LEVEL = 0, 1, 2  # the first two codes of every categorical column; known levels follow
