@@ -150,18 +150,29 @@ def test_a_feature_named_like_an_output_is_refused(tmp_path):
         export_checkpoint(tmp_path / "run/checkpoints/best.pt", "onnx", None, 18, overwrite=False)
 
 
+def in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """`ddptrain ARGS` in this process (a refusal needs no fresh interpreter): its exit code and stderr."""
+    from ddptrain.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ddptrain", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, capsys.readouterr().err
+
+
 @pytest.mark.slow
-def test_the_export_command(tmp_path):
+def test_the_export_command(tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnx")
     ckpt = trained(tmp_path)
     done = cli("export", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "exported" in done.stdout and (tmp_path / "m.safetensors").is_file()
-    again = cli("export", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors"), cwd=tmp_path)
-    assert again.returncode == 1 and error_lines(again.stderr) == [
+    code, err = in_process(monkeypatch, capsys, "export", str(ckpt), "--format", "safetensors", "--out",
+                           str(tmp_path / "m.safetensors"))
+    assert code == 1 and error_lines(err) == [
         f"error: --out {tmp_path / 'm.safetensors'} already exists; pass --overwrite or pick another path"]
-    bad = cli("export", str(ckpt), "--format", "pickle", cwd=tmp_path)
-    assert bad.returncode == 2 and len(error_lines(bad.stderr)) == 1 and "Traceback" not in bad.stderr
+    code, err = in_process(monkeypatch, capsys, "export", str(ckpt), "--format", "pickle")
+    assert code == 2 and len(error_lines(err)) == 1 and "Traceback" not in err
     # --server: the model and a standalone server beside it, which serves it with onnxruntime alone
     server = tmp_path / "serve.py"
     done = cli("export", str(ckpt), "--out", str(tmp_path / "m.onnx"), "--server", str(server), cwd=tmp_path)
@@ -171,9 +182,10 @@ def test_the_export_command(tmp_path):
         run = subprocess.run([sys.executable, str(server), str(tmp_path / "m.onnx"), str(tmp_path / "test.csv"),
                               "--json"], capture_output=True, text=True, timeout=120, env=clean_env(), cwd=tmp_path)
         assert run.returncode == 0 and len(json.loads(run.stdout)["label"]) == 47, run.stderr
-    again = cli("export", str(ckpt), "--out", str(tmp_path / "m2.onnx"), "--server", str(server), cwd=tmp_path)
-    assert again.returncode == 1 and error_lines(again.stderr) == [
+    code, err = in_process(monkeypatch, capsys, "export", str(ckpt), "--out", str(tmp_path / "m2.onnx"), "--server",
+                           str(server))
+    assert code == 1 and error_lines(err) == [
         f"error: --server {server} already exists; pass --overwrite or pick another path"]
     assert not (tmp_path / "m2.onnx").exists()
-    wrong = cli("export", str(ckpt), "--format", "safetensors", "--server", str(server), cwd=tmp_path)
-    assert wrong.returncode == 2 and "--server writes an onnxruntime server" in wrong.stderr
+    code, err = in_process(monkeypatch, capsys, "export", str(ckpt), "--format", "safetensors", "--server", str(server))
+    assert code == 2 and "--server writes an onnxruntime server" in err
