@@ -28,7 +28,7 @@ from ddptrain.model import Ensemble
 from ddptrain.console import console
 from ddptrain.data import DataSpec
 from ddptrain.errors import DDPTrainError, UsageError
-from ddptrain.preprocess import MISSING, UNKNOWN, ColumnPlan
+from ddptrain.preprocess import FIRST_LEVEL, MISSING, UNKNOWN, ColumnPlan
 from ddptrain.tables import NA_TOKENS
 
 FORMATS = ("onnx", "safetensors")
@@ -112,6 +112,8 @@ class ServingModule(nn.Module):
                 infinite = [math.inf] * len(plan.mean)
                 self.register_buffer(f"low{i}", torch.tensor([plan.low or [-v for v in infinite]], dtype=torch.float64))
                 self.register_buffer(f"high{i}", torch.tensor([plan.high or infinite], dtype=torch.float64))
+            if plan.role == "numeric" and plan.levels:  # numeric codes: each level's value, for the lookup
+                self.register_buffer(f"levels{i}", torch.tensor([[float(v) for v in plan.levels]], dtype=torch.float64))
 
     def forward(self, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
         numbers, codes = [], []
@@ -126,11 +128,24 @@ class ServingModule(nn.Module):
             numbers.append((filled - getattr(self, f"mean{i}")) / getattr(self, f"std{i}"))
             if plan.indicator:
                 numbers.append(missing.double())
+            if plan.role == "numeric" and plan.levels:
+                codes.append(code_lookup(values, getattr(self, f"levels{i}")))
         out = self.model(torch.cat(numbers + codes, dim=1).float()).float()
         if self.spec.task == "classification":
             probabilities = torch.softmax(out, dim=1)
             return probabilities, torch.argmax(probabilities, dim=1)
         return ((out.squeeze(1).double() * self.spec.y_std + self.spec.y_mean).float(),)
+
+
+def code_lookup(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """float64 [rows, 1] -> each value's code among `levels` [1, L] as Preprocessor.transform gives it (a known
+    level FIRST_LEVEL + its index, a missing value MISSING, any other UNKNOWN), float64 [rows, 1]."""
+    hit = (values == levels).double()  # [rows, L]: at most one 1 a row (levels are distinct)
+    index = torch.arange(levels.shape[1], dtype=torch.float64, device=values.device)[None, :]
+    known = hit.sum(dim=1, keepdim=True)
+    code = torch.where(known > 0, (hit * index).sum(dim=1, keepdim=True) + FIRST_LEVEL,
+                       torch.full_like(known, float(UNKNOWN)))
+    return torch.where(torch.isnan(values), torch.full_like(code, float(MISSING)), code)
 
 
 def date_parts(seconds: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, clean_env, cli, error_lines, real_table
-from ddptrain.checkpoint import inference_model
+from ddptrain.checkpoint import inference_model, load_checkpoint
 from ddptrain.config import FitConfig
 from ddptrain.errors import DDPTrainError, UsageError
 from ddptrain.evaluate import predict_to_csv
@@ -189,3 +189,26 @@ def test_the_export_command(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "m2.onnx").exists()
     code, err = in_process(monkeypatch, capsys, "export", str(ckpt), "--format", "safetensors", "--server", str(server))
     assert code == 2 and "--server writes an onnxruntime server" in err
+
+
+@pytest.mark.slow
+def test_onnx_serves_numeric_codes_as_predict_does(tmp_path):
+    """A store number embedded beside its value: the graph looks each value up among the training levels as the
+    preprocessor does (a new store, an empty cell and a fraction included)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from test_levels import store_sales
+
+    store_sales(tmp_path / "train.csv")
+    fit(FitConfig(data=str(tmp_path / "train.csv"), target="sales", epochs=3, hidden=(16,), quiet=True,
+                  out=str(tmp_path / "run")))
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    assert any(c["levels"] for c in load_checkpoint(ckpt)["data_spec"]["preprocessor"]["columns"])
+    store_sales(tmp_path / "test.csv", rows=40, seed=5)
+    with (tmp_path / "test.csv").open("a") as handle:
+        handle.write("99,10.0,5,0\n,10.0,5,0\n3.5,10.0,5,0\n7,10.0,,0\n")
+    out = export_checkpoint(ckpt, "onnx", tmp_path / "m.onnx", 18, overwrite=False)
+    predict_to_csv(ckpt, str(tmp_path / "test.csv"), tmp_path / "p.csv", (), overwrite=False)
+    expected = np.array([float(row["prediction"]) for row in csv.DictReader((tmp_path / "p.csv").open())])
+    got = np.array(served(out, tmp_path / "test.csv")["value"])
+    assert len(got) == 44 and np.abs(got - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
