@@ -14,6 +14,13 @@ ordinal-encoded), RealMLP-TD pandas categories (and training medians in missing 
 imputation and scaling. Each model's fit time is kept. With `--nproc 1,2` ddptrain also trains with 2 processes
 (`--nproc-per-node 2`) and the largest relative gap of the per-epoch losses between the two is reported. Prints a
 table and the goals' summary, and writes JSON.
+
+RealMLP-TD is slow on one CPU thread past 20,000 rows (one split of baseball-hr ran over 20 minutes), so the tables
+can run as shards with their own `--models`, joined by `--combine`:
+
+    python benchmarks/real_tables.py --tables small --out benchmarks/out/rt-small
+    python benchmarks/real_tables.py --tables large --models ddptrain,hist_gb,lightgbm,sklearn_mlp --out benchmarks/out/rt-large
+    python benchmarks/real_tables.py --combine benchmarks/out/rt-small/results.json benchmarks/out/rt-large/results.json
 """
 
 from __future__ import annotations
@@ -255,6 +262,9 @@ def goals(results: list[dict]) -> dict:
         limit = {"classification": 0.01, "regression": 0.05}
         out["further_behind_than_the_limit"] = [r["table"] for r in boosted
                                                 if max(behind(r, "hist_gb"), behind(r, "lightgbm")) > limit[r["task"]]]
+    gaps_1_vs_2 = [r["loss_gap_1_vs_2"] for r in results if "loss_gap_1_vs_2" in r]
+    if gaps_1_vs_2:
+        out["largest_per_epoch_loss_gap_1_vs_2_processes"] = max(gaps_1_vs_2)
     real = [r for r in results if "realmlp_td" in r]
     for task in ("classification", "regression"):
         gaps = [behind(r, "realmlp_td") for r in real if r["task"] == task]
@@ -271,7 +281,12 @@ def main() -> int:
     parser.add_argument("--nproc", default="1", help="1, or 1,2 to compare ddptrain's losses at 2 processes")
     parser.add_argument("--fit-args", default="", help="flags added to every `ddptrain fit`")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated split seeds; the table shows medians")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="RESULTS_JSON",
+                        help="print one table and goals summary from the results.json of earlier runs (shards of "
+                             "tables, or the same tables with other models), written to --out; trains nothing")
     args = parser.parse_args()
+    if args.combine:
+        return combine(args.combine, args.out)
     args.models = args.models.split(",")
     args.nproc = [int(n) for n in args.nproc.split(",")]
     args.fit_args = args.fit_args.split()
@@ -297,18 +312,40 @@ def main() -> int:
     return 0
 
 
+def combine(paths: list[Path], out: Path) -> int:
+    """One table from several runs' results.json: a table's entries merge (the later file's scores win), so a
+    model run on some tables only (RealMLP-TD, say) joins the others' rows."""
+    merged: dict[str, dict] = {}
+    for path in paths:
+        for row in json.loads(path.read_text())["tables"]:
+            if row["table"] in merged:
+                splits = {s["seed"]: s for s in merged[row["table"]]["splits"]}
+                for split in row["splits"]:
+                    splits[split["seed"]] = {**splits.get(split["seed"], {}), **split}
+                row = {**merged[row["table"]], **row, "splits": list(splits.values())}
+            merged[row["table"]] = row
+    results = [merged[name] for name in TABLES if name in merged]
+    summary = goals(results)
+    print_table(results, summary)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"tables": results, "goals": summary}, indent=2) + "\n")
+    return 0
+
+
 def print_table(results: list[dict], summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    scores = [k for k in results[0] if k.startswith("ddptrain_") and not k.endswith("_s") or k in MODELS]
+    keys = dict.fromkeys(k for r in results for k in r)  # every model that ran on any table, in order
+    scores = [k for k in keys if k.startswith("ddptrain_") and not k.endswith("_s") or k in MODELS]
     table = Table(title="ddptrain (defaults, only --target) against other models on held-out rows (accuracy: "
                         "higher is better; RMSE: lower is better); medians over splits; fit seconds after /")
     for heading in ("table", "metric", "rows", "levels", *scores):
         table.add_column(heading)
     for r in results:
         table.add_row(r["table"], "accuracy" if r["task"] == "classification" else "RMSE", f"{r['rows']:,}",
-                      f"{r['most_levels']:,}", *(f"{r[k]:.4g} / {r.get(k + '_s', 0):.0f}" for k in scores))
+                      f"{r['most_levels']:,}",
+                      *(f"{r[k]:.4g} / {r.get(k + '_s', 0):.0f}" if k in r else "-" for k in scores))
     console = Console(width=170)
     console.print(table)
     console.print(json.dumps(summary, indent=2))
