@@ -312,6 +312,19 @@ def main() -> int:
     return 0
 
 
+def markdown_table(results: list[dict]) -> str:
+    """The results as a Markdown table for RESULTS.md: each score a median over splits, then its fit seconds."""
+    keys = dict.fromkeys(k for r in results for k in r)
+    scores = [k for k in keys if k.startswith("ddptrain_") and not k.endswith("_s") or k in MODELS]
+    lines = ["| table | rows | most levels | metric | " + " | ".join(scores) + " |",
+             "| --- " * (4 + len(scores)) + "|"]
+    for r in results:
+        cells = [f"{r[k]:.4g} / {r.get(k + '_s', 0):.0f} s" if k in r else "-" for k in scores]
+        lines.append(f"| {r['table']} | {r['rows']:,} | {r['most_levels']:,} | "
+                     f"{'accuracy' if r['task'] == 'classification' else 'RMSE'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def combine(paths: list[Path], out: Path) -> int:
     """One table from several runs' results.json: a table's entries merge (the later file's scores win), so a
     model run on some tables only (RealMLP-TD, say) joins the others' rows."""
@@ -329,6 +342,7 @@ def combine(paths: list[Path], out: Path) -> int:
     print_table(results, summary)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"tables": results, "goals": summary}, indent=2) + "\n")
+    (out / "results.md").write_text(markdown_table(results) + "\n")
     return 0
 
 
