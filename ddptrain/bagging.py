@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ddptrain.checkpoint import Position
-from ddptrain.config import VALIDATE_FROM_ROWS, FitConfig
+from ddptrain.config import BAG_BELOW_ROWS, FitConfig
 from ddptrain.data import Split, eval_shard
 from ddptrain.dist import all_reduce_sum
 from ddptrain.metrics import EVAL_CHUNK
@@ -27,13 +27,13 @@ FOLD_SEED = 0x6B666F6C64  # folds drawn apart from the split and the data order
 
 
 def resolve_members(cfg: FitConfig, train_rows: int, has_validation: bool, from_file: bool) -> int:
-    """--bagging as a member count (1: off). auto: DEFAULT_MEMBERS for a table file under VALIDATE_FROM_ROWS rows
+    """--bagging as a member count (1: off). auto: DEFAULT_MEMBERS for a table file under BAG_BELOW_ROWS rows
     without validation rows (where one model would train blind), else off."""
     if cfg.bagging == "off":
         return 1
     if cfg.bagging != "auto":
         return int(cfg.bagging)
-    small = from_file and not has_validation and train_rows < VALIDATE_FROM_ROWS
+    small = from_file and not has_validation and train_rows < BAG_BELOW_ROWS
     return DEFAULT_MEMBERS if small and train_rows >= 2 * DEFAULT_MEMBERS else 1
 
 

@@ -55,6 +55,7 @@ Shuffle auto exact block
  Monitor, ClassWeight, Shuffle) = (_choice(*line.split(maxsplit=1)) for line in CHOICE_VALUES.strip().splitlines())
 
 DEFAULT_VAL_FRACTION, VALIDATE_FROM_ROWS = 0.2, 1000
+BAG_BELOW_ROWS = 5000  # a table file this short is bagged by default: every row trains, out-of-fold validation
 DEFAULT_EPOCHS, MIN_DEFAULT_STEPS = 20, 250
 DEFAULT_PATIENCE = 5
 DEFAULT_ADAMW_DECAY = 0.1
@@ -83,7 +84,8 @@ class FitConfig:
     task: str = setting("auto", "Task (auto: from the target's values).", DATA, choices=Task, fixed=True)
     val_fraction: float | None = setting(
         None, f'Seeded validation split of the data; 0 turns validation off (default: {DEFAULT_VAL_FRACTION} for '
-              f'tables of {VALIDATE_FROM_ROWS:,} rows or more; a smaller table is bagged: see --bagging).', DATA, fixed=True)
+              f'tables of {BAG_BELOW_ROWS:,} rows or more and built-in datasets of {VALIDATE_FROM_ROWS:,}; a smaller table '
+              'file is bagged: see --bagging).', DATA, fixed=True)
     val_data: str | None = setting(None, 'A separate validation file (instead of --val-fraction).', DATA, fixed=True)
     n_samples: int = setting(4000, 'Rows of a built-in dataset.', DATA, fixed=True)
     n_features: int | None = setting(None, 'Features of blobs/regression.', DATA, fixed=True)
@@ -115,7 +117,7 @@ class FitConfig:
     bagging: str = setting(
         "auto", "k-fold bagging: K models, each trained on all training rows but one fold and early-stopped on that "
                 "fold; predictions are their average, and the out-of-fold score is the run's validation figure. A "
-                "member count (2 to 32), off, or auto: 5 for a table file under 1,000 rows without validation rows, "
+                f"member count (2 to 32), off, or auto: 5 for a table file under {BAG_BELOW_ROWS:,} rows without validation rows, "
                 "else off.", MODEL, fixed=True)
     numeric_bins: int | None = setting(
         None, "Piecewise-linear pieces per numeric column, cut at the training rows' quantiles, fed to the first "
@@ -422,11 +424,14 @@ def _check(ok: bool, message: str) -> None:
 DEFAULT_BATCH = 64
 
 
-def resolve_val_fraction(cfg: FitConfig, rows: int) -> float:
+def resolve_val_fraction(cfg: FitConfig, rows: int, from_file: bool) -> float:
     """As given, or 0.2 for a table of 1,000 rows or more and 0 below: a few hundred rows are too few both to give
-    a fifth away and to pick a best epoch on (scikit-learn's models hold nothing out at this size either)."""
+    a fifth away and to pick a best epoch on (scikit-learn's models hold nothing out at this size either). A table
+    file under BAG_BELOW_ROWS rows that is bagged (--bagging auto) holds nothing out either: its folds validate."""
     if cfg.val_fraction is not None:
         return cfg.val_fraction
+    if from_file and cfg.bagging == "auto" and rows < BAG_BELOW_ROWS:
+        return 0.0
     return DEFAULT_VAL_FRACTION if rows >= VALIDATE_FROM_ROWS else 0.0
 
 

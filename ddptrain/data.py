@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ddptrain import datasets
-from ddptrain.config import VALIDATE_FROM_ROWS, FitConfig, resolve_val_fraction
+from ddptrain.config import BAG_BELOW_ROWS, VALIDATE_FROM_ROWS, FitConfig, resolve_val_fraction
 from ddptrain.errors import DDPTrainError, UsageError
 from ddptrain.ondisk import allocate_in, stage_table
 from ddptrain.preprocess import (
@@ -262,9 +262,10 @@ def prepare_fit_data(cfg: FitConfig, workspace: Path | None = None) -> FitData:
     if cfg.val_data:
         train_rows, val_rows = np.arange(len(table)), np.array([], dtype=np.int64)
     else:
-        fraction = resolve_val_fraction(cfg, len(table))
+        fraction = resolve_val_fraction(cfg, len(table), looks_like_path(cfg.data))
         if fraction == 0 and cfg.val_fraction is None:
-            notes.append(f"no validation split: the table has {len(table):,} rows, under {VALIDATE_FROM_ROWS:,}, and "
+            under = VALIDATE_FROM_ROWS if len(table) < VALIDATE_FROM_ROWS else BAG_BELOW_ROWS
+            notes.append(f"no validation split: the table has {len(table):,} rows, under {under:,}, and "
                          "every row trains; hold some out with --val-fraction 0.2 or --val-data FILE")
         train_rows, val_rows = _split_rows(len(table), fraction, cfg.seed)
     pre = fit_preprocessor(table, roles, train_rows, cfg.embedding_dim)

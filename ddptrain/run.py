@@ -97,7 +97,7 @@ def load_data(cfg: FitConfig, world_size: int, saved: dict[str, Any]) -> tuple[F
     data = prepare(cfg)
     if cfg.val_fraction is None and not cfg.val_data:  # recorded as decided, so a resume compares like with like
         rows = len(data.train) + (len(data.val) if data.val is not None else 0)
-        cfg = dataclasses.replace(cfg, val_fraction=resolve_val_fraction(cfg, rows))
+        cfg = dataclasses.replace(cfg, val_fraction=resolve_val_fraction(cfg, rows, looks_like_path(cfg.data)))
     cfg = resolve_shuffle(cfg, data.train.x.numel() * data.train.x.element_size())
     if cfg.batch_size is None:
         cfg = resolve_batch(cfg, len(data.train))

@@ -133,3 +133,24 @@ def test_bagging_flags(tmp_path):
             FitConfig(bagging=bad)
     with pytest.raises(UsageError, match="cannot resume"):  # a fixed setting: a resume keeps it
         fit(bagged(tmp_path, "three", bagging="off", epochs=3, val_fraction=0.2, resume="auto"))
+
+
+def test_a_table_file_under_5000_rows_is_bagged_on_every_row_and_a_longer_one_holds_a_fifth_out(tmp_path):
+    """Bagging paid on tables of 1,316 to 5,748 rows too (RESULTS.md): a table file under BAG_BELOW_ROWS rows is
+    bagged on every row by default; --bagging off there, a longer file and a built-in dataset hold a fifth out."""
+    from ddptrain.bagging import resolve_members
+    from ddptrain.config import BAG_BELOW_ROWS, resolve_val_fraction
+    from ddptrain.data import prepare_fit_data
+
+    assert BAG_BELOW_ROWS == 5000
+    medium = real_table(tmp_path / "medium.csv", rows=3000)
+    data = prepare_fit_data(FitConfig(data=str(medium), target="label"))
+    assert len(data.train) == 3000 and data.val is None
+    assert any("no validation split: the table has 3,000 rows, under 5,000" in n for n in data.spec.notes)
+    assert resolve_members(FitConfig(data=str(medium)), 3000, False, True) == 5
+    held = prepare_fit_data(FitConfig(data=str(medium), target="label", bagging="off"))
+    assert (len(held.train), len(held.val)) == (2400, 600)
+    assert resolve_val_fraction(FitConfig(), 5000, from_file=True) == 0.2
+    assert resolve_val_fraction(FitConfig(), 4999, from_file=True) == 0.0
+    assert resolve_val_fraction(FitConfig(), 3000, from_file=False) == 0.2  # built-ins: from 1,000 rows
+    assert resolve_members(FitConfig(), 4000, True, True) == 1  # validation rows asked for: one model
