@@ -262,7 +262,7 @@ def goals(results: list[dict]) -> dict:
         limit = {"classification": 0.01, "regression": 0.05}
         out["further_behind_than_the_limit"] = [r["table"] for r in boosted
                                                 if max(behind(r, "hist_gb"), behind(r, "lightgbm")) > limit[r["task"]]]
-    gaps_1_vs_2 = [r["loss_gap_1_vs_2"] for r in results if "loss_gap_1_vs_2" in r]
+    gaps_1_vs_2 = [s["loss_gap_1_vs_2"] for r in results for s in r["splits"] if "loss_gap_1_vs_2" in s]
     if gaps_1_vs_2:
         out["largest_per_epoch_loss_gap_1_vs_2_processes"] = max(gaps_1_vs_2)
     real = [r for r in results if "realmlp_td" in r]
