@@ -42,8 +42,10 @@ MANY_LEVELS = 100  # a categorical column with this many levels gets a line in f
 UNKNOWN, MISSING, FIRST_LEVEL = 0, 1, 2  # the first two codes of every categorical column; known levels follow
 UNIQUE_MIN_ROWS = 20  # a text column unique in every row of a table this long is an ID or a name
 # whole numbers of at least CODE_LEVELS kept levels, each value in CODE_REPEATS training rows on average and the
-# values about equally often (the deviation of their counts at most CODE_EVENNESS of the mean) are codes: embedded too
-CODE_LEVELS, CODE_REPEATS, CODE_EVENNESS = 3, 5, 0.5
+# values about equally often (the deviation of their counts at most CODE_EVENNESS of the mean) are codes: embedded
+# too. Fewer values (a rating of 1 to 5, a weekday) an MLP tells apart from the number itself: embedded, they
+# gained nothing measurable and a 1-5 rating cost one table 0.025 accuracy (RESULTS.md)
+CODE_LEVELS, CODE_REPEATS, CODE_EVENNESS = 8, 5, 0.5
 CHUNK_ROWS = 1 << 20  # rows per step of column work (transform, checks)
 MOSTLY_NUMBERS = 0.95  # a text column whose present cells are numbers this often is numeric (the rest: missing)
 

@@ -206,7 +206,7 @@ def test_onnx_serves_numeric_codes_as_predict_does(tmp_path):
     assert any(c["levels"] for c in load_checkpoint(ckpt)["data_spec"]["preprocessor"]["columns"])
     store_sales(tmp_path / "test.csv", rows=40, seed=5)
     with (tmp_path / "test.csv").open("a") as handle:
-        handle.write("99,10.0,5,0\n,10.0,5,0\n3.5,10.0,5,0\n7,10.0,,0\n")
+        handle.write("99,10.0,5,3,0\n,10.0,5,3,0\n3.5,10.0,5,3,0\n7,10.0,,,0\n")
     out = export_checkpoint(ckpt, "onnx", tmp_path / "m.onnx", 18, overwrite=False)
     predict_to_csv(ckpt, str(tmp_path / "test.csv"), tmp_path / "p.csv", (), overwrite=False)
     expected = np.array([float(row["prediction"]) for row in csv.DictReader((tmp_path / "p.csv").open())])

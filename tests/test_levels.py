@@ -98,16 +98,18 @@ def test_a_column_whose_every_level_is_rare_says_so(tmp_path):
 
 
 def store_sales(path, rows=1500, seed=0, stores=30):
-    """Sales by store number (1..30, each store its own offset: no smooth function of the number), a price and a
-    count of whole numbers that is too spread out to repeat (a quantity, not a code)."""
+    """Sales by store number (1..30, each store its own offset: no smooth function of the number), a price, a
+    count of whole numbers too spread out to repeat (a quantity, not a code) and a 1-5 rating (too few values to
+    need an embedding)."""
     rng = np.random.default_rng(seed)
     offset = np.random.default_rng(99).normal(0, 3, stores + 1)
     store = rng.integers(1, stores + 1, rows)
     price = rng.normal(10, 2, rows)
     visitors = rng.integers(0, 100_000, rows)
-    sales = offset[store] + 0.5 * price + rng.normal(0, 0.3, rows)
-    cells = [f"{s},{p:.3f},{v},{y:.4f}" for s, p, v, y in zip(store, price, visitors, sales)]
-    path.write_text("\n".join(["store,price,visitors,sales"] + cells) + "\n")
+    rating = rng.integers(1, 6, rows)
+    sales = offset[store] + 0.5 * price + 0.1 * rating + rng.normal(0, 0.3, rows)
+    cells = [f"{s},{p:.3f},{v},{r},{y:.4f}" for s, p, v, r, y in zip(store, price, visitors, rating, sales)]
+    path.write_text("\n".join(["store,price,visitors,rating,sales"] + cells) + "\n")
     return path
 
 
@@ -116,6 +118,7 @@ def test_whole_numbers_that_repeat_like_codes_are_also_embedded(tmp_path):
     plans = {c.name: c for c in data.spec.preprocessor.columns}
     assert plans["store"].role == "numeric" and plans["store"].width == 1 and len(plans["store"].levels) == 30
     assert not plans["visitors"].levels and not plans["price"].levels  # too spread out to repeat; not whole
+    assert not plans["rating"].levels  # 5 values: the number tells them apart
     assert data.spec.preprocessor.embeddings == ((32, embedding_size(32)),)
     assert any("repeat like codes" in n and "'store' (30)" in n for n in data.spec.notes)
     # the code follows the number: a store's rows share one code, never the UNKNOWN or MISSING one
@@ -130,7 +133,8 @@ def test_an_embedded_code_learns_what_the_number_alone_cannot(tmp_path):
     from ddptrain.run import fit
 
     store_sales(tmp_path / "sales.csv")
-    common = dict(data=str(tmp_path / "sales.csv"), target="sales", epochs=15, hidden=(32, 32), quiet=True)
+    common = dict(data=str(tmp_path / "sales.csv"), target="sales", epochs=15, hidden=(32, 32), quiet=True,
+                  bagging="off")  # one model each, on a fifth held out: the codes, not the bagging, are tested
     coded = fit(FitConfig(**common, out=str(tmp_path / "coded")))
     alone = fit(FitConfig(**common, numeric=("store",), out=str(tmp_path / "alone")))
     assert coded["best"] < 0.5 * alone["best"], (coded["best"], alone["best"])  # validation loss
