@@ -373,19 +373,25 @@ def code_levels(table: Table, role: ColumnRole, train_rows: np.ndarray, train: n
     return levels if len(levels) >= CODE_LEVELS else ()
 
 
-def code_notes(table: Table, roles: list[ColumnRole], rows: np.ndarray) -> list[str]:
-    """One line naming the numeric columns of codes among `rows` (the training rows at fit; every row in
-    describe), which are embedded too."""
-    found = []
+def code_columns(table: Table, roles: list[ColumnRole], rows: np.ndarray) -> dict[str, int]:
+    """The numeric columns of codes among `rows` (the training rows at fit; every row in describe), which are
+    embedded too, and how many of their values get an embedding."""
+    found = {}
     for r in roles:
         if r.role == "numeric" and r.kind == "number" and r.reason != "--numeric":
             levels = code_levels(table, r, rows, _numeric_parts(table, r.name, r.role, rows)[0])
             if levels:
-                found.append(f"'{r.name}' ({len(levels):,})")
-    if not found:
+                found[r.name] = len(levels)
+    return found
+
+
+def code_notes(codes: dict[str, int]) -> list[str]:
+    """One line naming the numeric columns of codes (code_columns)."""
+    if not codes:
         return []
+    found = ", ".join(f"'{name}' ({count:,})" for name, count in codes.items())
     return [f"whole numbers that repeat like codes are also fed as categories, each frequent value with an embedding "
-            f"of its own: {', '.join(found)} values; --numeric COLUMN keeps one a number alone"]
+            f"of its own: {found} values; --numeric COLUMN keeps one a number alone"]
 
 
 def _row_chunks(rows: np.ndarray) -> list[np.ndarray]:

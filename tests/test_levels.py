@@ -127,6 +127,14 @@ def test_whole_numbers_that_repeat_like_codes_are_also_embedded(tmp_path):
     # --numeric asks for the number alone
     alone = prepare_fit_data(FitConfig(data=str(tmp_path / "sales.csv"), target="sales", numeric=("store",)))
     assert not alone.spec.preprocessor.embeddings
+    # describe says so before any training
+    from ddptrain.describe import table_description
+
+    plan = table_description(FitConfig(data=str(tmp_path / "sales.csv"), target="sales"))
+    roles = {c["name"]: (c["role"], c["why"]) for c in plan["columns"]}
+    assert roles["store"] == ("numeric + codes", "numbers; 30 values repeat like codes: each also embedded")
+    assert roles["rating"] == ("numeric", "numbers") and roles["visitors"] == ("numeric", "numbers")
+    assert any("'store' (30)" in note for note in plan["notes"])
 
 
 def test_an_embedded_code_learns_what_the_number_alone_cannot(tmp_path):
