@@ -19,10 +19,11 @@ def table_description(cfg: FitConfig) -> dict[str, Any]:
     return {
         "data": table.path, "rows": len(table), "target": target, "task": task, "classes": list(classes),
         "rows_with_target": int(len(rows)),
-        "columns": [{"name": r.name, "type": r.kind, "role": r.role + (" + codes" if r.name in codes else ""),
+        "columns": [{"name": r.name, "type": r.kind, "role": r.role,
                      "why": r.reason + (f"; {codes[r.name]:,} values repeat like codes: each also embedded"
                                         if r.name in codes else ""),
-                     "missing": round(r.missing, 4), "distinct": r.distinct} for r in roles],
+                     "missing": round(r.missing, 4), "distinct": r.distinct,
+                     **({"codes": codes[r.name]} if r.name in codes else {})} for r in roles],
         "notes": notes,
     }
 
@@ -38,7 +39,8 @@ def describe_table(cfg: FitConfig, as_json: bool) -> dict[str, Any]:
     for heading in ("column", "type", "role", "why", "missing", "distinct"):
         columns.add_column(heading)
     for c in plan["columns"]:
-        columns.add_row(c["name"] or "(unnamed)", c["type"], c["role"], c["why"], f"{c['missing']:.1%}",
+        role = c["role"] + (" + codes" if "codes" in c else "")
+        columns.add_row(c["name"] or "(unnamed)", c["type"], role, c["why"], f"{c['missing']:.1%}",
                         f"{c['distinct']:,}")
     console.print(columns, force=True)
     what = (f"classification, {len(plan['classes'])} classes: {', '.join(plan['classes'][:20])}"

@@ -131,9 +131,9 @@ def test_whole_numbers_that_repeat_like_codes_are_also_embedded(tmp_path):
     from ddptrain.describe import table_description
 
     plan = table_description(FitConfig(data=str(tmp_path / "sales.csv"), target="sales"))
-    roles = {c["name"]: (c["role"], c["why"]) for c in plan["columns"]}
-    assert roles["store"] == ("numeric + codes", "numbers; 30 values repeat like codes: each also embedded")
-    assert roles["rating"] == ("numeric", "numbers") and roles["visitors"] == ("numeric", "numbers")
+    roles = {c["name"]: (c["role"], c["why"], c.get("codes")) for c in plan["columns"]}
+    assert roles["store"] == ("numeric", "numbers; 30 values repeat like codes: each also embedded", 30)
+    assert roles["rating"] == ("numeric", "numbers", None) and roles["visitors"] == ("numeric", "numbers", None)
     assert any("'store' (30)" in note for note in plan["notes"])
 
 
