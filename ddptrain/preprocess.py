@@ -216,6 +216,10 @@ class Preprocessor:
     def embeddings(self) -> tuple[tuple[int, int], ...]:
         return tuple((c.cardinality, c.embedding_dim) for c in self.columns if c.embedded)
 
+    def code_columns(self) -> dict[str, int]:
+        """The numeric columns of codes (code_levels) and how many of their values are embedded."""
+        return {c.name: len(c.levels) for c in self.columns if c.role == "numeric" and c.levels}
+
     def numeric_names(self) -> list[str]:
         names = []
         for c in self.columns:
@@ -374,8 +378,8 @@ def code_levels(table: Table, role: ColumnRole, train_rows: np.ndarray, train: n
 
 
 def code_columns(table: Table, roles: list[ColumnRole], rows: np.ndarray) -> dict[str, int]:
-    """The numeric columns of codes among `rows` (the training rows at fit; every row in describe), which are
-    embedded too, and how many of their values get an embedding."""
+    """The numeric columns of codes among `rows` (describe: every row with a target; a fitted plan says its own,
+    Preprocessor.code_columns), which are embedded too, and how many of their values get an embedding."""
     found = {}
     for r in roles:
         if r.role == "numeric" and r.kind == "number" and r.reason != "--numeric":
