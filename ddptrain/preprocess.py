@@ -46,6 +46,7 @@ UNIQUE_MIN_ROWS = 20  # a text column unique in every row of a table this long i
 # too. Fewer values (a rating of 1 to 5, a weekday) an MLP tells apart from the number itself: embedded, they
 # gained nothing measurable and a 1-5 rating cost one table 0.025 accuracy (RESULTS.md)
 CODE_LEVELS, CODE_REPEATS, CODE_EVENNESS = 8, 5, 0.5
+FLOAT32_EXACT = 2 ** 24  # whole numbers up to this are exact in float32
 CHUNK_ROWS = 1 << 20  # rows per step of column work (transform, checks)
 MOSTLY_NUMBERS = 0.95  # a text column whose present cells are numbers this often is numeric (the rest: missing)
 
@@ -367,6 +368,8 @@ def code_levels(table: Table, role: ColumnRole, train_rows: np.ndarray, train: n
         return ()
     present = train[:, 0][~np.isnan(train[:, 0])]
     if len(present) == 0 or not np.all(present == np.round(present)):
+        return ()
+    if np.abs(present).max() > FLOAT32_EXACT:  # served as float32 (ONNX), a bigger code would not match itself
         return ()
     counts = np.unique(present, return_counts=True)[1]
     if len(counts) < CODE_LEVELS or len(present) < CODE_REPEATS * len(counts):

@@ -124,6 +124,11 @@ def test_whole_numbers_that_repeat_like_codes_are_also_embedded(tmp_path):
     # the code follows the number: a store's rows share one code, never the UNKNOWN or MISSING one
     codes = data.train.x[:, -1].numpy()
     assert codes.min() >= 2 and len(np.unique(codes)) == 30
+    # codes past float32's whole numbers (a date written 20240131) would not match themselves when served as float32
+    big = store_sales(tmp_path / "big.csv")
+    big.write_text("\n".join([big.read_text().splitlines()[0]] + [
+        f"{20240100 + int(line.split(',')[0])}," + line.split(",", 1)[1] for line in big.read_text().splitlines()[1:]]) + "\n")
+    assert not prepare_fit_data(FitConfig(data=str(big), target="sales")).spec.preprocessor.embeddings
     # --numeric asks for the number alone
     alone = prepare_fit_data(FitConfig(data=str(tmp_path / "sales.csv"), target="sales", numeric=("store",)))
     assert not alone.spec.preprocessor.embeddings
