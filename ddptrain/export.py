@@ -112,7 +112,7 @@ class ServingModule(nn.Module):
                 infinite = [math.inf] * len(plan.mean)
                 self.register_buffer(f"low{i}", torch.tensor([plan.low or [-v for v in infinite]], dtype=torch.float64))
                 self.register_buffer(f"high{i}", torch.tensor([plan.high or infinite], dtype=torch.float64))
-            if plan.role == "numeric" and plan.levels:  # numeric codes: each level's value, for the lookup
+            if plan.codes:  # each level's value, for the lookup
                 self.register_buffer(f"levels{i}", torch.tensor([[float(v) for v in plan.levels]], dtype=torch.float64))
 
     def forward(self, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -128,7 +128,7 @@ class ServingModule(nn.Module):
             numbers.append((filled - getattr(self, f"mean{i}")) / getattr(self, f"std{i}"))
             if plan.indicator:
                 numbers.append(missing.double())
-            if plan.role == "numeric" and plan.levels:
+            if plan.codes:
                 codes.append(code_lookup(values, getattr(self, f"levels{i}")))
         out = self.model(torch.cat(numbers + codes, dim=1).float()).float()
         if self.spec.task == "classification":

@@ -78,6 +78,11 @@ class ColumnPlan:
     embedding_dim: int = 0
 
     @property
+    def codes(self) -> bool:
+        """A numeric column of whole-number codes (code_levels): its value, and a code to embed."""
+        return self.role == "numeric" and bool(self.levels)
+
+    @property
     def embedded(self) -> bool:
         """Whether the column also gives the model a code to embed: categorical, or a numeric one of codes."""
         return self.role == "categorical" or bool(self.levels)
@@ -219,7 +224,7 @@ class Preprocessor:
 
     def code_columns(self) -> dict[str, int]:
         """The numeric columns of codes (code_levels) and how many of their values are embedded."""
-        return {c.name: len(c.levels) for c in self.columns if c.role == "numeric" and c.levels}
+        return {c.name: len(c.levels) for c in self.columns if c.codes}
 
     def numeric_names(self) -> list[str]:
         names = []
@@ -266,7 +271,7 @@ class Preprocessor:
                     out[at, j + part] = (filled - c.mean[part]) / c.std[part]
                 if c.indicator:
                     out[at, j + values.shape[1]] = missing
-                if c.levels:  # numeric codes: a value not seen often in training is UNKNOWN, as any new number
+                if c.codes:  # a value not seen often in training is UNKNOWN, as any new number
                     out[at, k], _ = _encode(table, c, chunk)
             j += c.width
             k += c.embedded
@@ -385,7 +390,7 @@ def code_columns(table: Table, roles: list[ColumnRole], rows: np.ndarray) -> dic
     Preprocessor.code_columns), which are embedded too, and how many of their values get an embedding."""
     found = {}
     for r in roles:
-        if r.role == "numeric" and r.kind == "number" and r.reason != "--numeric":
+        if r.role == "numeric" and r.kind == "number":  # the only candidates: read no other column
             levels = code_levels(table, r, rows, _numeric_parts(table, r.name, r.role, rows)[0])
             if levels:
                 found[r.name] = len(levels)
