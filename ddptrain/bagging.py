@@ -56,7 +56,8 @@ def bagged_loss(loss_fn: nn.Module, out: torch.Tensor, y: torch.Tensor, fold: to
     outputs]. The mean divides by the rows a member expects, (k-1)/k of the batch, so shares of a batch add up."""
     rows, k = out.shape[0], out.shape[1]
     flat = out.flatten(0, 1)
-    per_row = per_row_loss(loss_fn, flat.squeeze(1) if regression else flat, y.repeat_interleave(k)).view(rows, k)
+    per_row = per_row_loss(loss_fn, flat.squeeze(1) if regression else flat, y.repeat_interleave(k),
+                           training=True).view(rows, k)
     trains = fold[:, None] != torch.arange(k, device=fold.device)
     return (per_row * trains).sum() * k / (rows * (k - 1))
 

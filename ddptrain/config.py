@@ -59,6 +59,7 @@ BAG_BELOW_ROWS = 5000  # a table file this short is bagged by default: every row
 DEFAULT_EPOCHS, MIN_DEFAULT_STEPS = 20, 250
 DEFAULT_PATIENCE = 5
 DEFAULT_ADAMW_DECAY = 0.1
+DEFAULT_LABEL_SMOOTHING = 0.1  # classification (label_smoothing())
 BLOCK_SHUFFLE_BYTES = 10 ** 9
 EMBED_CAP = 8  # the widest embedding a categorical column gets by default (--embedding-dim sets every width)
 DATA, MODEL, OPTIM, DIST, RUN = "Data", "Model", "Optimization", "Distributed", "Run folder and logging"
@@ -146,6 +147,10 @@ class FitConfig:
         "none", "Classification: balanced weighs each class's rows by rows / (classes x that class's rows), so "
                 "every class counts alike in the loss (for imbalanced targets; scikit-learn's 'balanced').", OPTIM,
         choices=ClassWeight, fixed=True)
+    label_smoothing: float | None = setting(
+        None, f"Classification: train toward 1 - S on the true class and S spread over all classes (torch's "
+              f"label_smoothing; default {DEFAULT_LABEL_SMOOTHING}). Validation loss and log loss stay unsmoothed.",
+        OPTIM, fixed=True)
     seed: int = setting(0, 'Seed of data generation, split, data order and initial weights.', OPTIM, fixed=True)
     epochs: int | None = setting(
         None, f"Epochs to train (default: {DEFAULT_EPOCHS}, or for a small table as many as make {MIN_DEFAULT_STEPS} "
@@ -381,6 +386,8 @@ def validate(cfg: FitConfig) -> None:
            f"--bagging {cfg.bagging!r} must be a member count from 2 to {MAX_MEMBERS}, off or auto")
     _check(cfg.numeric_bins is None or 0 <= cfg.numeric_bins <= MAX_BINS, f"--numeric-bins {cfg.numeric_bins} must be from 0 to {MAX_BINS}")
     _check(0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)")
+    _check(cfg.label_smoothing is None or 0.0 <= cfg.label_smoothing < 1.0,
+           f"--label-smoothing {cfg.label_smoothing} must be in [0, 1)")
     _check(cfg.val_fraction is None or 0.0 <= cfg.val_fraction < 1.0, f"--val-fraction {cfg.val_fraction} must be in [0, 1) (0 turns validation off)")
     _check(cfg.batch_size is None or cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be at least 1")
     for name in ("epochs", "grad_accum", "log_every", "n_samples"):
@@ -468,6 +475,14 @@ def weight_decay(cfg: FitConfig) -> float:
     if cfg.weight_decay is not None:
         return cfg.weight_decay
     return DEFAULT_ADAMW_DECAY if cfg.optimizer == "adamw" else 0.0
+
+
+def label_smoothing(cfg: FitConfig, task: str) -> float:
+    """As given, or DEFAULT_LABEL_SMOOTHING for classification (on the real-tables benchmark it was level or better
+    on each of 13 classification tables; benchmarks/RESULTS.md); regression has no labels to smooth."""
+    if cfg.label_smoothing is not None:
+        return cfg.label_smoothing
+    return DEFAULT_LABEL_SMOOTHING if task == "classification" else 0.0
 
 
 def early_stop_patience(cfg: FitConfig, has_validation: bool) -> int:

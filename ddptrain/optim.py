@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
-from ddptrain.config import FitConfig, Loss, weight_decay
+from ddptrain.config import FitConfig, Loss, label_smoothing, weight_decay
 from ddptrain.errors import UsageError
 
 LOSSES = {Loss.cross_entropy: nn.CrossEntropyLoss, Loss.mse: nn.MSELoss, Loss.huber: nn.HuberLoss, Loss.l1: nn.L1Loss}
@@ -97,22 +97,27 @@ class WeightedCrossEntropy(nn.Module):
     weighted mean is): a rank's share of a batch then adds up to the whole batch's loss, so the gradient is the same
     at every world size. Balanced weights average 1 over the training rows, so the loss keeps its usual scale."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
+        self.label_smoothing = label_smoothing
 
     def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(out, y, weight=self.weight.to(out.dtype), reduction="sum") / len(y)
+        return nn.functional.cross_entropy(out, y, weight=self.weight.to(out.dtype), reduction="sum",
+                                           label_smoothing=self.label_smoothing) / len(y)
 
 
-def per_row_loss(loss_fn: nn.Module, pred: torch.Tensor, y: torch.Tensor, weighted: bool = True) -> torch.Tensor:
-    """`loss_fn`'s loss of each row (no reduction); `weighted=False` leaves class weights out (the log loss)."""
+def per_row_loss(loss_fn: nn.Module, pred: torch.Tensor, y: torch.Tensor, weighted: bool = True,
+                 training: bool = False) -> torch.Tensor:
+    """`loss_fn`'s loss of each row (no reduction); `weighted=False` leaves class weights out (the log loss);
+    `training` applies label smoothing, which a held-out loss leaves out."""
     functional = nn.functional
+    smoothing = getattr(loss_fn, "label_smoothing", 0.0) if training else 0.0
     if isinstance(loss_fn, WeightedCrossEntropy):
         return functional.cross_entropy(pred, y, weight=loss_fn.weight.to(pred.dtype) if weighted else None,
-                                        reduction="none")
+                                        reduction="none", label_smoothing=smoothing)
     if isinstance(loss_fn, nn.CrossEntropyLoss):
-        return functional.cross_entropy(pred, y, reduction="none")
+        return functional.cross_entropy(pred, y, reduction="none", label_smoothing=smoothing)
     if isinstance(loss_fn, nn.HuberLoss):
         return functional.huber_loss(pred, y, reduction="none", delta=loss_fn.delta)
     per_row = {nn.MSELoss: functional.mse_loss, nn.L1Loss: functional.l1_loss}[type(loss_fn)]
@@ -133,9 +138,14 @@ def build_loss(cfg: FitConfig, task: str, train_labels: torch.Tensor | None = No
     if (name == "cross_entropy") != (task == "classification"):
         raise UsageError(f"--loss {name} does not fit a {task} task; use "
                          f"{'cross_entropy' if task == 'classification' else 'mse, huber or l1'} (or auto)")
+    smoothing = label_smoothing(cfg, task)
+    if smoothing and task != "classification":
+        raise UsageError("--label-smoothing smooths class labels; this run is regression: leave it out")
     if cfg.class_weight == "balanced":
         if task != "classification":
             raise UsageError("--class-weight balanced weighs classes; this run is regression: leave it out")
         if train_labels is not None:
-            return WeightedCrossEntropy(balanced_weights(train_labels, classes))
+            return WeightedCrossEntropy(balanced_weights(train_labels, classes), smoothing)
+    if name == "cross_entropy":
+        return nn.CrossEntropyLoss(label_smoothing=smoothing)
     return LOSSES[Loss(name)]()

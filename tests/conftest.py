@@ -58,6 +58,28 @@ def epoch_rows(run_dir: Path) -> list[dict]:
     return [row for row in read_metrics(run_dir) if row["kind"] == "epoch"]
 
 
+def same_predictions(a: str, b: str) -> bool:
+    """Two predictions files agree: the same header, rows, labels and kept cells, and numbers equal to their last
+    printed digit (a float32 matrix product may round differently with the rows it multiplies together, or with
+    where in memory they lie: a memory-mapped cache or a piece of the file)."""
+    import csv
+    import io
+
+    rows_a, rows_b = (list(csv.reader(io.StringIO(text))) for text in (a, b))
+    if len(rows_a) != len(rows_b) or rows_a[:1] != rows_b[:1]:
+        return False
+    for cell_a, cell_b in zip((c for r in rows_a for c in r + ["|"]), (c for r in rows_b for c in r + ["|"])):
+        if cell_a == cell_b:
+            continue
+        try:
+            x, y = float(cell_a), float(cell_b)
+        except ValueError:
+            return False
+        if abs(x - y) > 1.5e-6 * max(1.0, abs(x)):
+            return False
+    return True
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
@@ -99,6 +121,34 @@ def real_table(path, rows=120, seed=0, cities=("Paris", "Rome", "Oslo", "Lima"))
     return path
 
 
+@pytest.fixture(scope="session")
+def shared_root(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this test session sees (the session's base temp folder)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared_run(root: Path, command: list[str], name: str = "run") -> tuple[Path, str]:
+    """The run folder `name` and the stdout of `command`, run once per test session in a folder of its own,
+    whichever test asks first (the others wait on a lock and read it): for reference runs that several tests
+    compare against, identical in each. Callers read it and copy what they change."""
+    import fcntl
+    import hashlib
+    import shutil
+
+    key = hashlib.sha256(json.dumps([command, name]).encode()).hexdigest()[:16]
+    folder = root / f"shared-{key}"
+    with open(root / f"shared-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "stdout.txt").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=240, env=clean_env())
+            assert done.returncode == 0, done.stderr[-3000:]
+            (folder / "stdout.txt").write_text(done.stdout)
+    return folder / name, (folder / "stdout.txt").read_text()
+
+
 def pytest_configure(config):
     """Prepared-table caches of the tests go to a folder of their own, not the user's ~/.cache."""
     import tempfile
@@ -106,11 +156,11 @@ def pytest_configure(config):
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ddptrain-test-cache-")
 
 
-# the longest tests (30-45 s on 2 cores: a stuck peer waits out torchrun's 30 s grace, the README walkthrough,
-# the world-size benchmark's smoke run) start first, so the two xdist workers finish together
-LONGEST = ("test_stuck_peer_becomes_an_error_within_the_timeout", "test_the_readme_walkthrough_runs_as_written",
-           "test_compare_world_sizes_smoke", "test_the_export_command", "test_sigterm_checkpoints_exits_promptly",
-           "test_elastic_restart_after_sigkill")
+# the longest tests (25-55 s on 2 cores: the README walkthrough, the world-size benchmark's smoke run, the faults
+# that also run a reference job) start first, so the two xdist workers finish together
+LONGEST = ("test_the_readme_walkthrough_runs_as_written", "test_compare_world_sizes_smoke",
+           "test_sigterm_checkpoints_exits_promptly", "test_elastic_restart_after_sigkill",
+           "test_nproc_per_node_launches_workers_on_free_ports")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, clean_env, cli, error_lines
+from conftest import ROOT, clean_env, cli, error_lines, same_predictions
 
 from ddptrain.checkpoint import FORMAT_NAME, load_checkpoint, save_atomic
 from ddptrain.config import FitConfig
@@ -230,8 +230,10 @@ def _predict(ckpt, data, out, chunk, monkeypatch, keep=()):
 
 @pytest.mark.parametrize("suffix", ["csv", "parquet"])
 def test_predict_in_pieces_writes_what_predict_whole_writes(suffix, tmp_path, monkeypatch, capsys):
-    """A file read in pieces of 7 rows (several shards too) gives the same file, byte for byte, as one piece;
-    the id column rides along and unseen levels are counted once over all pieces."""
+    """A file read in pieces of 7 rows (several shards too) gives the same file as one piece: the same rows, labels
+    and kept columns, and probabilities equal to their last printed digit (a matrix product's rounding may
+    differ with the number of rows it multiplies); the id column rides along and unseen levels are counted once
+    over all pieces."""
     from conftest import real_table
     from ddptrain.tables import read_table
 
@@ -253,7 +255,8 @@ def test_predict_in_pieces_writes_what_predict_whole_writes(suffix, tmp_path, mo
     notes_one = capsys.readouterr().err
     pieces = _predict(ckpt, new, tmp_path / "pieces.csv", 7, monkeypatch, keep=("name",))
     notes_pieces = capsys.readouterr().err
-    assert pieces == one and len(one.splitlines()) == 41 and one.splitlines()[1].startswith("person 0,")
+    assert same_predictions(pieces, one), (pieces, one)
+    assert len(one.splitlines()) == 41 and one.splitlines()[1].startswith("person 0,")
     assert notes_pieces == notes_one and notes_one.count("column 'city'") == 1 and len(read_table(str(new))) == 40
 
 
@@ -374,10 +377,10 @@ def test_eval_and_predict_keep_a_files_prepared_rows_and_trust_only_a_sound_cach
         assert {k: got[0][k] for k in numbers} == pytest.approx({k: plain[0][k] for k in numbers}, rel=1e-6)
         assert {k: v for k, v in got[0].items() if k not in numbers} == \
             {k: v for k, v in plain[0].items() if k not in numbers}
-        assert got[1] == plain[1] and got[2] == plain[2]
+        assert same_predictions(got[1], plain[1]) and got[2] == plain[2]
     assert "3 of 60 rows have no" in plain[2] and "column 'city'" in plain[2]
     (entries[0] / "meta.json").write_text("{")  # damaged: rebuilt, never trusted
-    assert both(cache)[1] == plain[1]
+    assert same_predictions(both(cache)[1], plain[1])
     new.write_text(new.read_text() + lines[5] + "\n")  # the file changed: a new entry, the new row counted
     assert both(cache)[1].count("\n") == plain[1].count("\n") + 1
     out = tmp_path / "ids.csv"

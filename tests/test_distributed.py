@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import clean_env, cli, epoch_rows, error_lines, read_metrics, torchrun
+from conftest import clean_env, cli, epoch_rows, error_lines, read_metrics, shared_run, torchrun
 
 from ddptrain.checkpoint import load_checkpoint
 
 COMMON = ["--data", "blobs", "--n-samples", "1000", "--n-features", "6", "--n-classes", "3", "--hidden", "32,32",
           "--batch-size", "64", "--epochs", "3", "--optimizer", "sgd", "--lr", "0.05", "--log-every", "5",
           "--scheduler", "constant"]  # a resume that adds epochs continues the same rate
+
+
+def one_process_run(root) -> Path:
+    """COMMON trained on one process (once per test session; copy it before changing it)."""
+    return shared_run(root, [sys.executable, "-m", "ddptrain", "fit", *COMMON, "--out", "run", "--quiet"])[0]
 
 
 @pytest.mark.slow
@@ -94,10 +101,8 @@ def test_nproc_per_node_launches_workers_on_free_ports(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_under_torchrun_equals_one_process(tmp_path):
-    fit = cli("fit", *COMMON, "--out", "run", "--quiet", cwd=tmp_path)
-    assert fit.returncode == 0, fit.stderr
-    ckpt = "run/checkpoints/last.pt"
+def test_eval_under_torchrun_equals_one_process(tmp_path, shared_root):
+    ckpt = str(one_process_run(shared_root) / "checkpoints/last.pt")
     # 1001 rows do not divide by 2: each row must still count once
     import numpy as np
     rng = np.random.default_rng(7)
@@ -140,9 +145,8 @@ def test_bad_input_under_torchrun_is_reported_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_at_another_world_size(tmp_path):
-    first = cli("fit", *COMMON, "--out", "run", "--quiet", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
+def test_resume_at_another_world_size(tmp_path, shared_root):
+    shutil.copytree(one_process_run(shared_root), tmp_path / "run")
     more = list(COMMON)
     more[more.index("--epochs") + 1] = "5"
     resumed = torchrun(2, "fit", *more, "--out", "run", "--resume", "auto", cwd=tmp_path)

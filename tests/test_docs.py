@@ -90,6 +90,9 @@ def test_every_link_to_the_checkout_exists():
                 assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which does not exist"
 
 
+SERVE = ROOT / "ddptrain" / "serve_onnx.py"  # what `export --server` writes out
+
+
 def walkthrough() -> list[str]:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## A walkthrough on a real table"):]
@@ -114,6 +117,9 @@ def test_the_readme_walkthrough_runs_as_written_and_again(tmp_path):
             done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=clean_env())
             assert done.returncode == 0, (attempt, step, done.stderr[-2000:])
             assert "error:" not in done.stderr, (attempt, step, done.stderr)
+            if words[1] == "export":  # --server writes the project's server and says how to run it
+                assert "python runs/penguins/serve_onnx.py runs/penguins/checkpoints/best.onnx rows.csv" in done.stdout
+                assert (tmp_path / "runs/penguins/serve_onnx.py").read_text() == SERVE.read_text()
     predicted = (tmp_path / "runs/penguins/predictions.csv").read_text().splitlines()
     served = (tmp_path / "runs/penguins/served.csv").read_text().splitlines()
     assert predicted[0] == "island,sex,prediction,prob_Adelie,prob_Chinstrap,prob_Gentoo" and len(predicted) == 69

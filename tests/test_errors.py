@@ -91,6 +91,7 @@ FLAG_CASES = {
     "hidden-negative": (["--hidden", "-5"], ["--hidden"]),
     "dropout-one": (["--dropout", "1"], ["--dropout", "[0, 1)"]),
     "dropout-negative": (["--dropout", "-0.1"], ["--dropout"]),
+    "label-smoothing-one": (["--label-smoothing", "1"], ["--label-smoothing", "[0, 1)"]),
     "epochs-zero": (["--epochs", "0"], ["--epochs", "at least 1"]),
     "batch-zero": (["--batch-size", "0"], ["--batch-size", "at least 1"]),
     "batch-too-large": (["--batch-size", "100000"], ["--batch-size", "training rows"]),

@@ -84,11 +84,11 @@ def test_balanced_weights_are_sklearns_and_average_one():
 def test_weighted_loss_adds_up_over_ranks_shares():
     """Each rank's share of a batch, as DDP averages it, gives the whole batch's loss: world-size invariance."""
     labels = torch.tensor([0] * 90 + [1] * 10)
-    loss = build_loss(FitConfig(class_weight="balanced"), "classification", labels, 2)
+    loss = build_loss(FitConfig(class_weight="balanced", label_smoothing=0), "classification", labels, 2)
     out, y = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)), labels[torch.randperm(100)[:64]]
     halves = (loss(out[0::2], y[0::2]) + loss(out[1::2], y[1::2])) / 2
     assert float(halves) == pytest.approx(float(loss(out, y)), rel=1e-6)
-    plain = build_loss(FitConfig(), "classification", labels, 2)
+    plain = build_loss(FitConfig(label_smoothing=0), "classification", labels, 2)
     assert float(loss(out, torch.zeros(64, dtype=torch.long))) == pytest.approx(
         float(plain(out, torch.zeros(64, dtype=torch.long))) * 100 / 180, rel=1e-6)
 
@@ -98,6 +98,29 @@ def test_class_weight_on_regression_is_a_usage_error():
 
     with pytest.raises(UsageError, match="--class-weight balanced"):
         build_loss(FitConfig(class_weight="balanced"), "regression")
+
+
+def test_label_smoothing_trains_smoothed_and_holds_out_plain_log_loss():
+    """The training loss (plain, class-weighted, or a bagged member's per-row loss) is torch's smoothed
+    cross-entropy; a held-out loss is the plain log loss, so early stopping and val_log_loss mean what they say."""
+    from ddptrain.errors import UsageError
+    from ddptrain.optim import per_row_loss
+
+    labels = torch.tensor([0] * 30 + [1] * 10 + [2] * 24)
+    out = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    smoothed = nn.functional.cross_entropy(out, labels, label_smoothing=0.1)
+    for cfg in (FitConfig(label_smoothing=0.1), FitConfig(label_smoothing=0.1, class_weight="balanced")):
+        loss = build_loss(cfg, "classification", labels, 3)
+        plain = build_loss(FitConfig(label_smoothing=0, class_weight=cfg.class_weight), "classification", labels, 3)
+        assert float(per_row_loss(loss, out, labels, training=True).mean()) == pytest.approx(float(loss(out, labels)))
+        assert torch.equal(per_row_loss(loss, out, labels), per_row_loss(plain, out, labels))
+        assert float(loss(out, labels)) != pytest.approx(float(plain(out, labels)))
+    assert float(build_loss(FitConfig(), "classification")(out, labels)) == pytest.approx(float(smoothed))  # default
+    assert float(build_loss(FitConfig(label_smoothing=0), "classification")(out, labels)) == pytest.approx(
+        float(nn.functional.cross_entropy(out, labels)))
+    assert isinstance(build_loss(FitConfig(), "regression"), nn.MSELoss)  # the default leaves regression alone
+    with pytest.raises(UsageError, match="--label-smoothing smooths class labels; this run is regression"):
+        build_loss(FitConfig(label_smoothing=0.1), "regression")
 
 
 def test_a_fit_monitors_auc_and_weighs_classes(tmp_path):
