@@ -445,6 +445,8 @@ def test_user_text_in_tables_is_literal(capsys):
 
 
 def test_traceback_with_debug(workdir, monkeypatch, capsys):
+    # --debug sets DDPTRAIN_DEBUG for the workers it may start; monkeypatch restores this process's (unset) after
+    monkeypatch.setenv("DDPTRAIN_DEBUG", "0")
     exit_code, err = run_cli(["--debug", "fit", "--data", "nope.csv"], monkeypatch, capsys)
     assert exit_code == 1 and "Traceback" in err and "error: data file nope.csv" in err
 

@@ -297,15 +297,14 @@ def test_rank_0_stopped_mid_run_rank_1_reports_the_timeout(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_one_rank_failing_prints_its_error_once_and_ends_the_job(tmp_path, launcher):
-    result = subprocess.run(LAUNCHERS[launcher](2, *LONG, "--out", "run"), cwd=tmp_path, timeout=120,
+def test_one_rank_failing_prints_its_error_once_and_ends_the_job(tmp_path):
+    """Under --nproc-per-node (torchrun's case: test_distributed's test_one_rank_raising_ends_the_job...)."""
+    result = subprocess.run(LAUNCHERS["nproc-per-node"](2, *LONG, "--out", "run"), cwd=tmp_path, timeout=120,
                             env=clean_env(DDPTRAIN_FAIL_AT_STEP="1:3"), capture_output=True, text=True)
     assert result.returncode == 1
     assert error_lines(result.stderr) == ["error: [rank 1] RuntimeError: injected failure at step 3 "
                                           "(DDPTRAIN_FAIL_AT_STEP) (rerun with --debug for the traceback)"]
-    if launcher == "nproc-per-node":
-        assert "Traceback" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 @pytest.mark.slow
