@@ -30,6 +30,16 @@ def cli(*args: str, cwd: Path, timeout: float = 240, env: dict[str, str] | None 
                           timeout=timeout, env=env or clean_env())
 
 
+def in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """`ddptrain ARGS` in this process (a refusal needs no fresh interpreter): its exit code and stderr."""
+    from ddptrain.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ddptrain", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, capsys.readouterr().err
+
+
 def torchrun_cmd(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "ddptrain", *args]

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, clean_env, cli, error_lines, same_predictions
+from conftest import ROOT, clean_env, cli, error_lines, in_process, same_predictions
 
 from ddptrain.checkpoint import FORMAT_NAME, load_checkpoint, save_atomic
 from ddptrain.config import FitConfig
@@ -55,7 +55,7 @@ def test_checkpoint_loads_with_weights_only_and_holds_everything(trained):
 
 
 @pytest.mark.slow
-def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+def test_pickle_payload_is_refused_and_never_runs(tmp_path, monkeypatch, capsys):
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -64,12 +64,14 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
 
     evil = tmp_path / "evil.pt"
     torch.save({"format": FORMAT_NAME, "format_version": 1, "x": Payload()}, evil)
+    monkeypatch.chdir(tmp_path)
     for command in (["inspect"], ["eval", "--data", "xor"], ["predict", "--data", "xor", "--out", "p.csv"]):
-        for extra in ({}, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}):
-            result = cli(command[0], "evil.pt", *command[1:], cwd=tmp_path, env=clean_env(**extra))
-            assert result.returncode == 1
-            lines = error_lines(result.stderr)
-            assert len(lines) == 1 and "Traceback" not in result.stderr
+        for forced in ("0", "1"):  # torch reads TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD at each load
+            monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", forced)
+            code, err = in_process(monkeypatch, capsys, command[0], "evil.pt", *command[1:])
+            assert code == 1
+            lines = error_lines(err)
+            assert len(lines) == 1 and "Traceback" not in err
             # the verdict is in the message itself, not in a path that happens to hold the word
             assert lines[0].startswith("error: checkpoint evil.pt was refused: it holds pickled objects"), lines
             assert not marker.exists() and not (tmp_path / "p.csv").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import in_process
 
 from ddptrain.cli import main
 
@@ -45,10 +46,7 @@ def workdir(tmp_path, earlier_run, monkeypatch):
 
 
 def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["ddptrain", *args])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    return exited.value.code, capsys.readouterr().err
+    return in_process(monkeypatch, capsys, *args)
 
 
 def check(args, code, words, workdir, monkeypatch, capsys):

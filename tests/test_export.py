@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, clean_env, cli, error_lines, real_table
+from conftest import ROOT, clean_env, cli, error_lines, in_process, real_table
 from ddptrain.checkpoint import inference_model, load_checkpoint
 from ddptrain.config import FitConfig
 from ddptrain.errors import DDPTrainError, UsageError
@@ -148,16 +148,6 @@ def test_a_feature_named_like_an_output_is_refused(tmp_path):
                   quiet=True))
     with pytest.raises(DDPTrainError, match="feature column 'label' has the name of an ONNX output"):
         export_checkpoint(tmp_path / "run/checkpoints/best.pt", "onnx", None, 18, overwrite=False)
-
-
-def in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """`ddptrain ARGS` in this process (a refusal needs no fresh interpreter): its exit code and stderr."""
-    from ddptrain.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["ddptrain", *args])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    return exited.value.code, capsys.readouterr().err
 
 
 @pytest.mark.slow
