@@ -299,8 +299,9 @@ def test_predict_keeps_input_columns_as_the_file_has_them(tmp_path, monkeypatch,
                           (["--id-column", ""], "--id-column '' names no column"),
                           (["--keep", "Name"], "--keep: 'Name' (did you mean 'name'?) is not a column"),
                           (["--keep", "name,name"], "--keep names 'name' twice")):
-        result = cli("predict", str(ckpt), "--data", str(new), "--out", str(tmp_path / "c.csv"), *args, cwd=tmp_path)
-        assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+        code, err = in_process(monkeypatch, capsys, "predict", str(ckpt), "--data", str(new), "--out",
+                               str(tmp_path / "c.csv"), *args)
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "c.csv").exists()
     clash = tmp_path / "clash.csv"
     clash.write_text(new.read_text().replace(REAL_HEADER, REAL_HEADER.replace("name", "prediction", 1), 1))

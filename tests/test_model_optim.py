@@ -114,12 +114,19 @@ def test_cuda_graphs_are_decided_from_the_config_and_say_why_not():
     assert cudagraphs.blockers(FitConfig(norm="batch"), 1) == []  # one GPU: plain BatchNorm, nothing to exchange
 
 
-def test_cuda_graphs_flag_on_a_cpu_says_so_once_and_trains(tmp_path):
-    from conftest import cli
+def test_cuda_graphs_flag_on_a_cpu_says_so_once_and_trains(tmp_path, monkeypatch, capsys):
+    import sys
 
-    result = cli("fit", "--data", "xor", "--epochs", "1", "--cuda-graphs", "--out", "run", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    said = (result.stdout + result.stderr).count("--cuda-graphs needs a CUDA device")
+    from ddptrain.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ddptrain", "fit", "--data", "xor", "--epochs", "1", "--cuda-graphs", "--out",
+                                      "run"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    shown = capsys.readouterr()
+    assert exited.value.code == 0, shown.err
+    said = (shown.out + shown.err).count("--cuda-graphs needs a CUDA device")
     assert said == 1
     assert FitConfig(cuda_graphs=None).cuda_graphs is None
 
