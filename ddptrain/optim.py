@@ -132,20 +132,26 @@ def balanced_weights(labels: torch.Tensor, classes: int) -> torch.Tensor:
     return weight.float()
 
 
-def build_loss(cfg: FitConfig, task: str, train_labels: torch.Tensor | None = None, classes: int = 0) -> nn.Module:
-    """The training loss; with --class-weight balanced, weighed by `train_labels` (the training rows' class ids)."""
+def loss_name(cfg: FitConfig, task: str) -> str:
+    """The loss --loss, --label-smoothing and --class-weight give for `task`; a usage error where they do not fit
+    it (fit asks before it claims the run folder, so a refused run leaves nothing behind)."""
     name = cfg.loss if cfg.loss != "auto" else ("cross_entropy" if task == "classification" else "mse")
     if (name == "cross_entropy") != (task == "classification"):
         raise UsageError(f"--loss {name} does not fit a {task} task; use "
                          f"{'cross_entropy' if task == 'classification' else 'mse, huber or l1'} (or auto)")
-    smoothing = label_smoothing(cfg, task)
-    if smoothing and task != "classification":
+    if label_smoothing(cfg, task) and task != "classification":
         raise UsageError("--label-smoothing smooths class labels; this run is regression: leave it out")
-    if cfg.class_weight == "balanced":
-        if task != "classification":
-            raise UsageError("--class-weight balanced weighs classes; this run is regression: leave it out")
-        if train_labels is not None:
-            return WeightedCrossEntropy(balanced_weights(train_labels, classes), smoothing)
+    if cfg.class_weight == "balanced" and task != "classification":
+        raise UsageError("--class-weight balanced weighs classes; this run is regression: leave it out")
+    return name
+
+
+def build_loss(cfg: FitConfig, task: str, train_labels: torch.Tensor | None = None, classes: int = 0) -> nn.Module:
+    """The training loss; with --class-weight balanced, weighed by `train_labels` (the training rows' class ids)."""
+    name = loss_name(cfg, task)
+    smoothing = label_smoothing(cfg, task)
+    if cfg.class_weight == "balanced" and train_labels is not None:
+        return WeightedCrossEntropy(balanced_weights(train_labels, classes), smoothing)
     if name == "cross_entropy":
         return nn.CrossEntropyLoss(label_smoothing=smoothing)
     return LOSSES[Loss(name)]()

@@ -26,12 +26,12 @@ from ddptrain.console import console
 from ddptrain.bagging import assign_folds, members_of, resolve_members
 from ddptrain.crossval import resolve_numeric_bins
 from ddptrain.data import FitData, prepare_fit_data
-from ddptrain.dist import DistInfo, process_group
+from ddptrain.dist import DistInfo, process_group, resolve_device
 from ddptrain.errors import UsageError
 from ddptrain.faults import InjectedFault
 from ddptrain.launchenv import launch_env
 from ddptrain.model import Ensemble, ModelSpec, build_fitted_model, parameter_count
-from ddptrain.optim import build_loss, build_optimizer, build_scheduler
+from ddptrain.optim import build_loss, build_optimizer, build_scheduler, loss_name
 from ddptrain.preprocess import plan_summary
 from ddptrain.rundir import (
     RunDir,
@@ -68,6 +68,7 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
         check_tensorboard()
     if resumed:
         checkpoint.check_resumable(cfg, resumed, resume_path)
+    resolve_device(cfg.device, cfg.backend, env.local_rank)  # a device this machine lacks: refused before the folder
     lock = claim_run_folder(out, resume_path, continues) if env.rank == 0 else None
     try:
         with process_group(cfg.device, cfg.backend, cfg.timeout, env) as dist:
@@ -111,6 +112,7 @@ def load_data(cfg: FitConfig, world_size: int, saved: dict[str, Any]) -> tuple[F
         console.line(f"ddptrain fit: {how}")
     cfg, data = resolve_bagging(cfg, data, saved)
     check_monitor(cfg, data)
+    loss_name(cfg, data.spec.task)
     return cfg, data
 
 

@@ -60,7 +60,7 @@ def check(args, code, words, workdir, monkeypatch, capsys):
     assert "Traceback" not in err
     after = files(workdir)
     assert all(after.get(name) == content for name, content in before.items()), "an existing file changed"
-    assert not (workdir / "runs").exists(), "a run folder was created for a bad input"
+    assert not (workdir / "runs").exists() and not (workdir / "new").exists(), "a run folder was made for a bad input"
 
 
 def write(name: str, text: str):
@@ -90,6 +90,10 @@ FLAG_CASES = {
     "dropout-one": (["--dropout", "1"], ["--dropout", "[0, 1)"]),
     "dropout-negative": (["--dropout", "-0.1"], ["--dropout"]),
     "label-smoothing-one": (["--label-smoothing", "1"], ["--label-smoothing", "[0, 1)"]),
+    # known only once the data says the task: still refused before the run folder is made
+    "label-smoothing-regression": (["--data", "regression", "--label-smoothing", "0.1"], ["--label-smoothing", "regression"]),
+    "class-weight-regression": (["--data", "regression", "--class-weight", "balanced"], ["--class-weight", "regression"]),
+    "loss-task": (["--data", "regression", "--loss", "cross_entropy"], ["--loss cross_entropy", "regression"]),
     "epochs-zero": (["--epochs", "0"], ["--epochs", "at least 1"]),
     "batch-zero": (["--batch-size", "0"], ["--batch-size", "at least 1"]),
     "batch-too-large": (["--batch-size", "100000"], ["--batch-size", "training rows"]),
