@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ddptrain import __version__, atomic
-from ddptrain.config import RESUME_FIXED, FitConfig, label_smoothing
+from ddptrain.config import BEFORE_IT_EXISTED, RESUME_FIXED, FitConfig
 from ddptrain.console import console
 from ddptrain.data import DataSpec
 from ddptrain.errors import DDPTrainError, UsageError
@@ -255,14 +255,10 @@ def replan_schedule(parts: Parts, steps_done: int) -> None:
 # -- resuming --------------------------------------------------------------------------------------------------
 def check_resumable(cfg: FitConfig, state: dict[str, Any], path: Path) -> None:
     """A resume continues the same experiment: the settings that define it must match the checkpoint's."""
-    saved = state.get("config", {})
+    saved = {**BEFORE_IT_EXISTED, **state.get("config", {})}
     now = cfg.to_dict()
     differing = [f"{key} (checkpoint {saved.get(key)!r}, now {now[key]!r})"
                  for key in RESUME_FIXED if key in saved and saved[key] != now[key]]
-    task = state.get("data_spec", {}).get("task")
-    if "label_smoothing" not in saved and label_smoothing(cfg, task) != 0.0:  # written before the setting existed
-        differing.append(f"label_smoothing (checkpoint 0, from before the setting existed; now "
-                         f"{label_smoothing(cfg, task)})")
     if differing:
         raise UsageError(f"cannot resume {path}: these settings differ from the checkpoint's: {'; '.join(differing)}; "
                          "use the original values or start a new --out")

@@ -215,6 +215,8 @@ CHOICE_FIELDS = {f.name: f.metadata["choices"] for f in fields(FitConfig) if f.m
 # Settings that define the experiment (or live in the optimizer and scheduler states): a resume that changes one of
 # them is refused.
 RESUME_FIXED = tuple(f.name for f in fields(FitConfig) if f.metadata["fixed"])
+# fixed settings added after checkpoints existed: the value a run from before them trained with
+BEFORE_IT_EXISTED = {"label_smoothing": 0.0}
 FIELD_TYPES = {f.name: str(f.type) for f in fields(FitConfig)}  # annotations as text ("int", "float | None", ...)
 MAX_INT = 2**63 - 1  # what torch and numpy take as an integer
 MAX_SEED = MAX_INT

@@ -17,6 +17,7 @@ from ddptrain import checkpoint, cudagraphs
 from ddptrain.checkpoint import Position
 from ddptrain.config import (
     FitConfig,
+    label_smoothing,
     resolve_batch,
     resolve_epochs,
     resolve_shuffle,
@@ -113,6 +114,7 @@ def load_data(cfg: FitConfig, world_size: int, saved: dict[str, Any]) -> tuple[F
     cfg, data = resolve_bagging(cfg, data, saved)
     check_monitor(cfg, data)
     loss_name(cfg, data.spec.task)
+    cfg = dataclasses.replace(cfg, label_smoothing=label_smoothing(cfg, data.spec.task))  # recorded as decided
     return cfg, data
 
 

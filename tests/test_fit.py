@@ -162,17 +162,20 @@ def test_resume_refuses_changed_settings(tmp_path):
 
 
 def test_a_checkpoint_from_before_label_smoothing_resumes_only_without_it(tmp_path):
-    """A checkpoint whose config has no label_smoothing trained without it: resuming it under today's default
-    would change the loss mid-run, so the resume asks for --label-smoothing 0 (and takes it)."""
+    """fit records the smoothing it decided (0.1 for classification, 0 for regression), so a resume compares like
+    with like; a checkpoint whose config has no label_smoothing trained without it, and resuming it under today's
+    default would change the loss mid-run: the resume asks for --label-smoothing 0 (and takes it)."""
+    import json
+
     from ddptrain.checkpoint import check_resumable
 
+    fit(small(tmp_path, epochs=1))
+    assert json.loads((tmp_path / "run/config.json").read_text())["label_smoothing"] == 0.1
     older = FitConfig(data="blobs", label_smoothing=0.0).to_dict()
     del older["label_smoothing"]
-    state = {"config": older, "data_spec": {"task": "classification"}}
-    with pytest.raises(UsageError, match=r"label_smoothing \(checkpoint 0, from before the setting existed; now 0.1\)"):
-        check_resumable(FitConfig(data="blobs"), state, tmp_path / "last.pt")
-    check_resumable(FitConfig(data="blobs", label_smoothing=0.0), state, tmp_path / "last.pt")
-    check_resumable(FitConfig(data="blobs"), {**state, "data_spec": {"task": "regression"}}, tmp_path / "last.pt")
+    with pytest.raises(UsageError, match=r"label_smoothing \(checkpoint 0.0, now 0.1\)"):
+        check_resumable(FitConfig(data="blobs", label_smoothing=0.1), {"config": older}, tmp_path / "last.pt")
+    check_resumable(FitConfig(data="blobs", label_smoothing=0.0), {"config": older}, tmp_path / "last.pt")
 
 
 def test_keep_last_prunes_step_copies(tmp_path):
