@@ -25,6 +25,7 @@ from ddptrain.config import (
     OPTIM,
     RUN,
     Device,
+    MLFLOW_DEFAULT,
     FitConfig,
     field_type,
     merge,
@@ -52,6 +53,8 @@ app = typer.Typer(help="Train an MLP on your table with PyTorch DistributedDataP
                        "or many.", cls=Commands, no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
 D = FitConfig()
+# options whose value may be left out (`--mlflow` alone: MLflow's default store); click has no such option
+OPTIONAL_VALUE = {"mlflow": MLFLOW_DEFAULT}
 
 
 def _version(value: bool) -> None:
@@ -105,6 +108,8 @@ def _setting_option(f: dataclasses.Field) -> Parameter:
         extra["metavar"] = "NAME"
     elif f.name in ("hidden", "betas", *COLUMN_LISTS):  # comma-separated on the command line
         kind, default = str, ",".join(map(str, default))
+    elif f.name in OPTIONAL_VALUE:
+        extra["metavar"] = "[URI]"
     annotation = Optional[kind] if optional else kind
     option = typer.Option(*meta["flags"], help=help_text, rich_help_panel=meta["panel"], **extra)
     return Parameter(f.name, Parameter.KEYWORD_ONLY, default=default,
@@ -296,6 +301,67 @@ def cache_command(
 
 
 @app.command()
+def tune(
+    data: Annotated[Optional[str], typer.Option(help="The table (as fit's --data); or give data in --config.")] = None,
+    target: Annotated[Optional[str], typer.Option(help="Target column (default: the last column).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Fit settings every trial shares (a TOML fit table, or a "
+                                                        "run's config.json).")] = None,
+    space: Annotated[Optional[Path], typer.Option(help="The search space (a TOML space table; default: lr, "
+                                                       "width, depth, dropout, weight decay, numeric pieces, "
+                                                       "embedding width; --print-space shows it).")] = None,
+    trials: Annotated[int, typer.Option(help="Trials the study runs in all (finished, pruned or failed), "
+                                             "whichever agent runs them.")] = 20,
+    timeout: Annotated[Optional[float], typer.Option(help="Start no trial after this many seconds.")] = None,
+    study: Annotated[Optional[str], typer.Option(help="The study's name (default: the data file's name).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="The study's folder: trial run folders, best.toml, refit "
+                                                     "(default: tunes/STUDY).")] = None,
+    storage: Annotated[Optional[Path], typer.Option(help="Optuna's journal file (default: OUT/journal.log); agents "
+                                                         "on several machines share one on a shared filesystem.")] = None,
+    metric: Annotated[str, typer.Option(help="The validation metric tuned (as fit's --monitor): val_loss, "
+                                             "val_accuracy, val_auc, val_log_loss, val_f1, val_balanced_accuracy, "
+                                             "val_rmse, val_mae or val_r2.")] = "val_loss",
+    pruner: Annotated[str, typer.Option(help="Stop unpromising trials from their epoch rows: median, hyperband "
+                                             "or none.")] = "median",
+    seed: Annotated[int, typer.Option(help="Seed of the sampler (each trial's fit keeps --config's seed).")] = 0,
+    nproc_per_node: Annotated[Optional[int], typer.Option(help="Each trial runs N workers on this machine.")] = None,
+    refit: Annotated[bool, typer.Option("--refit", help="After the study, train the best settings on every "
+                                                        "training row (OUT/refit).")] = False,
+    mlflow: Annotated[Optional[str], typer.Option(metavar="[URI]", help="Track the study in MLflow: a run for "
+                                                  "the study, a child run for each trial.")] = None,
+    mlflow_experiment: Annotated[str, typer.Option(help="The MLflow experiment.")] = "ddptrain",
+    print_space: Annotated[bool, typer.Option("--print-space", help="Print the search space and exit.")] = False,
+) -> None:
+    """Search fit's settings with Optuna: every trial a real fit (pruned from its epoch rows), the study in a
+    journal file that survives crashes and that agents on several machines share."""
+    from ddptrain.space import read_space
+
+    dimensions = read_space(str(space) if space else None)
+    if print_space:
+        for dimension in dimensions:
+            console.out.print(dimension.describe(), markup=False)
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:
+        raise UsageError("tune needs the optuna package: pip install 'ddptrain[tune]'")
+    from ddptrain.tune import TuneConfig, checked
+
+    settings = read_config_file(config) if config else {}
+    settings.update({k: v for k, v in (("data", data), ("target", target)) if v is not None})
+    if not settings.get("data"):
+        raise UsageError("tune needs a table: --data FILE (or data = ... in --config)")
+    settings = checked(settings, dimensions, trials, timeout, metric, pruner, nproc_per_node)
+    name = study or Path(str(settings["data"])).name.split(".")[0] or "study"
+    folder = out or Path("tunes") / name
+    journal = storage or folder / "journal.log"
+    run_tune = TuneConfig(settings, dimensions, trials, timeout, name, folder, journal, pruner, metric, seed,
+                          nproc_per_node, refit, mlflow, mlflow_experiment)
+    from ddptrain.tune import tune as tune_study
+
+    tune_study(run_tune)
+
+
+@app.command()
 def env() -> None:
     """Versions, devices, backends and launcher variables: what to paste into a bug report."""
     from ddptrain.envreport import print_env
@@ -339,10 +405,21 @@ def flags_without_metavar(command: Any) -> Any:
     return command
 
 
+def with_optional_values(args: list[str]) -> list[str]:
+    """`--mlflow` followed by nothing or by another option reads as `--mlflow=auto`."""
+    out = []
+    for i, arg in enumerate(args):
+        name = arg[2:].replace("-", "_") if arg.startswith("--") else ""
+        bare = name in OPTIONAL_VALUE and (i + 1 == len(args) or args[i + 1].startswith("-"))
+        out.append(f"{arg}={OPTIONAL_VALUE[name]}" if bare else arg)
+    return out
+
+
 def main() -> None:
     """Every failure becomes one `error:` line and an exit code (tracebacks with --debug)."""
     try:
-        code = flags_without_metavar(typer.main.get_command(app)).main(standalone_mode=False)
+        command = flags_without_metavar(typer.main.get_command(app))
+        code = command.main(args=with_optional_values(sys.argv[1:]), standalone_mode=False)
     except (Exception, KeyboardInterrupt) as exc:
         from ddptrain.report import report
 

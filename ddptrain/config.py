@@ -61,6 +61,7 @@ DEFAULT_PATIENCE = 5
 DEFAULT_ADAMW_DECAY = 0.1
 DEFAULT_LABEL_SMOOTHING = 0.1  # classification (label_smoothing())
 BLOCK_SHUFFLE_BYTES = 10 ** 9
+MLFLOW_DEFAULT = "auto"  # --mlflow alone: MLflow's own default store
 EMBED_CAP = 8  # the widest embedding a categorical column gets by default (--embedding-dim sets every width)
 DATA, MODEL, OPTIM, DIST, RUN = "Data", "Model", "Optimization", "Distributed", "Run folder and logging"
 
@@ -198,6 +199,15 @@ class FitConfig:
     quiet: bool = setting(False, 'Print only errors and the final summary.', RUN, flags=('--quiet/--no-quiet',))
     tensorboard: bool = setting(
         False, 'Also write TensorBoard events (tensorboard extra).', RUN, flags=('--tensorboard/--no-tensorboard',))
+    mlflow: str | None = setting(
+        None, "Track the run in MLflow (mlflow extra): the resolved config, every metric row, the summary, the "
+              "checkpoints and, with the export extra, the ONNX model. A tracking URI (sqlite:///mlflow.db, "
+              "http://host:5000), or --mlflow alone for MLflow's default ($MLFLOW_TRACKING_URI, else ./mlflow.db).",
+        RUN, flags=("--mlflow",))
+    mlflow_experiment: str = setting("ddptrain", "The MLflow experiment of --mlflow's run.", RUN)
+    mlflow_model: bool | None = setting(
+        None, "With --mlflow: log best.pt as an ONNX model with a signature of the raw columns (default: when the "
+              "export extra is installed).", RUN, flags=("--mlflow-model/--no-mlflow-model",))
 
     def __post_init__(self) -> None:
         for name in CHOICE_FIELDS:  # a Choice member (from Typer) is kept as its plain string
@@ -335,21 +345,28 @@ def merge(file_values: dict[str, Any], cli_values: dict[str, Any]) -> FitConfig:
     return FitConfig(**values)
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A TOML file (a [fit] table or top-level keys), or a run folder's config.json."""
+def read_table(path: str | Path, option: str) -> dict[str, Any]:
+    """A TOML file's table, or a JSON file's object (a run folder's config.json), or one line naming the problem."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--config {path}: no such file; pass a .toml file or a run folder's config.json")
+        raise UsageError(f"{option} {path}: no such file; pass a .toml file" +
+                         (" or a run folder's config.json" if option == "--config" else ""))
     try:
         if path.suffix == ".json":
             table = json.loads(path.read_text())
         else:
             table = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--config {path}: cannot parse it ({exc}); fix the file's syntax") from None
+        raise UsageError(f"{option} {path}: cannot parse it ({exc}); fix the file's syntax") from None
     if not isinstance(table, dict):
-        raise UsageError(f"--config {path}: the file holds a {type(table).__name__}, not a table of settings; "
+        raise UsageError(f"{option} {path}: the file holds a {type(table).__name__}, not a table of settings; "
                          "write key = value lines (TOML) or one JSON object")
+    return table
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML file (a [fit] table or top-level keys), or a run folder's config.json."""
+    table = read_table(path, "--config")
     if isinstance(table.get("fit"), dict):
         table = table["fit"]
     table.pop("ddptrain_version", None)
@@ -379,9 +396,10 @@ def validate(cfg: FitConfig) -> None:
         allowed = [c.value for c in choices]
         if getattr(cfg, name) not in allowed:
             raise UsageError(f"{flag(name)} {getattr(cfg, name)!r} is not one of: {', '.join(allowed)}")
-    for name in ("data", "target", "val_data", "out", "resume"):  # given, a name or a path is never blank
+    for name in ("data", "target", "val_data", "out", "resume", "mlflow"):  # given, a name or a path is never blank
         value = getattr(cfg, name)
         _check(value is None or value.strip() != "", f"{flag(name)} is empty; give a value or leave the flag out")
+    _check(cfg.mlflow_experiment.strip() != "", "--mlflow-experiment is empty; give a name or leave the flag out")
     _check(cfg.lr > 0, f"--lr {cfg.lr} must be a finite number > 0, e.g. --lr 0.001")
     _check(0 <= cfg.seed <= MAX_SEED, f"--seed {cfg.seed} must be an integer from 0 to {MAX_SEED} (2**63 - 1)")
     _check(cfg.bagging in ("auto", "off") or (cfg.bagging.isascii() and cfg.bagging.isdigit() and 2 <= int(cfg.bagging) <= MAX_MEMBERS),

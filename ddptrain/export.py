@@ -33,6 +33,7 @@ from ddptrain.tables import NA_TOKENS
 
 FORMATS = ("onnx", "safetensors")
 OPSETS = range(18, 24)  # torch's exporter and onnxruntime both handle these
+DEFAULT_OPSET = OPSETS.start  # what `export` writes unless --opset says otherwise
 ML_OPSET = 3  # ai.onnx.ml: LabelEncoder with string keys and int64 values
 NAT = -(2 ** 63)  # numpy's NaT as int64: a missing date
 ONNX_LIMIT = 2 ** 31 - 2 ** 24  # protobuf's 2 GB, less room for the graph itself

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ddptrain import checkpoint, cudagraphs
+from ddptrain import checkpoint, cudagraphs, tracking
 from ddptrain.checkpoint import Position
 from ddptrain.config import (
     FitConfig,
@@ -28,7 +28,7 @@ from ddptrain.bagging import assign_folds, members_of, resolve_members
 from ddptrain.crossval import resolve_numeric_bins
 from ddptrain.data import FitData, prepare_fit_data
 from ddptrain.dist import DistInfo, process_group, resolve_device
-from ddptrain.errors import UsageError
+from ddptrain.errors import Preempted, UsageError
 from ddptrain.faults import InjectedFault
 from ddptrain.launchenv import launch_env
 from ddptrain.model import Ensemble, ModelSpec, build_fitted_model, parameter_count
@@ -67,13 +67,17 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     data_s = time.perf_counter() - data_started
     if cfg.tensorboard:
         check_tensorboard()
+    if cfg.mlflow:
+        tracking.check_mlflow(cfg.mlflow_model)
     if resumed:
         checkpoint.check_resumable(cfg, resumed, resume_path)
     resolve_device(cfg.device, cfg.backend, env.local_rank)  # a device this machine lacks: refused before the folder
     lock = claim_run_folder(out, resume_path, continues) if env.rank == 0 else None
     try:
         with process_group(cfg.device, cfg.backend, cfg.timeout, env) as dist:
-            run = RunDir(out, lock, cfg.tensorboard) if lock is not None else SilentRunDir(out)
+            tracker = tracking.MlflowRun(cfg.mlflow, cfg.mlflow_experiment, out, resumed is not None, cfg.mlflow_model) \
+                if cfg.mlflow and lock is not None else None
+            run = RunDir(out, lock, cfg.tensorboard, tracker) if lock is not None else SilentRunDir(out)
             try:
                 parts = build_parts(cfg, dist, data, run, env.fault)
                 position = checkpoint.restore(parts, resumed, resume_path) if resumed else Position()
@@ -81,6 +85,12 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
                 run.write_config(cfg.to_dict())
                 announce(parts, out)
                 summary = Trainer(parts, position, started_at, data_s).fit()
+                if tracker is not None:
+                    tracker.finish(summary, run.checkpoints)
+            except BaseException as exc:
+                if tracker is not None:  # a preempted or interrupted run is continued by a resume
+                    tracker.end("KILLED" if isinstance(exc, (Preempted, KeyboardInterrupt)) else "FAILED")
+                raise
             finally:
                 run.close()
     finally:
@@ -177,9 +187,9 @@ def check_monitor(cfg: FitConfig, data: FitData) -> None:
     if cfg.monitor in TASK_MONITORS[other]:
         raise UsageError(f"--monitor {cfg.monitor} is a {other} metric but this run is {task} (target "
                          f"'{data.spec.target_name}'); use val_loss, train_loss or {', '.join(TASK_MONITORS[task])}")
-    if cfg.monitor.startswith("val_") and data.val is None:
+    if cfg.monitor.startswith("val_") and data.val is None and cfg.bagging == "off":  # bagged: out-of-fold
         raise UsageError(f"--monitor {cfg.monitor} needs validation data; set --val-fraction or --val-data, "
-                         "or use --monitor train_loss (or auto)")
+                         "bag (--bagging K), or use --monitor train_loss (or auto)")
 
 
 def build_parts(cfg: FitConfig, dist: DistInfo, data: FitData, run: SilentRunDir,

@@ -164,9 +164,10 @@ def check_tensorboard() -> None:
 class RunDir(SilentRunDir):
     """Rank 0's run folder, claimed (locked, marked) by `claim_run_folder`; `close` releases the lock."""
 
-    def __init__(self, path: Path, lock: RunLock, tensorboard: bool = False) -> None:
+    def __init__(self, path: Path, lock: RunLock, tensorboard: bool = False, tracker: Any = None) -> None:
         super().__init__(path)
         self.lock = lock
+        self.tracker = tracker  # an MLflow run (tracking.MlflowRun) that sees config.json and every row
         try:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -179,6 +180,8 @@ class RunDir(SilentRunDir):
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic.write_text(self.path / "config.json", json.dumps(config, indent=2) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_params(config)
 
     def append(self, row: dict[str, Any]) -> None:
         if self._metrics is None:
@@ -192,6 +195,8 @@ class RunDir(SilentRunDir):
             # purge_step: TensorBoard hides what an earlier, interrupted attempt logged after the resumed step
             purge = None if self._resumed_at is None else self._resumed_at + 1
             self._events = SummaryWriter(log_dir=str(self.path / "tensorboard"), purge_step=purge)
+        if self.tracker is not None:
+            self.tracker.log_row(row)
         if self._events is not None:  # the same scalars, tagged by row kind: step/train_loss, epoch/val_loss, ...
             for key, value in row.items():
                 if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):

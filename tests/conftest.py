@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import forkserver
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,9 +27,17 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def cli(*args: str, cwd: Path, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m ddptrain ARGS` as a user would run it."""
-    return subprocess.run([sys.executable, "-m", "ddptrain", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env or clean_env())
+    """`python -m ddptrain ARGS` as a user would run it: a process of its own, forked from a server that has
+    imported torch (tests/forkserver.py), its output captured."""
+    return forkserver.run(list(args), cwd, env or clean_env(), timeout)
+
+
+def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run(argv, capture_output=True, text=True), a `python -m ddptrain` command through cli's fork
+    server."""
+    if argv[:3] == [sys.executable, "-m", "ddptrain"]:
+        return forkserver.run(argv[3:], cwd, env, timeout)
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
@@ -153,7 +163,7 @@ def shared_run(root: Path, command: list[str], name: str = "run") -> tuple[Path,
         if not (folder / "stdout.txt").exists():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
-            done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=240, env=clean_env())
+            done = run_command(command, folder, clean_env(), 240)
             assert done.returncode == 0, done.stderr[-3000:]
             (folder / "stdout.txt").write_text(done.stdout)
     return folder / name, (folder / "stdout.txt").read_text()
@@ -183,6 +193,7 @@ _EXIT_STATUS: list[int] = []
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
     _EXIT_STATUS.append(int(exitstatus))
+    forkserver.stop()
 
 
 @pytest.hookimpl(trylast=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import clean_env, cli, epoch_rows, error_lines, read_metrics, shared_run, torchrun
+from conftest import clean_env, cli, epoch_rows, error_lines, read_metrics, run_command, shared_run, torchrun
 
 from ddptrain.checkpoint import load_checkpoint
 
@@ -58,8 +58,7 @@ def test_a_bagged_small_table_trains_alike_on_1_and_2_processes(tmp_path):
     real_table(tmp_path / "test.csv", rows=40, seed=7)
     args = ["--data", "train.csv", "--target", "label", "--epochs", "4", "--hidden", "16", "--early-stop", "0"]
     one = cli("fit", *args, "--out", "ws1", cwd=tmp_path)
-    two = subprocess.run(nproc_cmd(2, "fit", *args, "--out", "ws2"), cwd=tmp_path, capture_output=True, text=True,
-                         timeout=240, env=clean_env())
+    two = run_command(nproc_cmd(2, "fit", *args, "--out", "ws2"), tmp_path, clean_env(), 240)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("bagging: 5 models") == 1

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import typer
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, run_command
 
-try:  # Typer before 0.20 runs on click; later ones carry their own copy of it
-    from click import exceptions as click_errors
-except ImportError:
+try:  # later Typers carry their own copy of click (click itself may be installed too, for other packages)
     from typer._click import exceptions as click_errors
+except ImportError:  # Typer before 0.20 runs on click
+    from click import exceptions as click_errors
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -60,7 +60,7 @@ def with_sample_numbers(command, args: list[str]) -> list[str]:
 
 
 def test_every_command_in_the_docs_parses():
-    from ddptrain.cli import app
+    from ddptrain.cli import app, with_optional_values
 
     root = typer.main.get_command(app)
     seen = 0
@@ -69,7 +69,7 @@ def test_every_command_in_the_docs_parses():
             args = ddptrain_args(command)
             if not args or args[0] in ("-h", "--help"):
                 continue
-            name, rest = args[0], args[1:]
+            name, rest = args[0], with_optional_values(args[1:])
             assert name in root.commands, f"{doc.name}: `{command}`: no command {name!r}"
             if "-h" in rest or "--help" in rest:
                 continue
@@ -114,7 +114,7 @@ def test_the_readme_walkthrough_runs_as_written_and_again(tmp_path):
         for step in todo:
             words = shlex.split(step)
             argv = [sys.executable, "-m", "ddptrain", *words[1:]] if words[0] == "ddptrain" else [sys.executable, *words[1:]]
-            done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=clean_env())
+            done = run_command(argv, tmp_path, clean_env(), 300)
             assert done.returncode == 0, (attempt, step, done.stderr[-2000:])
             assert "error:" not in done.stderr, (attempt, step, done.stderr)
             if words[1] == "export":  # --server writes the project's server and says how to run it

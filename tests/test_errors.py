@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import in_process
+from conftest import in_process, run_command
 
 from ddptrain.cli import main
 
@@ -467,7 +467,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path):
     args = [sys.executable, "-m", "ddptrain", "fit", "--data", "xor", "--n-samples", "256", "--hidden", "128,128",
             "--batch-size", "32", "--optimizer", "sgd", "--quiet", "--out", "run"]
     env = clean_env(PYTHONDONTWRITEBYTECODE="1")
-    first = subprocess.run(args + ["--epochs", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    first = run_command(args + ["--epochs", "1"], tmp_path, env, 120)
     assert first.returncode == 0, first.stderr
     last = tmp_path / "run/checkpoints/last.pt"
     before = last.read_bytes()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LAUNCHERS, clean_env, error_lines, read_metrics, shared_run, torchrun_cmd
+from conftest import LAUNCHERS, clean_env, error_lines, read_metrics, run_command, shared_run, torchrun_cmd
 
 from ddptrain.checkpoint import load_checkpoint
 
@@ -299,8 +299,8 @@ def test_rank_0_stopped_mid_run_rank_1_reports_the_timeout(tmp_path):
 @pytest.mark.slow
 def test_one_rank_failing_prints_its_error_once_and_ends_the_job(tmp_path):
     """Under --nproc-per-node (torchrun's case: test_distributed's test_one_rank_raising_ends_the_job...)."""
-    result = subprocess.run(LAUNCHERS["nproc-per-node"](2, *LONG, "--out", "run"), cwd=tmp_path, timeout=120,
-                            env=clean_env(DDPTRAIN_FAIL_AT_STEP="1:3"), capture_output=True, text=True)
+    result = run_command(LAUNCHERS["nproc-per-node"](2, *LONG, "--out", "run"), tmp_path,
+                         clean_env(DDPTRAIN_FAIL_AT_STEP="1:3"), 120)
     assert result.returncode == 1
     assert error_lines(result.stderr) == ["error: [rank 1] RuntimeError: injected failure at step 3 "
                                           "(DDPTRAIN_FAIL_AT_STEP) (rerun with --debug for the traceback)"]
@@ -410,8 +410,8 @@ def test_a_silent_rendezvous_peer_is_an_error_within_the_timeout(tmp_path):
     env = clean_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     started = time.monotonic()
     try:
-        result = subprocess.run([sys.executable, "-m", "ddptrain", "fit", "--data", "xor", "--timeout", "3", "--out",
-                                 "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        result = run_command([sys.executable, "-m", "ddptrain", "fit", "--data", "xor", "--timeout", "3", "--out",
+                              "run"], tmp_path, env, 120)
     finally:
         server.close()
     assert time.monotonic() - started < 120  # a 3 s limit, not torch's forever; room for a loaded machine
@@ -429,8 +429,7 @@ def test_a_second_job_on_a_held_folder_fails_at_once_and_sigkill_releases_it(tmp
     first = start([sys.executable, *endless, "--out", "run"], tmp_path)
     wait_for_steps(tmp_path / "run", 2, first)
     for args in (["--out", "run"], ["--out", "run", "--resume", "auto"]):
-        second = subprocess.run([sys.executable, *endless, *args], cwd=tmp_path, env=clean_env(),
-                                capture_output=True, text=True, timeout=120)
+        second = run_command([sys.executable, *endless, *args], tmp_path, clean_env(), 120)
         lines = error_lines(second.stderr)
         assert len(lines) == 1, second.stderr
         if "--resume" in args:
@@ -442,8 +441,8 @@ def test_a_second_job_on_a_held_folder_fails_at_once_and_sigkill_releases_it(tmp
     first.send_signal(signal.SIGKILL)
     first.wait()
     # the kernel released the dead job's lock: the run continues (to epoch 2, or it is there already)
-    resumed = subprocess.run([sys.executable, *replaced(endless, epochs="2"), "--out", "run", "--resume", "auto",
-                              "--quiet"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=240)
+    resumed = run_command([sys.executable, *replaced(endless, epochs="2"), "--out", "run", "--resume", "auto",
+                           "--quiet"], tmp_path, clean_env(), 240)
     assert resumed.returncode == 0, resumed.stderr
 
 
