@@ -202,7 +202,8 @@ class FitConfig:
     mlflow: str | None = setting(
         None, "Track the run in MLflow (mlflow extra): the resolved config, every metric row, the summary, the "
               "checkpoints and, with the export extra, the ONNX model. A tracking URI (sqlite:///mlflow.db, "
-              "http://host:5000), or --mlflow alone for MLflow's default ($MLFLOW_TRACKING_URI, else ./mlflow.db).",
+              "http://host:5000), or --mlflow alone for MLflow's default (the MLFLOW_TRACKING_URI variable, else "
+              "./mlflow.db).",
         RUN, flags=("--mlflow",))
     mlflow_experiment: str = setting("ddptrain", "The MLflow experiment of --mlflow's run.", RUN)
     mlflow_model: bool | None = setting(
