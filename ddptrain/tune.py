@@ -124,6 +124,10 @@ def open_study(cfg: TuneConfig) -> Any:
     study = optuna.create_study(storage=storage, study_name=cfg.study, direction=cfg.direction,
                                 load_if_exists=True, pruner=build_pruner(cfg.pruner))
     saved = study.user_attrs.get("ddptrain")
+    trial_files = [p for p in (cfg.out / "trials").iterdir()] if (cfg.out / "trials").is_dir() else []
+    if not study.trials and trial_files:  # a trial folder of its numbering would be read as the new trial's
+        raise UsageError(f"--out {cfg.out} holds trials of study '{cfg.study}', but {cfg.storage} has none of them "
+                         "(was the journal replaced?); restore the journal, or pick a new --out")
     if saved is None:
         study.set_user_attr("ddptrain", cfg.definition())
     elif saved != json.loads(json.dumps(cfg.definition())):

@@ -172,6 +172,12 @@ def test_tune_refusals_are_one_line_each(tmp_path, study_files, monkeypatch, cap
     assert "holds study 'other', not 'cells'; continue it with --study other" in refused(
         *study_files, "--storage", "j.log", "--out", "s2")
     assert (tmp_path / "j.log").read_bytes() == before  # nothing of the other study touched
+    # a study folder whose journal is gone: its trial folders would be taken for the new study's
+    (tmp_path / "gone/trials").mkdir(parents=True)
+    (tmp_path / "gone/ddptrain-study.json").write_text(json.dumps({"study": "cells"}))
+    (tmp_path / "gone/trials/trial-0000.toml").write_text("")
+    assert "holds trials of study 'cells', but gone/journal.log has none of them" in refused(*study_files, "--out", "gone")
+    assert "--out run holds study" not in refused(*study_files, "--out", "gone")  # refused alike each time
     assert "tune needs the optuna package: pip install 'ddptrain[tune]'" in missing(monkeypatch, capsys, "optuna",
                                                                                     "tune", *study_files)
     assert "--mlflow needs the mlflow package: pip install 'ddptrain[mlflow]'" in missing(
@@ -194,11 +200,16 @@ def test_a_failing_trial_is_counted_and_the_study_goes_on_and_ctrl_c_keeps_finis
     # a batch larger than the table's training rows fails its trial (one line in its log); the others run
     (tmp_path / "space.toml").write_text('[space]\nbatch_size = { choices = [32, 100000] }\n')
     (tmp_path / "shared.toml").write_text(SHARED.replace("batch_size = 32\n", "").replace("epochs = 40", "epochs = 3"))
-    done = cli("tune", *study_files, "--trials", "4", "--out", "study", "--pruner", "none", cwd=tmp_path, timeout=400)
+    # each trial a 2-process DDP job through fit's own launcher
+    done = cli("tune", *study_files, "--trials", "4", "--out", "study", "--pruner", "none", "--nproc-per-node", "2",
+               cwd=tmp_path, timeout=400)
     assert done.returncode == 0, done.stderr
     study = load(tmp_path / "study")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert "world size 2 (gloo, cpu, DDP)" in (tmp_path / "study/trials/trial-{:04d}.log".format(complete[0].number)).read_text()
     failed = [t for t in study.trials if t.state.name == "FAIL"]
     assert failed and all("--batch-size 100000 is larger than the" in t.user_attrs["error"] for t in failed)
+    assert all((tmp_path / f"study/trials/trial-{t.number:04d}.log").read_text().count("error:") == 1 for t in failed)
     assert states(study).get("COMPLETE", 0) >= 1 and len(study.trials) == 4
     assert f"{len(failed)} failed (4 of 4)" in done.stdout
     # Ctrl-C (SIGINT) during a trial: the trial checkpoints and stops, the study keeps its trials and says how to go on
