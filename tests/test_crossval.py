@@ -79,7 +79,7 @@ def test_fit_records_the_choice_and_a_resume_keeps_it(tmp_path, capsys):
     from ddptrain.run import fit
 
     path = write(tmp_path / "stairs.csv", lambda x: np.floor(5 * x[:, 0]) * 2.0)
-    base = dict(data=str(path), target="y", out=str(tmp_path / "run"), early_stop=0)  # every epoch runs
+    base = dict(data=str(path), target="y", out=str(tmp_path / "run"), early_stop=0, bagging="off")  # every epoch runs; one model
     fit(FitConfig(**base, quiet=True))
     recorded = json.loads((tmp_path / "run/config.json").read_text())
     assert recorded["numeric_bins"] == AUTO_BINS

@@ -198,8 +198,10 @@ def test_a_builtin_name_is_never_shadowed_by_a_folder_and_a_run_folder_is_never_
     `--data`; both must still take the built-in (a race that failed about one run in three). A folder of that
     name made beforehand does not shadow it either, and a run folder given as --data is one error line."""
     (tmp_path / "moons").mkdir()
-    for data in ("spirals", "moons"):
-        done = torchrun(2, "fit", "--data", data, "--out", data, "--epochs", "1", "--n-samples", "400", cwd=tmp_path)
+    for data, launch in (("spirals", "torchrun"), ("moons", "nproc-per-node")):  # each launcher once
+        args = ("fit", "--data", data, "--out", data, "--epochs", "1", "--n-samples", "400")
+        done = torchrun(2, *args, cwd=tmp_path) if launch == "torchrun" else \
+            cli(*args, "--nproc-per-node", "2", cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         assert "2 classes" in done.stdout
     refused = cli("fit", "--data", "./spirals", "--out", "again", cwd=tmp_path)
