@@ -32,7 +32,7 @@ from ddptrain.config import LARGER_IS_BETTER, Monitor, merge
 from ddptrain.console import console
 from ddptrain.errors import EXIT_PREEMPTED, DDPTrainError, Interrupted, UsageError
 from ddptrain.space import Dimension, settings_of
-from ddptrain.tracking import first_line
+from ddptrain.tracking import PARENT_ENV, first_line
 
 PRUNERS = ("median", "hyperband", "none")
 METRICS = tuple(m.value for m in Monitor if m.value.startswith("val_"))
@@ -309,7 +309,7 @@ def run_trial(cfg: TuneConfig, study: Any, trial: Any, trials_dir: Path, start: 
         began = time.monotonic()
         view.started(trial.number, params)
         child = TrialProcess(job, trials_dir / f"{name}.log", start,
-                             {"DDPTRAIN_MLFLOW_PARENT": parent.run_id} if parent is not None else {})
+                             {PARENT_ENV: parent.run_id} if parent is not None else {})
         stopper.child = child
         rows = RowReader(run_folder / "metrics.jsonl")
         pruned = False
