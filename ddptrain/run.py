@@ -84,9 +84,10 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
                 run.rewind(position.global_step)
                 run.write_config(cfg.to_dict())
                 announce(parts, out)
+                start_step = position.global_step
                 summary = Trainer(parts, position, started_at, data_s).fit()
                 if tracker is not None:
-                    tracker.finish(summary, run.checkpoints)
+                    tracker.finish(summary, run.checkpoints, trained=summary["steps"] > start_step)
             except BaseException as exc:
                 if tracker is not None:  # a preempted or interrupted run is continued by a resume
                     tracker.end("KILLED" if isinstance(exc, (Preempted, KeyboardInterrupt)) else "FAILED")

@@ -82,9 +82,11 @@ class MlflowRun:
         self.model = has_export_extra() if model is None else model  # log the ONNX model at the end
         self.client = client_for(store)
         self.failed = False
+        self.finished_before = False  # a resumed run that had ended FINISHED (its files are logged)
         saved = self._saved_run() if resuming else None
         if saved is not None:
             self.run_id = saved
+            self.finished_before = self.client.get_run(saved).info.status == "FINISHED"
             self.client.update_run(self.run_id, status="RUNNING")
             return
         tags = {"ddptrain.version": __version__, "ddptrain.run_folder": str(out.resolve())}
@@ -146,11 +148,15 @@ class MlflowRun:
         if metrics:
             self._safely("log metrics", self.client.log_batch, self.run_id, metrics=metrics)
 
-    def finish(self, summary: dict[str, Any], checkpoints: Path) -> None:
+    def finish(self, summary: dict[str, Any], checkpoints: Path, trained: bool) -> None:
         """The summary as metrics, the run folder's files and checkpoints as artifacts, the ONNX model where the
-        export extra is installed; the run ends FINISHED."""
+        export extra is installed; the run ends FINISHED. A finished run run again (`--resume auto` with nothing
+        left to train) logs nothing twice."""
         from mlflow.entities import Metric
 
+        if self.finished_before and not trained:
+            self.end("FINISHED")
+            return
         now = int(time.time() * 1000)
         values = {"epochs": summary["epochs"], "steps": summary["steps"], "best_epoch": summary["best_epoch"]}
         if summary.get("best") is not None:

@@ -266,6 +266,12 @@ def test_fit_and_tune_runs_read_back_from_mlflow(tmp_path, study_files):
                "--mlflow", uri, "--mlflow-experiment", "tests", "--no-mlflow-model", cwd=tmp_path)
     assert more.returncode == 0, more.stderr
     assert [m.step for m in client.get_metric_history(run_id, "epoch/val_loss")] == [1, 2, 3, 4]
+    # and once more, with nothing left to train: it reports the finished run and logs nothing twice
+    again = cli("fit", "--data", "xor", "--n-samples", "1200", "--epochs", "4", "--out", "run", "--resume", "auto",
+                "--mlflow", uri, "--mlflow-experiment", "tests", "--no-mlflow-model", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(client.get_metric_history(run_id, "summary/epochs")) == 2  # the first fit's and the resume's
     # tune: a run for the study, a child run for each trial
     tuned = cli("tune", *study_files, "--trials", "2", "--out", "study", "--mlflow", uri, "--mlflow-experiment",
                 "tests", cwd=tmp_path, timeout=400)
