@@ -206,9 +206,9 @@ class FitConfig:
               "./mlflow.db).",
         RUN, flags=("--mlflow",))
     mlflow_experiment: str = setting("ddptrain", "The MLflow experiment of --mlflow's run.", RUN)
-    mlflow_model: bool | None = setting(
+    mlflow_onnx: bool | None = setting(
         None, "With --mlflow: log best.pt as an ONNX model with a signature of the raw columns (default: when the "
-              "export extra is installed).", RUN, flags=("--mlflow-model/--no-mlflow-model",))
+              "export extra is installed).", RUN, flags=("--mlflow-onnx/--no-mlflow-onnx",))
 
     def __post_init__(self) -> None:
         for name in CHOICE_FIELDS:  # a Choice member (from Typer) is kept as its plain string

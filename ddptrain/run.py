@@ -68,14 +68,14 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
     if cfg.tensorboard:
         check_tensorboard()
     if cfg.mlflow:
-        tracking.check_mlflow(cfg.mlflow_model)
+        tracking.check_mlflow(cfg.mlflow_onnx)
     if resumed:
         checkpoint.check_resumable(cfg, resumed, resume_path)
     resolve_device(cfg.device, cfg.backend, env.local_rank)  # a device this machine lacks: refused before the folder
     lock = claim_run_folder(out, resume_path, continues) if env.rank == 0 else None
     try:
         with process_group(cfg.device, cfg.backend, cfg.timeout, env) as dist:
-            tracker = tracking.MlflowRun(cfg.mlflow, cfg.mlflow_experiment, out, resumed is not None, cfg.mlflow_model) \
+            tracker = tracking.MlflowRun(cfg.mlflow, cfg.mlflow_experiment, out, resumed is not None, cfg.mlflow_onnx) \
                 if cfg.mlflow and lock is not None else None
             run = RunDir(out, lock, cfg.tensorboard, tracker) if lock is not None else SilentRunDir(out)
             try:

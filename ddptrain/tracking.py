@@ -25,12 +25,12 @@ PARENT_ENV = "DDPTRAIN_MLFLOW_PARENT"  # set by `tune`: the study's run, whose c
 NOT_PARAMS = ("out", "resume", "mlflow", "mlflow_experiment", "quiet")  # where and how, not what was trained
 
 
-def check_mlflow(model: bool | None = None) -> None:
+def check_mlflow(onnx: bool | None = None) -> None:
     if importlib.util.find_spec("mlflow") is None:
         raise UsageError("--mlflow needs the mlflow package: pip install 'ddptrain[mlflow]'")
-    if model and not has_export_extra():
-        raise UsageError("--mlflow-model needs the export extra (onnx): pip install 'ddptrain[export]', or "
-                         "--no-mlflow-model")
+    if onnx and not has_export_extra():
+        raise UsageError("--mlflow-onnx needs the export extra (onnx): pip install 'ddptrain[export]', or "
+                         "--no-mlflow-onnx")
 
 
 def tracking_uri(store: str) -> str | None:
@@ -77,9 +77,9 @@ class MlflowRun:
     """One fit's MLflow run, driven by rank 0's run folder: `log_params` with config.json, `log_row` with each
     metrics.jsonl row, `finish` at the end. A resume of the run folder continues the same MLflow run."""
 
-    def __init__(self, store: str, experiment: str, out: Path, resuming: bool, model: bool | None = None) -> None:
+    def __init__(self, store: str, experiment: str, out: Path, resuming: bool, onnx: bool | None = None) -> None:
         self.store, self.out = store, out
-        self.model = has_export_extra() if model is None else model  # log the ONNX model at the end
+        self.onnx = has_export_extra() if onnx is None else onnx  # log the ONNX model at the end
         self.client = client_for(store)
         self.failed = False
         self.finished_before = False  # a resumed run that had ended FINISHED (its files are logged)
@@ -171,7 +171,7 @@ class MlflowRun:
                 self._safely(f"upload {name}", self.client.log_artifact, self.run_id, str(checkpoints / name),
                              "checkpoints")
         best = checkpoints / "best.pt"
-        if best.exists() and not self.failed and self.model:
+        if best.exists() and not self.failed and self.onnx:
             self._safely("log the ONNX model", log_onnx_model, self.store, self.run_id, best)
         self.end("FINISHED")
 

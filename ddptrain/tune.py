@@ -37,7 +37,7 @@ from ddptrain.tracking import PARENT_ENV, first_line
 PRUNERS = ("median", "hyperband", "none")
 METRICS = tuple(m.value for m in Monitor if m.value.startswith("val_"))
 # decided per trial by the study (a run folder's config.json passed as --config carries them: they are left out)
-STUDY_OWNS = ("out", "resume", "quiet", "mlflow", "mlflow_experiment", "mlflow_model", "monitor", "monitor_mode")
+STUDY_OWNS = ("out", "resume", "quiet", "mlflow", "mlflow_experiment", "mlflow_onnx", "monitor", "monitor_mode")
 MARKER = "ddptrain-study.json"
 POLL_S = 0.2
 FAILED_IN_A_ROW = 3  # this many failed trials and none complete: the settings are wrong, not the draws
@@ -305,7 +305,7 @@ def run_trial(cfg: TuneConfig, study: Any, trial: Any, trials_dir: Path, start: 
         atomic.write_text(trials_dir / f"{name}.toml", fit_toml(settings, f"trial {trial.number} of study "
                                                                           f"'{cfg.study}'"))
         trial.set_user_attr("run_folder", str(run_folder.resolve()))
-        job = FitJob.of(cfg, trials_dir / f"{name}.toml", run_folder, tracked=parent is not None, model=False)
+        job = FitJob.of(cfg, trials_dir / f"{name}.toml", run_folder, tracked=parent is not None, onnx=False)
         began = time.monotonic()
         view.started(trial.number, params)
         child = TrialProcess(job, trials_dir / f"{name}.log", start,
@@ -395,16 +395,16 @@ class FitJob:
     nproc_per_node: int | None
     mlflow: str | None
     mlflow_experiment: str
-    mlflow_model: bool
+    mlflow_onnx: bool
 
     @classmethod
-    def of(cls, cfg: TuneConfig, config: Path, out: Path, tracked: bool, model: bool) -> FitJob:
-        return cls(config, out, cfg.nproc_per_node, cfg.mlflow if tracked else None, cfg.mlflow_experiment, model)
+    def of(cls, cfg: TuneConfig, config: Path, out: Path, tracked: bool, onnx: bool) -> FitJob:
+        return cls(config, out, cfg.nproc_per_node, cfg.mlflow if tracked else None, cfg.mlflow_experiment, onnx)
 
     def overrides(self) -> dict[str, Any]:
         given: dict[str, Any] = {"out": str(self.out), "resume": "auto"}
         if self.mlflow:
-            given.update(mlflow=self.mlflow, mlflow_experiment=self.mlflow_experiment, mlflow_model=self.mlflow_model)
+            given.update(mlflow=self.mlflow, mlflow_experiment=self.mlflow_experiment, mlflow_onnx=self.mlflow_onnx)
         return given
 
     def argv(self) -> list[str]:
@@ -742,7 +742,7 @@ def refit(cfg: TuneConfig, study: Any, summary: dict[str, Any], start: str) -> d
                                                  "on every training row"))
     console.line(f"ddptrain tune: refit: the best settings on every training row for {settings['epochs']} epochs "
                  f"into {out} (its log: {cfg.out / 'refit.log'})", force=True)
-    child = TrialProcess(FitJob.of(cfg, config, out, tracked=True, model=True), cfg.out / "refit.log", start, {})
+    child = TrialProcess(FitJob.of(cfg, config, out, tracked=True, onnx=True), cfg.out / "refit.log", start, {})
     stopper = Stopper()
     stopper.child = child
     with stopper:

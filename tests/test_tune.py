@@ -4,7 +4,6 @@ with Optuna's and MLflow's own clients."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clean_env, cli, error_lines, in_process, read_metrics, tiny_csv  # noqa: F401
+from conftest import clean_env, cli, error_lines, in_process, read_metrics
 
 optuna = pytest.importorskip("optuna")
 pytestmark = pytest.mark.slow
@@ -263,12 +262,12 @@ def test_fit_and_tune_runs_read_back_from_mlflow(tmp_path, study_files):
         assert [s.name for s in signature.outputs.inputs] == ["probabilities", "label"]
     # resumed for more epochs: the same MLflow run, finished again
     more = cli("fit", "--data", "xor", "--n-samples", "1200", "--epochs", "4", "--out", "run", "--resume", "auto",
-               "--mlflow", uri, "--mlflow-experiment", "tests", "--no-mlflow-model", cwd=tmp_path)
+               "--mlflow", uri, "--mlflow-experiment", "tests", "--no-mlflow-onnx", cwd=tmp_path)
     assert more.returncode == 0, more.stderr
     assert [m.step for m in client.get_metric_history(run_id, "epoch/val_loss")] == [1, 2, 3, 4]
     # and once more, with nothing left to train: it reports the finished run and logs nothing twice
     again = cli("fit", "--data", "xor", "--n-samples", "1200", "--epochs", "4", "--out", "run", "--resume", "auto",
-                "--mlflow", uri, "--mlflow-experiment", "tests", "--no-mlflow-model", cwd=tmp_path)
+                "--mlflow", uri, "--mlflow-experiment", "tests", "--no-mlflow-onnx", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert client.get_run(run_id).info.status == "FINISHED"
     assert len(client.get_metric_history(run_id, "summary/epochs")) == 2  # the first fit's and the resume's
