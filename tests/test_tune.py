@@ -171,6 +171,16 @@ def test_tune_refusals_are_one_line_each(tmp_path, study_files, monkeypatch, cap
     assert "holds study 'other', not 'cells'; continue it with --study other" in refused(
         *study_files, "--storage", "j.log", "--out", "s2")
     assert (tmp_path / "j.log").read_bytes() == before  # nothing of the other study touched
+    # a fit's run folder, or a folder of other files, is not a study's
+    from ddptrain.rundir import MARKER
+
+    (tmp_path / "arun").mkdir()
+    (tmp_path / "arun" / MARKER).write_text("{}")
+    assert "--out arun is a fit's run folder; pick a folder of its own" in refused(*study_files, "--out", "arun")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("mine")
+    assert "--out mine already holds other files" in refused(*study_files, "--out", "mine")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
     # a study folder whose journal is gone: its trial folders would be taken for the new study's
     (tmp_path / "gone/trials").mkdir(parents=True)
     (tmp_path / "gone/ddptrain-study.json").write_text(json.dumps({"study": "cells"}))
