@@ -293,3 +293,15 @@ def test_fit_and_tune_runs_read_back_from_mlflow(tmp_path, study_files):
     assert all(c.data.params["monitor"] == "val_loss" and "lr" in c.data.params for c in children)
     best = min(c.data.metrics["summary/best_val_loss"] for c in children)
     assert parents[0].data.metrics["best_value"] == best
+
+
+def test_a_study_on_a_terminal_shows_a_live_table_of_its_trials(tmp_path, study_files):
+    from test_observe import run_on_terminal
+
+    (tmp_path / "shared.toml").write_text(SHARED.replace("epochs = 40", "epochs = 3"))
+    screen = run_on_terminal(["tune", *study_files, "--trials", "2", "--out", "study"], tmp_path)
+    assert "study cells: val_loss" in screen  # the live table's title, redrawn as trials run
+    for column in ("trial", "state", "val_loss", "epoch", "seconds", "settings"):
+        assert column in screen
+    assert "complete" in screen and "ddptrain tune: done" in screen
+    assert "trial 0: complete" not in screen  # the table, not the plain lines of a log
