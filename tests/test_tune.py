@@ -305,3 +305,36 @@ def test_a_study_on_a_terminal_shows_a_live_table_of_its_trials(tmp_path, study_
         assert column in screen
     assert "complete" in screen and "ddptrain tune: done" in screen
     assert "trial 0: complete" not in screen  # the table, not the plain lines of a log
+
+
+def test_where_trials_cannot_be_forked_each_is_a_fresh_fit_command(tmp_path, study_files):
+    """Where CUDA devices are (DDPTRAIN_WORKER_START=spawn stands in for them here), a trial is `python -m ddptrain
+    fit --config ... --out ... --resume auto` in a fresh interpreter."""
+    (tmp_path / "shared.toml").write_text(SHARED.replace("epochs = 40", "epochs = 3"))
+    done = cli("tune", *study_files, "--trials", "1", "--out", "study", cwd=tmp_path, timeout=400,
+               env=clean_env(DDPTRAIN_WORKER_START="spawn"))
+    assert done.returncode == 0, done.stderr
+    trial = load(tmp_path / "study").trials[0]
+    rows = [r for r in read_metrics(Path(trial.user_attrs["run_folder"])) if r["kind"] == "epoch"]
+    assert trial.state.name == "COMPLETE" and trial.value == min(r["val_loss"] for r in rows)
+
+
+def test_a_trials_command_line_says_what_its_forked_run_does(tmp_path):
+    """The fresh interpreter's command line (FitJob.argv) parses, with fit's own parser, to the settings the forked
+    child runs with (FitJob's merge): the run folder, --resume auto, the workers and MLflow's flags."""
+    import typer
+
+    from ddptrain.cli import app, with_optional_values
+    from ddptrain.config import merge, read_config_file
+    from ddptrain.tune import FitJob
+
+    (tmp_path / "trial.toml").write_text('[fit]\ndata = "t.csv"\nlr = 0.01\n')
+    fit_command = typer.main.get_command(app).commands["fit"]
+    for job in (FitJob(tmp_path / "trial.toml", tmp_path / "run", 2, "sqlite:///m.db", "tests", False),
+                FitJob(tmp_path / "trial.toml", tmp_path / "run", None, None, "ddptrain", True)):
+        argv = job.argv()
+        params = fit_command.make_context("fit", with_optional_values(argv[1:])).params
+        forked = merge(read_config_file(job.config), job.overrides())
+        assert params["config"] == job.config and params["nproc_per_node"] == job.nproc_per_node
+        for key in ("out", "resume", "mlflow", "mlflow_experiment", "mlflow_onnx"):
+            assert params[key] == getattr(forked, key) or (params[key] is None and getattr(forked, key) is None), key
