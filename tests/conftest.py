@@ -177,10 +177,10 @@ def pytest_configure(config):
 
 
 # the longest tests (25-55 s on 2 cores: the README walkthrough, the world-size benchmark's smoke run, the faults
-# that also run a reference job) start first, so the two xdist workers finish together
+# that also run a reference job, MLflow read back) start first, so the two xdist workers finish together
 LONGEST = ("test_the_readme_walkthrough_runs_as_written", "test_compare_world_sizes_smoke",
            "test_sigterm_checkpoints_exits_promptly", "test_elastic_restart_after_sigkill",
-           "test_nproc_per_node_launches_workers_on_free_ports")
+           "test_nproc_per_node_launches_workers_on_free_ports", "test_fit_and_tune_runs_read_back_from_mlflow")
 
 
 def pytest_collection_modifyitems(session, config, items):
