@@ -121,13 +121,19 @@ def open_study(cfg: TuneConfig) -> Any:
     if names and cfg.study not in names:
         raise UsageError(f"--storage {cfg.storage} holds study {', '.join(repr(n) for n in names)}, not "
                          f"'{cfg.study}'; continue it with --study {names[0]}, or pick another --storage")
-    study = optuna.create_study(storage=storage, study_name=cfg.study, direction=cfg.direction,
-                                load_if_exists=True, pruner=build_pruner(cfg.pruner))
-    saved = study.user_attrs.get("ddptrain")
     trial_files = [p for p in (cfg.out / "trials").iterdir()] if (cfg.out / "trials").is_dir() else []
-    if not study.trials and trial_files:  # a trial folder of its numbering would be read as the new trial's
+    if cfg.study in names:  # read, not written, until its definition is known to match
+        study = optuna.load_study(study_name=cfg.study, storage=storage, pruner=build_pruner(cfg.pruner))
+    elif trial_files:
+        study = None
+    else:  # load_if_exists: another agent may be creating it at this moment
+        study = optuna.create_study(storage=storage, study_name=cfg.study, direction=cfg.direction,
+                                    load_if_exists=True, pruner=build_pruner(cfg.pruner))
+    # trial folders without their trials: a folder of the new numbering would be taken for the new trial's
+    if study is None or (not study.trials and trial_files):
         raise UsageError(f"--out {cfg.out} holds trials of study '{cfg.study}', but {cfg.storage} has none of them "
                          "(was the journal replaced?); restore the journal, or pick a new --out")
+    saved = study.user_attrs.get("ddptrain")
     if saved is None:
         study.set_user_attr("ddptrain", cfg.definition())
     elif saved != json.loads(json.dumps(cfg.definition())):

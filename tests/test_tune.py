@@ -171,6 +171,15 @@ def test_tune_refusals_are_one_line_each(tmp_path, study_files, monkeypatch, cap
     assert "holds study 'other', not 'cells'; continue it with --study other" in refused(
         *study_files, "--storage", "j.log", "--out", "s2")
     assert (tmp_path / "j.log").read_bytes() == before  # nothing of the other study touched
+    # a study continued with other settings or another space: refused, its journal untouched
+    (tmp_path / "prev").mkdir()
+    (tmp_path / "prev/ddptrain-study.json").write_text(json.dumps({"study": "cells"}))
+    earlier = op.create_study(study_name="cells", storage=JournalStorage(JournalFileBackend(str(tmp_path / "prev/journal.log"))))
+    earlier.set_user_attr("ddptrain", {"settings": {"data": "other.csv"}, "metric": "val_loss", "space": ["lr: 0.1 to 1"]})
+    before = (tmp_path / "prev/journal.log").read_bytes()
+    assert "study 'cells' in prev/journal.log was started with other settings and space; repeat them to continue " \
+           "it, or start another --study" in refused(*study_files, "--out", "prev")
+    assert (tmp_path / "prev/journal.log").read_bytes() == before
     # a fit's run folder, or a folder of other files, is not a study's
     from ddptrain.rundir import MARKER
 
