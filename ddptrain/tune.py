@@ -8,8 +8,7 @@ a trial may itself run --nproc-per-node workers), its run folder under the study
   its lock file (an flock the agent holds while the trial runs) and is redone, not counted.
 - The value of a trial is its best validation figure (or a bagged run's out-of-fold one), never a test file's.
 
-Each trial runs in a child process: on a machine without CUDA devices it is forked from this one, which has
-imported what a fit imports (as the launcher forks its workers); elsewhere it is a fresh `python -m ddptrain fit`.
+Each trial runs in a child process of its own (trial.py); the live table of trials is tuneview.py.
 """
 
 from __future__ import annotations
@@ -19,12 +18,9 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from ddptrain import atomic
@@ -33,6 +29,8 @@ from ddptrain.console import console
 from ddptrain.errors import EXIT_PREEMPTED, DDPTrainError, Interrupted, UsageError
 from ddptrain.space import Dimension, settings_of
 from ddptrain.tracking import PARENT_ENV, first_line
+from ddptrain.trial import FitJob, RowReader, Stopper, TrialProcess, last_error, last_value, start_method, trial_value
+from ddptrain.tuneview import TrialsView
 
 PRUNERS = ("median", "hyperband", "none")
 METRICS = tuple(m.value for m in Monitor if m.value.startswith("val_"))
@@ -311,7 +309,7 @@ def run_trial(cfg: TuneConfig, study: Any, trial: Any, trials_dir: Path, start: 
         atomic.write_text(trials_dir / f"{name}.toml", fit_toml(settings, f"trial {trial.number} of study "
                                                                           f"'{cfg.study}'"))
         trial.set_user_attr("run_folder", str(run_folder.resolve()))
-        job = FitJob.of(cfg, trials_dir / f"{name}.toml", run_folder, tracked=parent is not None, onnx=False)
+        job = trial_job(cfg, trials_dir / f"{name}.toml", run_folder, tracked=parent is not None, onnx=False)
         began = time.monotonic()
         view.started(trial.number, params)
         child = TrialProcess(job, trials_dir / f"{name}.log", start,
@@ -391,315 +389,13 @@ def fit_toml(settings: dict[str, Any], comment: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass(frozen=True)
-class FitJob:
-    """One `fit` a study runs: its settings file, its run folder (resumed if it is there), its workers and its
-    MLflow tracking; as a command line (a fresh interpreter) or as a config (a forked child)."""
-
-    config: Path
-    out: Path
-    nproc_per_node: int | None
-    mlflow: str | None
-    mlflow_experiment: str
-    mlflow_onnx: bool
-
-    @classmethod
-    def of(cls, cfg: TuneConfig, config: Path, out: Path, tracked: bool, onnx: bool) -> FitJob:
-        return cls(config, out, cfg.nproc_per_node, cfg.mlflow if tracked else None, cfg.mlflow_experiment, onnx)
-
-    def overrides(self) -> dict[str, Any]:
-        given: dict[str, Any] = {"out": str(self.out), "resume": "auto"}
-        if self.mlflow:
-            given.update(mlflow=self.mlflow, mlflow_experiment=self.mlflow_experiment, mlflow_onnx=self.mlflow_onnx)
-        return given
-
-    def argv(self) -> list[str]:
-        argv = ["fit", "--config", str(self.config)]
-        for key, value in self.overrides().items():
-            flag = "--" + key.replace("_", "-")
-            argv += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, str(value)]
-        if self.nproc_per_node is not None:
-            argv += ["--nproc-per-node", str(self.nproc_per_node)]
-        return argv
-
-    def run(self) -> int:
-        """In this process, as `ddptrain fit` runs: the exit code; a failure is the job's one error line."""
-        from ddptrain.config import read_config_file
-        from ddptrain.report import report
-
-        started = time.perf_counter()
-        try:
-            cfg = merge(read_config_file(self.config), self.overrides())
-            if self.nproc_per_node is not None:
-                from ddptrain.launcher import Launch, launch_local
-
-                return launch_local(Launch.checked(self.nproc_per_node, None, None, None, 0), cfg, started)
-            from ddptrain.run import fit
-
-            fit(cfg, started)
-            return 0
-        except (Exception, KeyboardInterrupt) as exc:
-            return report(exc)
-
-
-class RowReader:
-    """A trial's metrics.jsonl as it grows: whole lines only (a line being written is read next time)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset, self.rows = path, 0, []
-
-    def _read(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, "rb") as handle:
-                handle.seek(self.offset)
-                chunk = handle.read()
-        except OSError:
-            return []
-        complete = chunk[:chunk.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        new = []
-        for line in complete.decode("utf-8", "replace").splitlines():
-            try:
-                new.append(json.loads(line))
-            except ValueError:
-                continue
-        self.rows += new
-        return new
-
-    def new_epoch_rows(self) -> list[dict[str, Any]]:
-        return [r for r in self._read() if r.get("kind") == "epoch"]
-
-    def all_rows(self) -> list[dict[str, Any]]:
-        self._read()
-        return self.rows
-
-
-def trial_value(rows: list[dict[str, Any]], metric: str, direction: str) -> tuple[float | None, int | None]:
-    """A bagged run's final (out-of-fold) figure, else the best epoch's: what best.pt holds."""
-    final = [r for r in rows if r.get("kind") == "final" and isinstance(r.get(metric), (int, float))]
-    if final:
-        return float(final[-1][metric]), int(final[-1].get("epoch", 0))
-    epochs = [(float(r[metric]), int(r["epoch"])) for r in rows if r.get("kind") == "epoch"
-              and isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
-    if not epochs:
-        return None, None
-    pick = max if direction == "maximize" else min
-    return pick(epochs, key=lambda ve: ve[0])
-
-
-def last_value(rows: list[dict[str, Any]], metric: str) -> float | None:
-    values = [r[metric] for r in rows if r.get("kind") == "epoch" and isinstance(r.get(metric), (int, float))]
-    return float(values[-1]) if values else None
-
-
-def last_error(log: Path) -> str | None:
-    try:
-        lines = log.read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
-    return errors[-1] if errors else None
+def trial_job(cfg: TuneConfig, config: Path, out: Path, tracked: bool, onnx: bool) -> FitJob:
+    return FitJob(config, out, cfg.nproc_per_node, cfg.mlflow if tracked else None, cfg.mlflow_experiment, onnx)
 
 
 def trial_error(study: Any, number: int) -> str:
     trial = study.get_trials(deepcopy=False)[number]
     return str(trial.user_attrs.get("error", "no error line"))
-
-
-# -- the trial's process -----------------------------------------------------------------------------------------
-
-def start_method() -> str:
-    """fork (from this process, which has imported what a fit imports) where the launcher would fork its workers;
-    else a fresh interpreter."""
-    import importlib
-
-    from ddptrain.launcher import WORKER_MODULES, start_method as launcher_start
-
-    method = launcher_start()
-    if method == "fork":
-        for name in (*WORKER_MODULES, "ddptrain.launcher", "ddptrain.report"):
-            importlib.import_module(name)
-    return method
-
-
-class TrialProcess:
-    """A FitJob in a child process of its own session (signals reach it from this agent only, once), its output in
-    the trial's log; it gets SIGTERM if this agent dies."""
-
-    def __init__(self, job: FitJob, log: Path, start: str, env: dict[str, str]) -> None:
-        self.code: int | None = None
-        log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        agent = os.getpid()
-        if start == "fork":
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-            self.pid = os.fork()
-            if self.pid == 0:
-                run_child(job, log_fd, agent, env)  # never returns
-            os.close(log_fd)
-            self.popen = None
-        else:
-            self.popen = subprocess.Popen([sys.executable, "-m", "ddptrain", *job.argv()], stdout=log_fd,
-                                          stderr=subprocess.STDOUT, start_new_session=True,
-                                          env={**os.environ, **env})
-            self.pid = self.popen.pid
-            os.close(log_fd)
-
-    def poll(self, wait_s: float) -> int | None:
-        """The exit code once the process has ended (waiting up to wait_s for it), else None."""
-        if self.code is not None:
-            return self.code
-        deadline = time.monotonic() + wait_s
-        while True:
-            if self.popen is not None:
-                self.code = self.popen.poll()
-            else:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-                if pid:
-                    self.code = os.waitstatus_to_exitcode(status)
-            if self.code is not None or time.monotonic() >= deadline:
-                return self.code
-            time.sleep(min(0.05, wait_s))
-
-    def signal(self, signum: int) -> None:
-        if self.code is None:
-            try:
-                os.kill(self.pid, signum)
-            except ProcessLookupError:
-                pass
-
-
-def run_child(job: FitJob, log_fd: int, agent: int, env: dict[str, str]) -> None:
-    """In the forked child: the job as `ddptrain fit` runs it, then exit with its code."""
-    code = 1
-    try:
-        os.setsid()
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(log_fd)
-        os.environ.update(env)
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        from ddptrain.launcher import stop_with
-
-        stop_with(agent)
-        console.__init__()  # fresh terminals (the log): none of the agent's live view
-        code = job.run()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            dist = sys.modules.get("ddptrain.dist")
-            if dist is not None and dist.HAD_PROCESS_GROUP:
-                dist.exit_process(code)  # as `ddptrain fit` ends after a process group (never returns)
-            os._exit(code)
-
-
-class Stopper:
-    """Ctrl-C or SIGTERM during a study: passed on once to the running trial (which checkpoints and stops), then
-    the study ends with what it has; a second one is passed on too (the trial aborts)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.child: TrialProcess | None = None
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> Stopper:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = True
-        if self.child is not None:
-            self.child.signal(signum)
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-# -- the view ----------------------------------------------------------------------------------------------------
-
-class TrialsView:
-    """A live Rich table of this agent's trials on a terminal (trial, state, value, epoch, seconds, settings);
-    elsewhere one line per trial as it ends."""
-
-    def __init__(self, cfg: TuneConfig) -> None:
-        self.cfg = cfg
-        self.rows: dict[int, dict[str, Any]] = {}
-        self.live = None
-        if console.is_terminal and not console.quiet:
-            from rich.live import Live
-
-            self.live = Live(self.table(), console=console.out, auto_refresh=False, redirect_stdout=False,
-                             redirect_stderr=False)
-            self.live.start()
-        console.line(f"ddptrain tune: study '{cfg.study}' in {cfg.storage}, {cfg.trials} trials, {cfg.direction} "
-                     f"{cfg.metric}; trial folders in {cfg.out / 'trials'}")
-
-    def table(self) -> Any:
-        from rich.table import Table
-
-        table = Table(title=f"study {self.cfg.study}: {self.cfg.metric}", title_justify="left")
-        for column in ("trial", "state", self.cfg.metric, "epoch", "seconds", "settings"):
-            table.add_column(column, overflow="fold")
-        for number, row in sorted(self.rows.items()):
-            value = row.get("value")
-            table.add_row(str(number), row["state"], "-" if value is None else f"{value:.4f}",
-                          str(row.get("epoch", "-")), f"{row.get('seconds', time.monotonic() - row['began']):.1f}",
-                          row["params"])
-        return table
-
-    def refresh(self) -> None:
-        if self.live is not None:
-            self.live.update(self.table(), refresh=True)
-
-    def started(self, number: int, params: dict[str, Any]) -> None:
-        text = " ".join(f"{k}={format_value(v)}" for k, v in params.items())
-        self.rows[number] = {"state": "running", "params": text, "began": time.monotonic()}
-        self.refresh()
-
-    def progress(self, number: int, epoch: int, value: float) -> None:
-        self.rows[number].update(epoch=epoch, value=value)
-        self.refresh()
-
-    def finished(self, number: int, state: str, value: float | None, seconds: float, error: str | None = None) -> None:
-        row = self.rows[number]
-        row.update(state=state, seconds=seconds)
-        if value is not None:
-            row["value"] = value
-        self.refresh()
-        if self.live is None:
-            shown = "" if row.get("value") is None else f" {self.cfg.metric} {row['value']:.4f}"
-            why = f": {error}" if error else ""
-            console.line(f"trial {number}: {state}{shown} ({seconds:.1f} s) {row['params']}{why}")
-
-    def note(self, text: str) -> None:
-        console.line(f"ddptrain tune: {text}")
-
-    def close(self) -> None:
-        if self.live is not None:
-            self.live.stop()
-            self.live = None
-
-    def summary(self, summary: dict[str, Any]) -> None:
-        rows = [("trials", f"{summary['complete']} complete, {summary['pruned']} pruned, {summary['failed']} failed"
-                           f" ({summary['counted']} of {self.cfg.trials})")]
-        if summary["best"] is not None:
-            best = summary["best"]
-            rows += [(f"best {self.cfg.metric}", f"{best['value']:.4f} (trial {best['number']}, epoch "
-                                                 f"{best['epoch']})"),
-                     ("best settings", " ".join(f"{k}={format_value(v)}" for k, v in best["params"].items())),
-                     ("best run folder", best["run_folder"]),
-                     ("best config", f"{summary['best_toml']}: ddptrain fit --config {summary['best_toml']}")]
-        console.table("ddptrain tune: done", rows, force=True)
-
-
-def format_value(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 # -- the end of a study ------------------------------------------------------------------------------------------
@@ -748,7 +444,7 @@ def refit(cfg: TuneConfig, study: Any, summary: dict[str, Any], start: str) -> d
                                                  "on every training row"))
     console.line(f"ddptrain tune: refit: the best settings on every training row for {settings['epochs']} epochs "
                  f"into {out} (its log: {cfg.out / 'refit.log'})", force=True)
-    child = TrialProcess(FitJob.of(cfg, config, out, tracked=True, onnx=True), cfg.out / "refit.log", start, {})
+    child = TrialProcess(trial_job(cfg, config, out, tracked=True, onnx=True), cfg.out / "refit.log", start, {})
     stopper = Stopper()
     stopper.child = child
     with stopper:

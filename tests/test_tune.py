@@ -335,7 +335,7 @@ def test_a_trials_command_line_says_what_its_forked_run_does(tmp_path):
 
     from ddptrain.cli import app, with_optional_values
     from ddptrain.config import merge, read_config_file
-    from ddptrain.tune import FitJob
+    from ddptrain.trial import FitJob
 
     (tmp_path / "trial.toml").write_text('[fit]\ndata = "t.csv"\nlr = 0.01\n')
     fit_command = typer.main.get_command(app).commands["fit"]
