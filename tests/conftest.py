@@ -14,6 +14,11 @@ import forkserver
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Each xdist worker runs its in-process fits on one thread: two workers of two threads each on two cores spend a
+# third of the inner loop's CPU time contending for the cores (set before any test module imports torch).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
