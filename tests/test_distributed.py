@@ -30,7 +30,7 @@ def one_process_run(root) -> Path:
 @pytest.mark.parametrize("shuffle", ["exact", "block"])
 def test_loss_does_not_depend_on_world_size(tmp_path, shuffle):
     one = cli("fit", *COMMON, "--shuffle", shuffle, "--out", "ws1", cwd=tmp_path)
-    two = torchrun(2, "fit", *COMMON, "--shuffle", shuffle, "--out", "ws2", cwd=tmp_path)
+    two = cli("fit", *COMMON, "--shuffle", shuffle, "--out", "ws2", "--nproc-per-node", "2", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     rows1, rows2 = epoch_rows(tmp_path / "ws1"), epoch_rows(tmp_path / "ws2")
@@ -148,7 +148,7 @@ def test_resume_at_another_world_size(tmp_path, shared_root):
     shutil.copytree(one_process_run(shared_root), tmp_path / "run")
     more = list(COMMON)
     more[more.index("--epochs") + 1] = "5"
-    resumed = torchrun(2, "fit", *more, "--out", "run", "--resume", "auto", cwd=tmp_path)
+    resumed = cli("fit", *more, "--out", "run", "--resume", "auto", "--nproc-per-node", "2", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     notes = [line for line in resumed.stdout.splitlines() if "world-size-1 checkpoint at world size 2" in line]
     assert len(notes) == 1
@@ -174,7 +174,7 @@ def test_a_real_table_trains_alike_on_1_and_2_processes_and_predicts_from_the_ra
     args = ["fit", "--data", "train.csv", "--target", "label", "--epochs", "3", "--batch-size", "32", "--lr", "0.01",
             "--val-fraction", "0.2", "--shuffle", shuffle, *more]  # from the memory-mapped prepared-table cache
     one = cli(*args, "--out", "ws1", cwd=tmp_path)
-    two = torchrun(2, *args, "--out", "ws2", cwd=tmp_path)
+    two = cli(*args, "--out", "ws2", "--nproc-per-node", "2", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     assert "target 'label' (classification, 2 classes)" in one.stdout

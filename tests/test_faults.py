@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LAUNCHERS, clean_env, error_lines, read_metrics, run_command, shared_run, torchrun_cmd
+from conftest import LAUNCHERS, clean_env, error_lines, nproc_cmd, read_metrics, run_command, shared_run, torchrun_cmd
 
 from ddptrain.checkpoint import load_checkpoint
 
@@ -97,8 +97,9 @@ def start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Pop
 
 
 def straight_run(root: Path, args: list[str] = LONG) -> dict:
-    """The weights of `args` run straight through on 2 processes: the reference of the interrupted runs."""
-    run, _ = shared_run(root, torchrun_cmd(2, *args, "--out", "straight", "--quiet"), "straight")
+    """The weights of `args` run straight through on 2 processes: the reference of the interrupted runs (whichever
+    launcher started them: both start the same workers)."""
+    run, _ = shared_run(root, nproc_cmd(2, *args, "--out", "straight", "--quiet"), "straight")
     return weights(run / "checkpoints/last.pt")
 
 
@@ -118,8 +119,8 @@ def test_sigterm_checkpoints_exits_promptly_and_resumes_exactly(tmp_path, launch
     assert len([line for line in error_lines(err) if "preempted" in line]) == 1
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert 0 < state["position"]["global_step"] < 6 * 21
-    resumed = subprocess.run(torchrun_cmd(2, *LONG, "--out", "run", "--resume", "auto", "--quiet"), cwd=tmp_path,
-                             env=clean_env(), capture_output=True, text=True, timeout=240)
+    resumed = run_command(nproc_cmd(2, *LONG, "--out", "run", "--resume", "auto", "--quiet"), tmp_path, clean_env(),
+                          240)
     assert resumed.returncode == 0, resumed.stderr
     assert same_weights(reference, weights(tmp_path / "run/checkpoints/last.pt"))
 
@@ -169,11 +170,10 @@ def test_elastic_restart_after_sigkill_finishes_with_the_same_weights(tmp_path, 
 @pytest.mark.slow
 def test_spent_restart_budget_exits_non_zero_naming_the_rank(tmp_path):
     env = clean_env(DDPTRAIN_FAIL_AT_STEP="1:3")
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
-            "-m", "ddptrain", *LONG, "--out", "run"]
-    result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    result = run_command(nproc_cmd(2, *LONG, "--max-restarts", "1", "--out", "run"), tmp_path, env, 180)
     assert result.returncode != 0
-    assert "error: [rank 1] RuntimeError: injected failure at step 3" in result.stderr
+    # the first attempt and the one restart both fail, each saying so
+    assert result.stderr.count("error: [rank 1] RuntimeError: injected failure at step 3") == 2, result.stderr
 
 
 def free_port() -> int:
