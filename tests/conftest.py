@@ -181,8 +181,9 @@ def pytest_configure(config):
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ddptrain-test-cache-")
 
 
-# the longest tests (25-55 s on 2 cores: the README walkthrough, the world-size benchmark's smoke run, the faults
-# that also run a reference job, MLflow read back) start first, so the two xdist workers finish together
+# the longest tests (20-50 s on 2 cores: the README walkthrough, the world-size benchmark's smoke run when asked
+# for, the faults that also run a reference job, MLflow read back) start first, so the two xdist workers finish
+# together
 LONGEST = ("test_the_readme_walkthrough_runs_as_written", "test_compare_world_sizes_smoke",
            "test_sigterm_checkpoints_exits_promptly", "test_elastic_restart_after_sigkill",
            "test_nproc_per_node_launches_workers_on_free_ports", "test_fit_and_tune_runs_read_back_from_mlflow")

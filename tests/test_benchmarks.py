@@ -11,6 +11,7 @@ from conftest import ROOT, clean_env
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_compare_world_sizes_smoke(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--world-sizes", "1,2",
                              "--scaling", "strong", "--repeats", "1", "--epochs", "2", "--rows", "1024",
@@ -26,6 +27,7 @@ def test_compare_world_sizes_smoke(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_interleaved_ab_smoke(tmp_path):
     """The in-process A/B (ddptrain's run_epoch against the plain epoch, alternating) runs at world size 2 and
     writes its ratios with confidence intervals."""
@@ -45,6 +47,7 @@ def test_interleaved_ab_smoke(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_micro_ab_smoke(tmp_path):
     """The three in-process A/Bs behind ddptrain's step (gather, optimizer, bare module against DDP) run and print
     every figure."""

@@ -109,16 +109,15 @@ def test_eval_under_torchrun_equals_one_process(tmp_path, shared_root):
     y = rng.integers(0, 3, size=1001)
     lines = ["x0,x1,x2,x3,x4,x5,y"] + [",".join(f"{v:.6f}" for v in row) + f",{label}" for row, label in zip(x, y)]
     (tmp_path / "test.csv").write_text("\n".join(lines) + "\n")
-    for data in ("blobs", "test.csv"):
-        args = ["eval", ckpt, "--data", data, "--json"]
-        single, double = cli(*args, cwd=tmp_path), torchrun(2, *args, cwd=tmp_path)
-        assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
-        a = json.loads(single.stdout.strip().splitlines()[-1])
-        b = json.loads(next(l for l in double.stdout.splitlines() if l.startswith("{")))
-        assert a["rows"] == b["rows"] == (1001 if data == "test.csv" else 1000)
-        assert a["confusion"] == b["confusion"]
-        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6) and a["accuracy"] == b["accuracy"]
-        assert len([l for l in double.stdout.splitlines() if l.startswith("{")]) == 1
+    args = ["eval", ckpt, "--data", "test.csv", "--json"]
+    single, double = cli(*args, cwd=tmp_path), torchrun(2, *args, cwd=tmp_path)
+    assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
+    a = json.loads(single.stdout.strip().splitlines()[-1])
+    b = json.loads(next(l for l in double.stdout.splitlines() if l.startswith("{")))
+    assert a["rows"] == b["rows"] == 1001
+    assert a["confusion"] == b["confusion"]
+    assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6) and a["accuracy"] == b["accuracy"]
+    assert len([l for l in double.stdout.splitlines() if l.startswith("{")]) == 1
 
 
 @pytest.mark.slow

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import typer

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys

@@ -289,7 +289,8 @@ def test_stuck_peer_becomes_an_error_within_the_timeout(tmp_path):
 
 @pytest.mark.slow
 def test_rank_0_stopped_mid_run_rank_1_reports_the_timeout(tmp_path):
-    err = stderr_until_error(torchrun_cmd(2, *LONG, "--out", "run", "--timeout", "5"), tmp_path,
+    """As the stuck peer above, with the workers of --nproc-per-node (forked from its agent) in place of torchrun's."""
+    err = stderr_until_error(nproc_cmd(2, *LONG, "--out", "run", "--timeout", "5"), tmp_path,
                              clean_env(DDPTRAIN_FAIL_AT_STEP="0:4:stop"))
     assert error_lines(err) == [
         "error: a collective timed out: another rank is stuck or gone (the limit is --timeout); check the other "

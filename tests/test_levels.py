@@ -55,7 +55,7 @@ def test_a_many_level_column_keeps_only_levels_seen_often_and_an_id_is_dropped(t
     assert {"JFK", "LGA", "EWR", "BOS"} <= set(plans["airport"].levels)
     notes = " | ".join(data.spec.notes)
     assert "column 'order' is dropped: ID-like" in notes
-    assert f"column 'tail' has" in notes and f"seen in {least:,} or more rows are learnt" in notes
+    assert "column 'tail' has" in notes and f"seen in {least:,} or more rows are learnt" in notes
 
 
 def test_describe_flags_an_id_and_a_many_level_column(tmp_path, monkeypatch, capsys):

@@ -290,7 +290,8 @@ def test_fit_and_tune_runs_read_back_from_mlflow(tmp_path, study_files):
     assert again.returncode == 0, again.stderr
     assert client.get_run(run_id).info.status == "FINISHED"
     assert len(client.get_metric_history(run_id, "summary/epochs")) == 2  # the first fit's and the resume's
-    # tune: a run for the study, a child run for each trial
+    # tune: a run for the study, a child run for each trial (3 epochs each: no pruning is asked of 2 trials)
+    (tmp_path / "shared.toml").write_text(SHARED.replace("epochs = 40", "epochs = 3"))
     tuned = cli("tune", *study_files, "--trials", "2", "--out", "study", "--mlflow", uri, "--mlflow-experiment",
                 "tests", cwd=tmp_path, timeout=400)
     assert tuned.returncode == 0, tuned.stderr
