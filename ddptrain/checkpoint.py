@@ -266,7 +266,7 @@ def check_resumable(cfg: FitConfig, state: dict[str, Any], path: Path) -> None:
 
 def planned_over_epochs(cfg: FitConfig) -> bool:
     """Whether the rate schedule is laid out over the run's length (--epochs), not per step alone."""
-    return cfg.scheduler in ("cosine", "linear", "onecycle") or (cfg.scheduler == "step" and not cfg.lr_step_size)
+    return cfg.scheduler in ("cosine", "linear", "onecycle", "coslog4") or (cfg.scheduler == "step" and not cfg.lr_step_size)
 
 
 def restore(parts: Parts, state: dict[str, Any], path: Path) -> Position:

@@ -39,7 +39,7 @@ Task auto classification regression
 Activation relu gelu silu tanh
 Norm none layer batch
 Optimizer sgd adam adamw rmsprop
-Scheduler constant cosine linear step onecycle
+Scheduler constant cosine linear step onecycle coslog4
 Loss auto cross_entropy mse huber l1
 Backend auto nccl gloo
 Device auto cpu cuda
@@ -137,7 +137,8 @@ class FitConfig:
               "0 for the others).", OPTIM, fixed=True)
     betas: tuple[float, float] = setting((0.9, 0.999), "Adam betas, 'b1,b2'.", OPTIM, fixed=True)
     scheduler: str = setting(
-        "cosine", 'Learning-rate schedule, stepped per optimizer step (cosine: from --lr down to 0 over the run).',
+        "cosine", 'Learning-rate schedule, stepped per optimizer step (cosine: from --lr down to 0 over the run; '
+                  "coslog4: RealMLP's four cosine cycles, evenly spaced in log time).",
         OPTIM, choices=Scheduler, fixed=True)
     warmup_steps: int = setting(0, 'Linear warm-up steps before the schedule.', OPTIM, fixed=True)
     lr_step_size: int | None = setting(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -70,6 +71,13 @@ def set_rate(group: dict[str, Any], value: float) -> None:
         group["lr"] = float(value)
 
 
+def coslog(t: float, cycles: int = 4) -> float:
+    """RealMLP-TD's rate factor at fraction t of the run: 0.5 (1 - cos(2 pi log2(1 + (2^cycles - 1) t))), `cycles`
+    cosine cycles from 0 up to 1 and back, each twice as long as the one before (the last half of the run is one)."""
+    t = min(max(t, 0.0), 1.0)
+    return 0.5 * (1.0 - math.cos(2.0 * math.pi * math.log2(1.0 + (2**cycles - 1) * t)))
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: FitConfig, total_steps: int) -> lr_scheduler.LRScheduler:
     """Stepped once per optimizer step. `--warmup-steps` ramps linearly from lr/100 before the main schedule."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
@@ -82,6 +90,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: FitConfig, total_step
         main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_steps)
     elif cfg.scheduler == "linear":
         main = lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=main_steps)
+    elif cfg.scheduler == "coslog4":
+        main = lr_scheduler.LambdaLR(optimizer, lambda step: coslog(step / main_steps))
     elif cfg.scheduler == "step":
         main = lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_size or max(main_steps // 3, 1), gamma=cfg.lr_gamma)
     else:

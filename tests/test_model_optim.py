@@ -67,7 +67,7 @@ def test_fused_optimizer_matches_the_per_parameter_loop(name, cls):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("scheduler", ["constant", "cosine", "linear", "step", "onecycle"])
+@pytest.mark.parametrize("scheduler", ["constant", "cosine", "linear", "step", "onecycle", "coslog4"])
 def test_schedules_with_warmup(scheduler):
     cfg = FitConfig(scheduler=scheduler, lr=0.1, warmup_steps=10)
     opt = build_optimizer(build_model(ModelSpec(2, 2, (4,))).parameters(), cfg)
@@ -79,10 +79,31 @@ def test_schedules_with_warmup(scheduler):
         sched.step()
     assert lrs[0] < 0.05  # warming up
     assert max(lrs) == pytest.approx(0.1, rel=1e-3)
-    if scheduler in ("cosine", "linear", "onecycle"):
+    if scheduler in ("cosine", "linear", "onecycle", "coslog4"):
         assert lrs[-1] < 0.01
     if scheduler == "constant":
         assert lrs[-1] == pytest.approx(0.1)
+
+
+def test_coslog4_is_four_cosine_cycles_evenly_spaced_in_log_time():
+    """RealMLP-TD's schedule: the rate rises from 0 to --lr and back four times, at t = (2^k - 1) / 15 back at 0,
+    each cycle twice as long as the one before."""
+    from ddptrain.optim import coslog
+
+    for k in range(5):
+        assert coslog((2**k - 1) / 15) == pytest.approx(0.0, abs=1e-12)
+    for k in range(4):
+        assert coslog((2 ** (k + 0.5) - 1) / 15) == pytest.approx(1.0)
+    cfg = FitConfig(scheduler="coslog4", lr=0.1)
+    opt = build_optimizer(build_model(ModelSpec(2, 2, (4,))).parameters(), cfg)
+    sched = build_scheduler(opt, cfg, total_steps=1500)
+    lrs = []
+    for _ in range(1500):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    rises = sum(1 for a, b, c in zip(lrs, lrs[1:], lrs[2:]) if b > a and b >= c)  # local maxima
+    assert rises == 4 and max(lrs) == pytest.approx(0.1, rel=1e-4) and lrs[0] == 0.0
 
 
 def test_loss_by_task_and_override():
@@ -157,7 +178,7 @@ def test_an_optimizer_state_moves_between_graphed_and_eager_runs(name):
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict()["state"][0].values(), saved["state"][0].values()))
 
 
-@pytest.mark.parametrize("scheduler", ["cosine", "linear", "step"])
+@pytest.mark.parametrize("scheduler", ["cosine", "linear", "step", "coslog4"])
 def test_a_tensor_rate_follows_the_schedule_in_place(scheduler):
     """What a captured step relies on: torch's schedulers fill the rate tensor in place (the graph holds that very
     tensor), with the values a float rate gets; the scheduler's saved state is plain floats."""
