@@ -67,16 +67,21 @@ def test_fused_optimizer_matches_the_per_parameter_loop(name, cls):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("scheduler", ["constant", "cosine", "linear", "step", "onecycle", "coslog4"])
-def test_schedules_with_warmup(scheduler):
-    cfg = FitConfig(scheduler=scheduler, lr=0.1, warmup_steps=10)
+def scheduled_rates(cfg: FitConfig, steps: int) -> list[float]:
+    """The rate of each of `steps` optimizer steps under cfg's schedule."""
     opt = build_optimizer(build_model(ModelSpec(2, 2, (4,))).parameters(), cfg)
-    sched = build_scheduler(opt, cfg, total_steps=100)
+    sched = build_scheduler(opt, cfg, total_steps=steps)
     lrs = []
-    for _ in range(100):
+    for _ in range(steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "cosine", "linear", "step", "onecycle", "coslog4"])
+def test_schedules_with_warmup(scheduler):
+    lrs = scheduled_rates(FitConfig(scheduler=scheduler, lr=0.1, warmup_steps=10), 100)
     assert lrs[0] < 0.05  # warming up
     assert max(lrs) == pytest.approx(0.1, rel=1e-3)
     if scheduler in ("cosine", "linear", "onecycle", "coslog4"):
@@ -94,14 +99,7 @@ def test_coslog4_is_four_cosine_cycles_evenly_spaced_in_log_time():
         assert coslog((2**k - 1) / 15) == pytest.approx(0.0, abs=1e-12)
     for k in range(4):
         assert coslog((2 ** (k + 0.5) - 1) / 15) == pytest.approx(1.0)
-    cfg = FitConfig(scheduler="coslog4", lr=0.1)
-    opt = build_optimizer(build_model(ModelSpec(2, 2, (4,))).parameters(), cfg)
-    sched = build_scheduler(opt, cfg, total_steps=1500)
-    lrs = []
-    for _ in range(1500):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = scheduled_rates(FitConfig(scheduler="coslog4", lr=0.1), 1500)
     rises = sum(1 for a, b, c in zip(lrs, lrs[1:], lrs[2:]) if b > a and b >= c)  # local maxima
     assert rises == 4 and max(lrs) == pytest.approx(0.1, rel=1e-4) and lrs[0] == 0.0
 
