@@ -29,6 +29,7 @@ from ddptrain.optim import (
     build_scheduler,
     load_optimizer,
     plain_rates,
+    planned_over_epochs,
     saved_optimizer,
     set_rate,
 )
@@ -262,11 +263,6 @@ def check_resumable(cfg: FitConfig, state: dict[str, Any], path: Path) -> None:
     if differing:
         raise UsageError(f"cannot resume {path}: these settings differ from the checkpoint's: {'; '.join(differing)}; "
                          "use the original values or start a new --out")
-
-
-def planned_over_epochs(cfg: FitConfig) -> bool:
-    """Whether the rate schedule is laid out over the run's length (--epochs), not per step alone."""
-    return cfg.scheduler in ("cosine", "linear", "onecycle", "coslog4") or (cfg.scheduler == "step" and not cfg.lr_step_size)
 
 
 def restore(parts: Parts, state: dict[str, Any], path: Path) -> Position:

@@ -78,6 +78,13 @@ def coslog(t: float, cycles: int = 4) -> float:
     return 0.5 * (1.0 - math.cos(2.0 * math.pi * math.log2(1.0 + (2**cycles - 1) * t)))
 
 
+def planned_over_epochs(cfg: FitConfig) -> bool:
+    """Whether the rate schedule is laid out over the run's length (--epochs), not per step alone: a resume with
+    other --epochs lays it out again."""
+    return cfg.scheduler in ("cosine", "linear", "onecycle", "coslog4") or (cfg.scheduler == "step"
+                                                                            and not cfg.lr_step_size)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: FitConfig, total_steps: int) -> lr_scheduler.LRScheduler:
     """Stepped once per optimizer step. `--warmup-steps` ramps linearly from lr/100 before the main schedule."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
