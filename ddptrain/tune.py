@@ -103,7 +103,6 @@ def open_study(cfg: TuneConfig) -> Any:
     """The study in its journal file: created, or continued when its definition matches."""
     import optuna
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if cfg.storage.parent.resolve() != cfg.out.resolve():  # refused before the study folder is made
@@ -111,7 +110,7 @@ def open_study(cfg: TuneConfig) -> Any:
     claim_study_folder(cfg)
     check_writable(cfg.storage)
     try:
-        storage = JournalStorage(JournalFileBackend(str(cfg.storage)))
+        storage = JournalStorage(journal_backend(cfg.storage))
         names = [s.study_name for s in storage.get_all_studies()]
     except Exception as exc:
         raise UsageError(f"--storage {cfg.storage} is not an Optuna journal file ({first_line(exc)}); pick a new "
@@ -139,6 +138,37 @@ def open_study(cfg: TuneConfig) -> Any:
         raise UsageError(f"study '{cfg.study}' in {cfg.storage} was started with other {' and '.join(what)}; "
                          "repeat them to continue it, or start another --study")
     return study
+
+
+def journal_backend(journal: Path) -> Any:
+    """Optuna's journal file, named by its absolute path. Its lock is a symlink to that name, which Optuna takes
+    over after 30 s when an agent killed mid-write left it, judging by the target's mtime; a relative name leaves the
+    symlink dangling (it resolves from the lock's folder), and Optuna then spins on it for ever."""
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+    absolute = os.path.abspath(journal)
+    remove_dangling_lock(Path(absolute + ".lock"))
+    return JournalFileBackend(absolute, lock_obj=JournalFileSymlinkLock(absolute))
+
+
+def remove_dangling_lock(lock: Path, grace_s: float = 30.0) -> None:
+    """A journal lock whose target does not resolve (left by a killed agent that named the journal relatively, as
+    earlier versions did) is removed once it is grace_s old: a live one is held for one append, milliseconds."""
+    while lock.is_symlink() and not lock.exists():
+        try:
+            age = time.time() - lock.lstat().st_mtime
+        except OSError:
+            return  # released meanwhile
+        if age < grace_s:
+            time.sleep(min(1.0, grace_s - age))
+            continue
+        try:
+            aside = lock.with_name(f"{lock.name}.{os.getpid()}.stale")
+            os.rename(lock, aside)  # atomic: of two agents doing this, one wins and the other finds nothing
+            os.unlink(aside)
+        except OSError:
+            pass
+        return
 
 
 def check_writable(storage: Path) -> None:

@@ -149,7 +149,7 @@ class Forked:
             self.conn.settimeout(timeout)
             try:
                 line = self.reader.readline()
-            except TimeoutError:
+            except TimeoutError:  # the socket's reader is spent: kill() is all that is left to do
                 raise subprocess.TimeoutExpired(["ddptrain"], timeout) from None
             self.returncode = json.loads(line)["code"] if line else -signal.SIGKILL
             self.conn.close()
@@ -174,9 +174,17 @@ def run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subp
             code = forked.wait(timeout)
         except subprocess.TimeoutExpired:
             forked.kill()
-            forked.wait(30)
-            raise subprocess.TimeoutExpired(["ddptrain", *argv], timeout) from None
+            code = None
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(["ddptrain", *argv], code, out.read().decode("utf-8", "replace"),
-                                           err.read().decode("utf-8", "replace"))
+        stdout, stderr = (f.read().decode("utf-8", "replace") for f in (out, err))
+        if code is None:  # what it printed before it was killed: the clue to where it stuck
+            raise CommandTimeout(["ddptrain", *argv], timeout, stdout, stderr)
+        return subprocess.CompletedProcess(["ddptrain", *argv], code, stdout, stderr)
+
+
+class CommandTimeout(subprocess.TimeoutExpired):
+    def __str__(self) -> str:
+        tail = lambda text: "\n".join(text.splitlines()[-20:])  # noqa: E731
+        return f"{super().__str__()}\n--- its stdout (end) ---\n{tail(self.stdout)}\n--- its stderr (end) ---\n" \
+               f"{tail(self.stderr)}"

@@ -4,6 +4,7 @@ with Optuna's and MLflow's own clients."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -118,6 +119,47 @@ def test_a_study_killed_with_sigkill_resumes_and_loses_no_finished_trial(tmp_pat
     lost = [t for t in study.trials if t.state.name == "FAIL"]
     assert [t.user_attrs.get("ended") for t in lost] == ["lost"]  # the killed agent's trial, redone
     assert len(after) == 5 and "5 complete, 0 pruned, 0 failed (5 of 5)" in resumed.stdout
+
+
+JOURNAL_AFTER_A_KILL = """
+import os, sys, time
+from pathlib import Path
+from optuna import create_study, load_study
+from optuna.storages import JournalStorage
+from ddptrain.tune import journal_backend
+
+os.chdir(sys.argv[1])
+create_study(study_name="cells", storage=JournalStorage(journal_backend(Path("study/journal.log"))))
+# what an agent that named its journal relatively left when it was killed mid-append: a lock whose symlink does not
+# resolve (its target is read from the lock's own folder), taken 40 s ago
+os.symlink("study/journal.log", "study/journal.log.lock")
+os.utime("study/journal.log.lock", (time.time() - 40,) * 2, follow_symlinks=False)
+study = load_study(study_name="cells", storage=JournalStorage(journal_backend(Path("study/journal.log"))))
+study.set_user_attr("continued", True)  # an append: it takes the lock
+print(os.readlink("study/journal.log.lock") if os.path.islink("study/journal.log.lock") else "released")
+"""
+
+
+def test_a_journal_lock_left_by_a_killed_agent_is_taken_over_not_spun_on(tmp_path, monkeypatch):
+    """Optuna takes over a stale journal lock by its symlink's target; a dangling one it spins on for ever (at full
+    CPU, deaf to SIGTERM). The journal is named absolutely, and a dangling lock left by an earlier agent is removed
+    once it is older than any append."""
+    (tmp_path / "study").mkdir()
+    done = subprocess.run([sys.executable, "-c", JOURNAL_AFTER_A_KILL, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60, env=clean_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "released"
+    assert '"continued"' in (tmp_path / "study/journal.log").read_text()
+    # the lock an agent takes now names the journal absolutely: a killed agent's resolves, and Optuna's 30 s apply
+    from ddptrain.tune import journal_backend
+
+    monkeypatch.chdir(tmp_path)
+    backend = journal_backend(Path("study/journal.log"))
+    backend._lock.acquire()
+    try:
+        assert Path(os.readlink(tmp_path / "study/journal.log.lock")) == tmp_path / "study/journal.log"
+    finally:
+        backend._lock.release()
 
 
 def test_two_agents_sharing_one_journal_run_disjoint_trials_of_one_study(tmp_path, study_files):
