@@ -193,6 +193,40 @@ def baseline(model: str, train: pd.DataFrame, test: pd.DataFrame, target: str, t
     return score(task, make_pipeline(prep, mlp).fit(x_train, y_train).predict(x_test), y_test)
 
 
+MANY = 8  # levels from which a text column is encoded by --encode (ddptrain's threshold for codes, CODE_LEVELS)
+HASH_BUCKETS = 256  # --encode hash: a vocabulary of at most this many levels
+
+
+def encode_levels(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str, how: str,
+                  seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The files ddptrain reads under --encode (the other models see the table as it is): each text column of MANY
+    or more training levels gets, beside it, scikit-learn's TargetEncoder columns (`target`: fitted out of fold on
+    the training rows, 5 folds, empirical-Bayes smoothing; the test rows get the encoding of all training rows), or
+    is replaced by its level's hash bucket among HASH_BUCKETS (`hash`)."""
+    import zlib
+
+    from sklearn.preprocessing import TargetEncoder
+
+    labelled = train[train[target].notna()]
+    many = [c for c in train.columns if c != target and not is_numeric_dtype(train[c].dtype)
+            and labelled[c].nunique() >= MANY]
+    train, test = train.copy(), test.copy()
+    for c in many:
+        if how == "hash":
+            for frame in (train, test):
+                frame[c] = frame[c].map(lambda v: f"h{zlib.crc32(str(v).encode()) % HASH_BUCKETS}", na_action="ignore")
+            continue
+        encoder = TargetEncoder(target_type="continuous" if task == "regression" else "auto", cv=5, shuffle=True,
+                                random_state=seed)
+        as_text = lambda frame: frame[[c]].astype(str).where(frame[[c]].notna(), "\x00missing")  # noqa: E731
+        fitted = encoder.fit_transform(as_text(labelled), labelled[target].astype(str) if task == "classification"
+                                       else labelled[target])
+        names = [f"{c} (target {k})" for k in range(fitted.shape[1])]
+        train.loc[labelled.index, names] = fitted
+        test[names] = encoder.transform(as_text(test))
+    return train, test
+
+
 def ddptrain_run(folder: Path, target: str, task: str, nproc: int, fit_args: list[str]) -> tuple[float, list[dict]]:
     """Test score of best.pt and the run's epoch rows."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -229,8 +263,9 @@ def run_split(name: str, frame: pd.DataFrame, target: str, task: str, seed: int,
     order = np.random.default_rng(seed).permutation(len(frame))
     cut = int(len(frame) * 0.8)
     train, test = frame.iloc[order[:cut]], frame.iloc[order[cut:]]
-    train.to_csv(folder / "train.csv")  # pandas' default: the index column comes along, unnamed
-    test.to_csv(folder / "test.csv")
+    files = encode_levels(train, test, target, task, args.encode, seed) if args.encode else (train, test)
+    files[0].to_csv(folder / "train.csv")  # pandas' default: the index column comes along, unnamed
+    files[1].to_csv(folder / "test.csv")
     run: dict = {"seed": seed}
     for model in args.models:
         started = time.perf_counter()
@@ -280,6 +315,9 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--nproc", default="1", help="1, or 1,2 to compare ddptrain's losses at 2 processes")
     parser.add_argument("--fit-args", default="", help="flags added to every `ddptrain fit`")
+    parser.add_argument("--encode", choices=("target", "hash"),
+                        help="an experiment: ddptrain's files get text columns of many levels target-encoded out of "
+                             "fold beside themselves, or hashed (encode_levels); the other models see the table as is")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated split seeds; the table shows medians")
     parser.add_argument("--combine", nargs="+", type=Path, metavar="RESULTS_JSON",
                         help="print one table and goals summary from the results.json of earlier runs (shards of "
