@@ -147,9 +147,16 @@ def launch_local(launch: Launch, cfg: FitConfig, started_at: float) -> int:
         gc.freeze()  # the shared objects' pages stay shared: the collector no longer writes to them
     for stream in (sys.stdout, sys.stderr):
         stream.flush()  # or each forked worker would print the agent's buffered text again
-    failure = run_agent(lambda: elastic_launch(config, entrypoint=run_worker)(cfg, started_at, os.getpid()))
+    received: list[int] = []
+    failure = run_agent(lambda: elastic_launch(config, entrypoint=run_worker)(cfg, started_at, os.getpid()),
+                        received)
     if isinstance(failure, ChildFailedError):
         rank, first = failure.get_first_failure()
+        if first.exitcode < 0 and -first.exitcode in received:  # the job's own signal, passed on
+            name = signal.Signals(-first.exitcode).name
+            when = " before training began (nothing to checkpoint)" if name in ("SIGTERM", "SIGINT") else ""
+            console.error(f"stopped by {name}{when}; the same command starts the job again")
+            return 128 - first.exitcode  # as a shell reports a process the signal ended
         if first.exitcode < 0:  # killed by a signal: the worker could not say why, so we do
             console.error(f"worker rank {rank} was killed by {signal.Signals(-first.exitcode).name}")
             return 1
@@ -159,11 +166,12 @@ def launch_local(launch: Launch, cfg: FitConfig, started_at: float) -> int:
     return 0
 
 
-def run_agent(launch: Callable[[], object]) -> BaseException | None:
+def run_agent(launch: Callable[[], object], received: list[int]) -> BaseException | None:
     """Run torch's agent (`launch`) in a helper thread, so that it sets no signal handlers of its own, while this
     thread passes each signal it receives on to the workers once: a first Ctrl-C or SIGTERM checkpoints and a
     second aborts, as in one process. (torch's own handling ends the workers with SIGTERM when a second signal
-    interrupts its shutdown.) Returns what `launch` raised, if anything."""
+    interrupts its shutdown.) Returns what `launch` raised, if anything; the signals go into `received`. A worker
+    still starting has no handler yet: the signal ends it, as it ends `fit` in one process."""
     import multiprocessing
     import threading
 
@@ -177,6 +185,7 @@ def run_agent(launch: Callable[[], object]) -> BaseException | None:
             outcome.append(exc)
 
     def forward(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
         workers = multiprocessing.active_children()
         if not workers:
             pending.append(signum)

@@ -324,6 +324,25 @@ def test_a_worker_killed_by_a_signal_is_named_and_ends_the_job(tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_before_training_began_says_so_once_and_exits_143(tmp_path):
+    """SIGTERM while the workers start (rank 0 held at the start of fit, before its handler is in place, where a
+    slow data read or rendezvous holds a real job): the workers end by it, and the job says that it was stopped, not
+    that a worker was killed, with the exit code of one process ended by SIGTERM."""
+    proc = start(LAUNCHERS["nproc-per-node"](2, *LONG, "--out", "run"), tmp_path,
+                 clean_env(DDPTRAIN_FAIL_AT_STEP="0:0:hang"))
+    deadline = time.monotonic() + 60
+    while len(children(proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # rank 0 holds at step 0; rank 1 waits for it
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 143, err[-3000:]
+    assert error_lines(err) == ["error: stopped by SIGTERM before training began (nothing to checkpoint); the same "
+                                "command starts the job again"], err[-3000:]
+    assert not (tmp_path / "run/checkpoints").exists() or not list((tmp_path / "run/checkpoints").iterdir())
+
+
+@pytest.mark.slow
 def test_ctrl_c_on_a_terminal_reaches_the_ranks_once_checkpoints_and_exits_75(tmp_path):
     """A terminal's Ctrl-C signals the whole foreground process group: the agent passes it on to its workers once
     (they are in sessions of their own), so it is a first Ctrl-C (checkpoint), not a second (abort)."""
