@@ -201,8 +201,9 @@ def encode_levels(train: pd.DataFrame, test: pd.DataFrame, target: str, task: st
                   seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The files ddptrain reads under --encode (the other models see the table as it is): each text column of MANY
     or more training levels gets, beside it, scikit-learn's TargetEncoder columns (`target`: fitted out of fold on
-    the training rows, 5 folds, empirical-Bayes smoothing; the test rows get the encoding of all training rows), or
-    is replaced by its level's hash bucket among HASH_BUCKETS (`hash`)."""
+    the training rows, 5 folds, empirical-Bayes smoothing; the test rows get the encoding of all training rows;
+    `target-kept`: only the columns that ddptrain does not drop as IDs), or is replaced by its level's hash bucket
+    among HASH_BUCKETS (`hash`)."""
     import zlib
 
     from sklearn.preprocessing import TargetEncoder
@@ -210,6 +211,8 @@ def encode_levels(train: pd.DataFrame, test: pd.DataFrame, target: str, task: st
     labelled = train[train[target].notna()]
     many = [c for c in train.columns if c != target and not is_numeric_dtype(train[c].dtype)
             and labelled[c].nunique() >= MANY]
+    if how == "target-kept":  # not the columns ddptrain drops as IDs (ID_SHARE: distinct values per present cell)
+        many = [c for c in many if labelled[c].nunique() < 0.5 * labelled[c].notna().sum()]
     train, test = train.copy(), test.copy()
     for c in many:
         if how == "hash":
@@ -315,9 +318,10 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--nproc", default="1", help="1, or 1,2 to compare ddptrain's losses at 2 processes")
     parser.add_argument("--fit-args", default="", help="flags added to every `ddptrain fit`")
-    parser.add_argument("--encode", choices=("target", "hash"),
+    parser.add_argument("--encode", choices=("target", "target-kept", "hash"),
                         help="an experiment: ddptrain's files get text columns of many levels target-encoded out of "
-                             "fold beside themselves, or hashed (encode_levels); the other models see the table as is")
+                             "fold beside themselves (all, or those ddptrain keeps), or hashed (encode_levels); the "
+                             "other models see the table as is")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated split seeds; the table shows medians")
     parser.add_argument("--combine", nargs="+", type=Path, metavar="RESULTS_JSON",
                         help="print one table and goals summary from the results.json of earlier runs (shards of "
