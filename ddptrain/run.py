@@ -134,7 +134,7 @@ def resolve_bagging(cfg: FitConfig, data: FitData, saved: dict[str, Any]) -> tup
     training rows with their folds when bagging."""
     given = saved.get("bagging", "off") if saved else cfg.bagging
     members = resolve_members(dataclasses.replace(cfg, bagging=given if cfg.bagging == "auto" else cfg.bagging),
-                              len(data.train), data.val is not None, looks_like_path(cfg.data))
+                              len(data.train), data.val is not None, looks_like_path(cfg.data), data.spec.task)
     cfg = dataclasses.replace(cfg, bagging=str(members) if members > 1 else "off")
     if members == 1:
         return cfg, data

@@ -147,10 +147,18 @@ def test_a_table_file_under_5000_rows_is_bagged_on_every_row_and_a_longer_one_ho
     data = prepare_fit_data(FitConfig(data=str(medium), target="label"))
     assert len(data.train) == 3000 and data.val is None
     assert any("no validation split: the table has 3,000 rows, under 5,000" in n for n in data.spec.notes)
-    assert resolve_members(FitConfig(data=str(medium)), 3000, False, True) == 5
+    assert resolve_members(FitConfig(data=str(medium)), 3000, False, True, "classification") == 5
+    assert resolve_members(FitConfig(data=str(medium)), 3000, False, True, "regression") == 5
+    # a regression table under 1,000 rows: 10 models (RESULTS.md); classification keeps 5; too few rows for 10
+    # folds of 2 rows: 5
+    assert resolve_members(FitConfig(), 999, False, True, "regression") == 10
+    assert resolve_members(FitConfig(), 999, False, True, "classification") == 5
+    assert resolve_members(FitConfig(), 19, False, True, "regression") == 5
+    assert resolve_members(FitConfig(), 9, False, True, "regression") == 1
+    assert resolve_members(FitConfig(bagging="5"), 400, False, True, "regression") == 5  # asked for: as asked
     held = prepare_fit_data(FitConfig(data=str(medium), target="label", bagging="off"))
     assert (len(held.train), len(held.val)) == (2400, 600)
     assert resolve_val_fraction(FitConfig(), 5000, from_file=True) == 0.2
     assert resolve_val_fraction(FitConfig(), 4999, from_file=True) == 0.0
     assert resolve_val_fraction(FitConfig(), 3000, from_file=False) == 0.2  # built-ins: from 1,000 rows
-    assert resolve_members(FitConfig(), 4000, True, True) == 1  # validation rows asked for: one model
+    assert resolve_members(FitConfig(), 4000, True, True, "regression") == 1  # validation rows asked for: one model
