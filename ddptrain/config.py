@@ -120,7 +120,7 @@ class FitConfig:
         "auto", "k-fold bagging: K models, each trained on all training rows but one fold and early-stopped on that "
                 "fold; predictions are their average, and the out-of-fold score is the run's validation figure. A "
                 f"member count (2 to 32), off, or auto: 5 for a table file under {BAG_BELOW_ROWS:,} rows without validation rows "
-                "(10 for a regression table under 1,000), else off.", MODEL, fixed=True)
+                "(10 for a regression table), else off.", MODEL, fixed=True)
     numeric_bins: int | None = setting(
         None, "Piecewise-linear pieces per numeric column, cut at the training rows' quantiles, fed to the first "
               "layer beside the number itself (0: the number alone; default: for a table file under 1,000 rows, 0 or "

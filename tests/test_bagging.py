@@ -148,10 +148,10 @@ def test_a_table_file_under_5000_rows_is_bagged_on_every_row_and_a_longer_one_ho
     assert len(data.train) == 3000 and data.val is None
     assert any("no validation split: the table has 3,000 rows, under 5,000" in n for n in data.spec.notes)
     assert resolve_members(FitConfig(data=str(medium)), 3000, False, True, "classification") == 5
-    assert resolve_members(FitConfig(data=str(medium)), 3000, False, True, "regression") == 5
-    # a regression table under 1,000 rows: 10 models (RESULTS.md); classification keeps 5; too few rows for 10
-    # folds of 2 rows: 5
-    assert resolve_members(FitConfig(), 999, False, True, "regression") == 10
+    # a regression table: 10 models (RESULTS.md); classification keeps 5; too few rows for 10 folds of 2: 5
+    assert resolve_members(FitConfig(data=str(medium)), 3000, False, True, "regression") == 10
+    assert resolve_members(FitConfig(), 4999, False, True, "regression") == 10
+    assert resolve_members(FitConfig(), 5000, False, True, "regression") == 1
     assert resolve_members(FitConfig(), 999, False, True, "classification") == 5
     assert resolve_members(FitConfig(), 19, False, True, "regression") == 5
     assert resolve_members(FitConfig(), 9, False, True, "regression") == 1
