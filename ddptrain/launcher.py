@@ -184,7 +184,13 @@ def run_agent(launch: Callable[[], object], received: list[int]) -> BaseExceptio
         except BaseException as exc:  # handed to the caller's thread
             outcome.append(exc)
 
+    agent_pid = os.getpid()
+
     def forward(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != agent_pid:  # a worker just forked, before run_worker set its own handlers: for it, as
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+            os.kill(os.getpid(), signum)  # those handlers would have it (not kept as pending, never to be passed on)
+            return
         received.append(signum)
         workers = multiprocessing.active_children()
         if not workers:

@@ -323,6 +323,28 @@ def test_a_worker_killed_by_a_signal_is_named_and_ends_the_job(tmp_path):
     assert "Traceback" not in err
 
 
+def test_a_signal_reaching_a_worker_before_its_own_handlers_ends_it_as_they_would():
+    """A forked worker keeps the agent's forwarding handler until run_worker replaces it: a SIGTERM in between (the
+    agent passing on one that came before the workers existed) must end the worker as its own handler would, not
+    be kept as the worker's 'pending' signal and lost. A real fork, a real signal, run_agent's real handler."""
+    from ddptrain.launcher import run_agent
+
+    statuses: list[int] = []
+
+    def launch() -> None:  # torch's agent stands here: it forks a worker, which is signalled at once
+        pid = os.fork()
+        if pid == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            os._exit(0)  # the signal was lost
+        statuses.append(os.waitpid(pid, 0)[1])
+
+    received: list[int] = []
+    assert run_agent(launch, received) is None
+    assert os.WIFSIGNALED(statuses[0]) and os.WTERMSIG(statuses[0]) == signal.SIGTERM
+    assert received == []  # nothing reached the agent itself
+
+
 @pytest.mark.slow
 def test_sigterm_before_training_began_says_so_once_and_exits_143(tmp_path):
     """SIGTERM while the workers start (rank 0 held at the start of fit, before its handler is in place, where a
