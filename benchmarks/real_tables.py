@@ -194,14 +194,13 @@ def baseline(model: str, train: pd.DataFrame, test: pd.DataFrame, target: str, t
     return score(task, make_pipeline(prep, mlp).fit(x_train, y_train).predict(x_test), y_test)
 
 
-MANY = 8  # levels from which a text column is encoded by --encode (ddptrain's threshold for codes, CODE_LEVELS)
 HASH_BUCKETS = 256  # --encode hash: a vocabulary of at most this many levels
 
 
 def encode_levels(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str, how: str,
                   seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The files ddptrain reads under --encode (the other models see the table as it is): each text column of MANY
-    or more training levels gets, beside it, scikit-learn's TargetEncoder columns (`target`: fitted out of fold on
+    """The files ddptrain reads under --encode (the other models see the table as it is): each text column of
+    CODE_LEVELS (8) or more training levels gets, beside it, scikit-learn's TargetEncoder columns (`target`: fitted out of fold on
     the training rows, 5 folds, empirical-Bayes smoothing; the test rows get the encoding of all training rows;
     `target-kept`: only the columns that ddptrain does not drop as IDs), or is replaced by its level's hash bucket
     among HASH_BUCKETS (`hash`)."""
@@ -209,16 +208,19 @@ def encode_levels(train: pd.DataFrame, test: pd.DataFrame, target: str, task: st
 
     from sklearn.preprocessing import TargetEncoder
 
+    from ddptrain.preprocess import CODE_LEVELS as MANY, ID_SHARE
+
     labelled = train[train[target].notna()]
     many = [c for c in train.columns if c != target and not is_numeric_dtype(train[c].dtype)
             and labelled[c].nunique() >= MANY]
-    if how == "target-kept":  # not the columns ddptrain drops as IDs (ID_SHARE: distinct values per present cell)
-        many = [c for c in many if labelled[c].nunique() < 0.5 * labelled[c].notna().sum()]
+    if how == "target-kept":  # not the columns ddptrain drops as IDs (distinct values per present cell)
+        many = [c for c in many if labelled[c].nunique() < ID_SHARE * labelled[c].notna().sum()]
     train, test = train.copy(), test.copy()
     for c in many:
         if how == "hash":
             for frame in (train, test):
-                frame[c] = frame[c].map(lambda v: f"h{zlib.crc32(str(v).encode()) % HASH_BUCKETS}", na_action="ignore")
+                frame[c] = frame[c].map(lambda v: f"h{zlib.crc32(str(v).encode()) % HASH_BUCKETS}",
+                                        na_action="ignore")
             continue
         encoder = TargetEncoder(target_type="continuous" if task == "regression" else "auto", cv=5, shuffle=True,
                                 random_state=seed)

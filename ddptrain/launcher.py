@@ -147,9 +147,7 @@ def launch_local(launch: Launch, cfg: FitConfig, started_at: float) -> int:
         gc.freeze()  # the shared objects' pages stay shared: the collector no longer writes to them
     for stream in (sys.stdout, sys.stderr):
         stream.flush()  # or each forked worker would print the agent's buffered text again
-    received: list[int] = []
-    failure = run_agent(lambda: elastic_launch(config, entrypoint=run_worker)(cfg, started_at, os.getpid()),
-                        received)
+    failure, received = run_agent(lambda: elastic_launch(config, entrypoint=run_worker)(cfg, started_at, os.getpid()))
     if isinstance(failure, ChildFailedError):
         rank, first = failure.get_first_failure()
         if first.exitcode < 0 and -first.exitcode in received:  # the job's own signal, passed on
@@ -166,16 +164,17 @@ def launch_local(launch: Launch, cfg: FitConfig, started_at: float) -> int:
     return 0
 
 
-def run_agent(launch: Callable[[], object], received: list[int]) -> BaseException | None:
+def run_agent(launch: Callable[[], object]) -> tuple[BaseException | None, list[int]]:
     """Run torch's agent (`launch`) in a helper thread, so that it sets no signal handlers of its own, while this
     thread passes each signal it receives on to the workers once: a first Ctrl-C or SIGTERM checkpoints and a
     second aborts, as in one process. (torch's own handling ends the workers with SIGTERM when a second signal
-    interrupts its shutdown.) Returns what `launch` raised, if anything; the signals go into `received`. A worker
-    still starting has no handler yet: the signal ends it, as it ends `fit` in one process."""
+    interrupts its shutdown.) Returns what `launch` raised, if anything, and the signals this process received. A
+    worker still starting has no handler yet: the signal ends it, as it ends `fit` in one process."""
     import multiprocessing
     import threading
 
     outcome: list[BaseException] = []
+    received: list[int] = []
     pending: list[int] = []  # received before the workers existed
 
     def agent() -> None:
@@ -187,9 +186,11 @@ def run_agent(launch: Callable[[], object], received: list[int]) -> BaseExceptio
     agent_pid = os.getpid()
 
     def forward(signum: int, frame: FrameType | None) -> None:
-        if os.getpid() != agent_pid:  # a worker just forked, before run_worker set its own handlers: for it, as
+        if os.getpid() != agent_pid:
+            # a worker just forked, before run_worker set its own handlers: the signal is this worker's, handled as
+            # those handlers would (kept as pending here, it would be lost)
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-            os.kill(os.getpid(), signum)  # those handlers would have it (not kept as pending, never to be passed on)
+            os.kill(os.getpid(), signum)
             return
         received.append(signum)
         workers = multiprocessing.active_children()
@@ -214,7 +215,7 @@ def run_agent(launch: Callable[[], object], received: list[int]) -> BaseExceptio
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return outcome[0] if outcome else None
+    return (outcome[0] if outcome else None), received
 
 
 def run_worker(cfg: FitConfig, started_at: float, agent_pid: int) -> int:
