@@ -200,10 +200,10 @@ HASH_BUCKETS = 256  # --encode hash: a vocabulary of at most this many levels
 def encode_levels(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str, how: str,
                   seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The files ddptrain reads under --encode (the other models see the table as it is): each text column of
-    CODE_LEVELS (8) or more training levels gets, beside it, scikit-learn's TargetEncoder columns (`target`: fitted out of fold on
-    the training rows, 5 folds, empirical-Bayes smoothing; the test rows get the encoding of all training rows;
-    `target-kept`: only the columns that ddptrain does not drop as IDs), or is replaced by its level's hash bucket
-    among HASH_BUCKETS (`hash`)."""
+    CODE_LEVELS (8) or more training levels gets, beside it, scikit-learn's TargetEncoder columns (`target`:
+    fitted out of fold on the training rows, 5 folds, empirical-Bayes smoothing; the test rows get the encoding of
+    all training rows; `target-kept`: only the columns that ddptrain does not drop as IDs), or is replaced by its
+    level's hash bucket among HASH_BUCKETS (`hash`)."""
     import zlib
 
     from sklearn.preprocessing import TargetEncoder
