@@ -19,6 +19,8 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ POLL_S = 0.2
 FAILED_IN_A_ROW = 3  # this many failed trials and none complete: the settings are wrong, not the draws
 # the median pruner compares a trial with the trials before it once this many have finished, from this epoch on
 PRUNE_AFTER_TRIALS, PRUNE_FROM_EPOCH = 3, 2
+ASKING = "asking.lock"  # in the trials folder: held by the agent asking for a trial until it holds the trial's lock
 LOST, INTERRUPTED = "lost", "interrupted"  # failed trials that are redone, not counted
 
 
@@ -118,7 +121,8 @@ def open_study(cfg: TuneConfig) -> Any:
     if names and cfg.study not in names:
         raise UsageError(f"--storage {cfg.storage} holds study {', '.join(repr(n) for n in names)}, not "
                          f"'{cfg.study}'; continue it with --study {names[0]}, or pick another --storage")
-    trial_files = [p for p in (cfg.out / "trials").iterdir()] if (cfg.out / "trials").is_dir() else []
+    trial_files = [p for p in (cfg.out / "trials").iterdir() if p.name != ASKING] if (cfg.out / "trials").is_dir() \
+        else []
     if cfg.study in names:  # read, not written, until its definition is known to match
         study = optuna.load_study(study_name=cfg.study, storage=storage, pruner=build_pruner(cfg.pruner))
     elif trial_files:
@@ -238,18 +242,25 @@ def fail_lost_trials(study: Any, trials_dir: Path) -> None:
     from optuna.trial import TrialState
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        lock = trials_dir / f"{trial_name(trial.number)}.lock"
-        started = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
-        if not lock.exists():
-            if time.time() - started < 60:  # its agent asked for it a moment ago and is taking the lock
-                continue
-        elif holds_lock(lock):
-            continue
+        if holds_lock(trials_dir / f"{trial_name(trial.number)}.lock"):  # (called under `asking`: no agent is
+            continue  # between asking for a trial and taking its lock)
         try:
             study._storage.set_trial_user_attr(trial._trial_id, "ended", LOST)
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         except Exception:  # another agent failed it first
             pass
+
+
+@contextmanager
+def asking(trials_dir: Path) -> Iterator[None]:
+    """The study's agents one at a time from asking Optuna for a trial to holding its lock (a flock on ASKING), so
+    that a RUNNING trial whose lock nobody holds is known lost, whoever's it was."""
+    fd = os.open(trials_dir / ASKING, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def holds_lock(lock: Path) -> bool:
@@ -291,18 +302,21 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     try:
         with stopper:
             while not stopper.requested:
-                fail_lost_trials(study, trials_dir)
-                trials = study.get_trials(deepcopy=False)
-                running = sum(t.state == TrialState.RUNNING for t in trials)
-                if sum(counted(t) for t in trials) + running >= cfg.trials:
-                    break
-                if cfg.timeout is not None and time.monotonic() - started >= cfg.timeout:
-                    view.note(f"--timeout {cfg.timeout:g} s reached: no new trials")
-                    break
-                # seeded by the study's size: reproducible, and agents asking at other moments draw apart
-                study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(trials))
-                trial = study.ask()
-                state = run_trial(cfg, study, trial, trials_dir, start, parent, view, stopper)
+                with asking(trials_dir):  # meanwhile no agent is between asking for a trial and locking it
+                    fail_lost_trials(study, trials_dir)
+                    trials = study.get_trials(deepcopy=False)
+                    running = sum(t.state == TrialState.RUNNING for t in trials)
+                    if sum(counted(t) for t in trials) + running >= cfg.trials:
+                        break
+                    if cfg.timeout is not None and time.monotonic() - started >= cfg.timeout:
+                        view.note(f"--timeout {cfg.timeout:g} s reached: no new trials")
+                        break
+                    # seeded by the study's size: reproducible, and agents asking at other moments draw apart
+                    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(trials))
+                    trial = study.ask()
+                    lock_fd = os.open(trials_dir / f"{trial_name(trial.number)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+                state = run_trial(cfg, study, trial, lock_fd, trials_dir, start, parent, view, stopper)
                 failed_in_a_row = failed_in_a_row + 1 if state == TrialState.FAIL else 0
                 if failed_in_a_row >= FAILED_IN_A_ROW and not any(
                         t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
@@ -324,14 +338,12 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     return summary
 
 
-def run_trial(cfg: TuneConfig, study: Any, trial: Any, trials_dir: Path, start: str, parent: Any,
+def run_trial(cfg: TuneConfig, study: Any, trial: Any, lock_fd: int, trials_dir: Path, start: str, parent: Any,
               view: TrialsView, stopper: Stopper) -> Any:
-    """One trial from start to its told state, its lock held throughout."""
+    """One trial from start to its told state, its lock (lock_fd, taken) held throughout and closed at the end."""
     from optuna.trial import TrialState
 
     name = trial_name(trial.number)
-    lock_fd = os.open(trials_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(lock_fd, fcntl.LOCK_EX)
     try:
         params = suggest(trial, cfg.space)
         run_folder = trials_dir / name
