@@ -121,6 +121,21 @@ def test_a_study_killed_with_sigkill_resumes_and_loses_no_finished_trial(tmp_pat
     assert len(after) == 5 and "5 complete, 0 pruned, 0 failed (5 of 5)" in resumed.stdout
 
 
+def test_a_trial_asked_for_but_never_locked_is_lost_at_once(tmp_path, study_files):
+    """An agent killed after Optuna gave it a trial and before it locked the trial leaves it RUNNING with no lock:
+    the next agent fails it as lost at once (agents ask and lock one at a time), not counting it as running."""
+    done = cli("tune", *study_files, "--trials", "1", "--out", "study", "--pruner", "none", cwd=tmp_path, timeout=200)
+    assert done.returncode == 0, done.stderr
+    orphan = load(tmp_path / "study").ask()  # as the killed agent left it
+    resumed = cli("tune", *study_files, "--trials", "2", "--out", "study", "--pruner", "none", cwd=tmp_path,
+                  timeout=200)
+    assert resumed.returncode == 0, resumed.stderr
+    study = load(tmp_path / "study")
+    assert study.trials[orphan.number].state.name == "FAIL"
+    assert study.trials[orphan.number].user_attrs.get("ended") == "lost"
+    assert states(study) == {"COMPLETE": 2, "FAIL": 1}
+
+
 JOURNAL_AFTER_A_KILL = """
 import os, sys, time
 from pathlib import Path
