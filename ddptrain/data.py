@@ -324,9 +324,11 @@ def features(spec: DataSpec, table: Table, allowed_extra: tuple[str, ...] = ()) 
 
 
 def unseen_notes(spec: DataSpec, unseen: dict[str, int]) -> list[str]:
-    """One note per column whose cells held a level unseen in training or text where numbers or dates were."""
+    """One note per column whose cells held a level with no embedding of its own (never seen in training, or rarer
+    there than rare_count: both share the unknown level) or text where numbers or dates were."""
     roles = {c.name: c.role for c in spec.preprocessor.columns}
-    return [f"column '{name}': {count:,} cells hold " + ("a level not seen in training (treated as unknown)"
+    return [f"column '{name}': {count:,} cells hold " + ("a level not learnt in training (absent from the training "
+            "rows or too rare there; treated as unknown)"
             if roles[name] == "categorical" else f"values that are not {'dates' if roles[name] == 'datetime' else 'numbers'} "
             "(treated as missing)") for name, count in unseen.items()]
 

@@ -251,7 +251,7 @@ def test_unseen_and_missing_levels_at_prediction(tmp_path):
     notes: list[str] = []
     split = labelled_split(data.spec, read_table(str(later)), notes=notes)
     assert len(split) == 30 and torch.isfinite(split.x).all()
-    assert any("'city'" in n and "not seen in training" in n for n in notes)
+    assert any("'city'" in n and "not learnt in training" in n for n in notes)
     codes = split.x[:, -2]  # city's code column (city, then vip)
     assert set(codes.tolist()) <= {0.0, 1.0, 2.0 + 2}  # unknown, missing, Paris
 

@@ -184,7 +184,7 @@ def test_a_real_table_trains_alike_on_1_and_2_processes_and_predicts_from_the_ra
     scored = cli("eval", "ws2/checkpoints/last.pt", "--data", "test.csv", "--json", cwd=tmp_path)
     assert scored.returncode == 0, scored.stderr
     assert json.loads(scored.stdout)["rows"] == 40
-    assert "column 'city'" in scored.stderr and "not seen in training" in scored.stderr
+    assert "column 'city'" in scored.stderr and "not learnt in training" in scored.stderr
     predicted = cli("predict", "ws2/checkpoints/last.pt", "--data", "test.csv", "--out", "p.csv", cwd=tmp_path)
     assert predicted.returncode == 0, predicted.stderr
     lines = (tmp_path / "p.csv").read_text().splitlines()
