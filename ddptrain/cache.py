@@ -31,8 +31,7 @@ from ddptrain.errors import DDPTrainError
 from ddptrain.preprocess import ColumnRole
 from ddptrain.tables import looks_like_path, shard_files
 
-CACHE_FORMAT = 4  # raised whenever the prepared arrays change for the same file and settings (2: range caps; 3: numeric
-# codes embedded; 4: uneven codes in no order embedded too)
+CACHE_FORMAT = 3  # raised whenever the prepared arrays change for the same file and settings (2: range caps; 3: numeric codes embedded)
 ARRAYS = ("x_train", "y_train", "x_val", "y_val")
 T = TypeVar("T")
 

@@ -46,11 +46,6 @@ UNIQUE_MIN_ROWS = 20  # a text column unique in every row of a table this long i
 # too. Fewer values (a rating of 1 to 5, a weekday) an MLP tells apart from the number itself: embedded, they
 # gained nothing measurable and a 1-5 rating cost one table 0.025 accuracy (RESULTS.md)
 CODE_LEVELS, CODE_REPEATS, CODE_EVENNESS = 8, 5, 0.5
-# uneven counts are codes too when they follow no order of the values (a store, a lecturer, a state: some far
-# busier than others, in no order of their numbers): over CODE_ORDER_LEVELS values or more, a value's count
-# correlates with its neighbour's within CODE_NEIGHBOURS of 0 and with the value's rank within CODE_TREND; the
-# counts of a quantity follow its density, smooth from one value to the next (ages, at-bats: 0.5 to 1)
-CODE_ORDER_LEVELS, CODE_NEIGHBOURS, CODE_TREND = 20, 0.2, 0.3
 FLOAT32_EXACT = 2 ** 24  # whole numbers up to this are exact in float32
 CHUNK_ROWS = 1 << 20  # rows per step of column work (transform, checks)
 MOSTLY_NUMBERS = 0.95  # a text column whose present cells are numbers this often is numeric (the rest: missing)
@@ -384,32 +379,10 @@ def code_levels(table: Table, role: ColumnRole, train_rows: np.ndarray, train: n
     counts = np.unique(present, return_counts=True)[1]
     if len(counts) < CODE_LEVELS or len(present) < CODE_REPEATS * len(counts):
         return ()
-    if counts.std() > CODE_EVENNESS * counts.mean() and not counts_in_no_order(counts):
-        return ()  # a count or a size: small values far more common than large, or counts that follow a density
+    if counts.std() > CODE_EVENNESS * counts.mean():  # a count or a size: small values far more common than large
+        return ()
     levels = _vocabulary(table, role.name, train_rows)
     return levels if len(levels) >= CODE_LEVELS else ()
-
-
-def counts_in_no_order(counts: np.ndarray) -> bool:
-    """Whether the counts of a column's values, in the values' order, follow no order of the values: a name's count
-    says nothing of the next name's (lag-1 correlation within CODE_NEIGHBOURS of 0) and nothing rises or falls
-    with the value (Spearman's correlation within CODE_TREND), over CODE_ORDER_LEVELS values or more."""
-    if len(counts) < CODE_ORDER_LEVELS:
-        return False
-    if counts.std() == 0:
-        return True
-    before, after = counts[:-1].astype(np.float64), counts[1:].astype(np.float64)
-    neighbours = np.corrcoef(before, after)[0, 1] if before.std() > 0 and after.std() > 0 else 0.0
-    trend = np.corrcoef(np.arange(len(counts)), _average_ranks(counts))[0, 1]
-    return abs(neighbours) <= CODE_NEIGHBOURS and abs(trend) <= CODE_TREND
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """0-based ranks, ties given their average rank (as Spearman's correlation takes them)."""
-    ranks = np.empty(len(values))
-    ranks[np.argsort(values, kind="stable")] = np.arange(len(values))
-    _, inverse = np.unique(values, return_inverse=True)
-    return (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
 
 
 def code_columns(table: Table, roles: list[ColumnRole], rows: np.ndarray) -> dict[str, int]:

@@ -142,34 +142,6 @@ def test_whole_numbers_that_repeat_like_codes_are_also_embedded(tmp_path):
     assert any("'store' (30)" in note for note in plan["notes"])
 
 
-def test_uneven_codes_in_no_order_are_codes_and_counts_that_follow_a_density_are_not(tmp_path):
-    from ddptrain.preprocess import CODE_ORDER_LEVELS, counts_in_no_order
-
-    rng = np.random.default_rng(3)
-    busy = rng.lognormal(0, 1, 200)  # stores some far busier than others, in no order of their numbers
-    assert counts_in_no_order(np.round(busy * 20).astype(int) + 5)
-    assert counts_in_no_order(np.full(40, 7))  # even counts: no order to follow
-    falling = np.round(1000 * np.exp(-np.arange(60) / 8)).astype(int) + 1  # at-bats, days ill: small values common
-    hump = np.round(500 * np.exp(-((np.arange(70) - 30) / 12) ** 2)).astype(int) + 1  # ages
-    rising = np.arange(1, 41) * 3  # later years busier
-    assert not any(counts_in_no_order(c) for c in (falling, hump, rising))
-    assert not counts_in_no_order(np.round(busy[:CODE_ORDER_LEVELS - 1] * 20).astype(int) + 5)  # too few to tell
-
-    # end to end: 60 stores, uneven (the evenness rule alone would keep the number alone), embedded as codes
-    rows, stores = 3000, 60
-    weights = rng.lognormal(0, 1, stores)
-    store = rng.choice(np.arange(1, stores + 1), rows, p=weights / weights.sum())
-    effect = np.random.default_rng(99).normal(0, 3, stores + 1)
-    days_ill = rng.geometric(0.15, rows)  # a count: small values far more common, never a code
-    sales = effect[store] + 0.2 * days_ill + rng.normal(0, 0.3, rows)
-    path = tmp_path / "uneven.csv"
-    path.write_text("store,days_ill,sales\n" + "".join(f"{a},{b},{c:.4f}\n" for a, b, c in zip(store, days_ill, sales)))
-    plans = {c.name: c for c in prepare_fit_data(FitConfig(data=str(path), target="sales")).spec.preprocessor.columns}
-    counts = np.bincount(store)[1:]
-    assert counts.std() > 0.5 * counts.mean()  # uneven: the first rule alone says no
-    assert len(plans["store"].levels) >= 50 and not plans["days_ill"].levels
-
-
 def test_an_embedded_code_learns_what_the_number_alone_cannot(tmp_path):
     from ddptrain.run import fit
 
