@@ -31,7 +31,8 @@ from ddptrain.errors import DDPTrainError
 from ddptrain.preprocess import ColumnRole
 from ddptrain.tables import looks_like_path, shard_files
 
-CACHE_FORMAT = 3  # raised whenever the prepared arrays change for the same file and settings (2: range caps; 3: numeric codes embedded)
+CACHE_FORMAT = 4  # raised whenever the prepared arrays or their roles change for the same file and settings (2: range
+# caps; 3: numeric codes embedded; 4: roles say like_ids)
 ARRAYS = ("x_train", "y_train", "x_val", "y_val")
 T = TypeVar("T")
 

@@ -8,14 +8,15 @@ from typing import Any
 from ddptrain.config import FitConfig
 from ddptrain.console import console
 from ddptrain.data import load_table, table_plan
-from ddptrain.preprocess import code_columns, code_notes, level_notes
+from ddptrain.preprocess import code_columns, code_notes, id_notes, level_notes
 
 
 def table_description(cfg: FitConfig) -> dict[str, Any]:
     table = load_table(cfg.data, cfg.seed, cfg.n_samples, cfg.n_features, cfg.n_classes, cfg.noise)
     target, task, classes, rows, notes, roles = table_plan(cfg, table)
     codes = code_columns(table, roles, rows)
-    notes += level_notes(table, roles, rows, cfg.embedding_dim) + code_notes(codes)  # over every row with a target: fit counts its training rows
+    # over every row with a target: fit counts its training rows
+    notes += level_notes(table, roles, rows, cfg.embedding_dim) + code_notes(codes) + id_notes(roles, codes)
     return {
         "data": table.path, "rows": len(table), "target": target, "task": task, "classes": list(classes),
         "rows_with_target": int(len(rows)),
@@ -23,7 +24,8 @@ def table_description(cfg: FitConfig) -> dict[str, Any]:
                      "why": r.reason + (f"; {codes[r.name]:,} values repeat like codes: each also embedded"
                                         if r.name in codes else ""),
                      "missing": round(r.missing, 4), "distinct": r.distinct,
-                     **({"codes": codes[r.name]} if r.name in codes else {})} for r in roles],
+                     **({"codes": codes[r.name]} if r.name in codes else {}),
+                     **({"like_ids": True} if r.like_ids and r.name not in codes else {})} for r in roles],
         "notes": notes,
     }
 

@@ -142,6 +142,43 @@ def test_whole_numbers_that_repeat_like_codes_are_also_embedded(tmp_path):
     assert any("'store' (30)" in note for note in plan["notes"])
 
 
+def test_whole_numbers_like_ids_get_a_note_and_quantities_do_not(tmp_path):
+    from ddptrain.describe import table_description
+    from ddptrain.preprocess import CODE_ORDER_LEVELS, counts_in_no_order
+
+    rng = np.random.default_rng(3)
+    busy = rng.lognormal(0, 1, 200)  # stores, some far busier than others in no order of their numbers
+    assert counts_in_no_order(np.round(busy * 20).astype(int) + 5) and counts_in_no_order(np.full(40, 7))
+    falling = np.round(1000 * np.exp(-np.arange(60) / 8)).astype(int) + 1  # at-bats, days ill: small values common
+    hump = np.round(500 * np.exp(-((np.arange(70) - 30) / 12) ** 2)).astype(int) + 1  # ages
+    rising = np.arange(1, 41) * 3  # later years busier
+    assert not any(counts_in_no_order(c) for c in (falling, hump, rising))
+    assert not counts_in_no_order(np.round(busy[:CODE_ORDER_LEVELS - 1] * 20).astype(int) + 5)  # too few to tell
+
+    # 60 lecturers rated unevenly (not even enough to be embedded as codes), an age and a count beside them
+    rows, lecturers = 3000, 60
+    weights = rng.lognormal(0, 1, lecturers)
+    lecturer = rng.choice(np.arange(1, lecturers + 1), rows, p=weights / weights.sum())
+    age = np.clip(np.round(rng.normal(40, 10, rows)), 18, 90).astype(int)
+    days_ill = rng.geometric(0.15, rows)
+    y = np.random.default_rng(99).normal(0, 3, lecturers + 1)[lecturer] + 0.1 * days_ill + rng.normal(0, 0.3, rows)
+    path = tmp_path / "ratings.csv"
+    path.write_text("lecturer,age,days_ill,y\n" + "".join(f"{a},{b},{c},{d:.4f}\n"
+                                                       for a, b, c, d in zip(lecturer, age, days_ill, y)))
+    counts = np.bincount(lecturer)[1:]
+    assert counts.std() > 0.5 * counts.mean()  # uneven: not a code by the evenness rule
+    notes = prepare_fit_data(FitConfig(data=str(path), target="y")).spec.notes
+    hint = [n for n in notes if "like ids" in n]
+    assert len(hint) == 1 and "'lecturer'" in hint[0] and "'age'" not in hint[0] and "'days_ill'" not in hint[0]
+    assert "--categorical lecturer" in hint[0]
+    plan = table_description(FitConfig(data=str(path), target="y"))
+    assert [c["name"] for c in plan["columns"] if c.get("like_ids")] == ["lecturer"]
+    assert any("like ids in 'lecturer'" in n for n in plan["notes"])
+    for asked in (dict(numeric=("lecturer",)), dict(categorical=("lecturer",))):  # a flag answers the note
+        again = prepare_fit_data(FitConfig(data=str(path), target="y", **asked)).spec.notes
+        assert not any("like ids" in n for n in again)
+
+
 def test_an_embedded_code_learns_what_the_number_alone_cannot(tmp_path):
     from ddptrain.run import fit
 
