@@ -123,8 +123,9 @@ class FitConfig:
                 "(10 for a regression table), else off.", MODEL, fixed=True)
     numeric_bins: int | None = setting(
         None, "Piecewise-linear pieces per numeric column, cut at the training rows' quantiles, fed to the first "
-              "layer beside the number itself (0: the number alone; default: for a table file under 1,000 rows, 0 or "
-              "16, whichever a 4-fold cross-validation on the training rows prefers; else 0).", MODEL, fixed=True)
+              "layer beside the number itself (0: the number alone; default: for a table file under "
+              f"{BAG_BELOW_ROWS:,} rows without validation rows, 0 or 16, whichever a 4-fold cross-validation on the "
+              "training rows prefers; else 0).", MODEL, fixed=True)
     norm: str = setting(
         "none", 'Normalization after each hidden layer (batch becomes SyncBatchNorm on GPUs).', MODEL, choices=Norm, fixed=True)
     # optimization

@@ -119,7 +119,8 @@ def load_data(cfg: FitConfig, world_size: int, saved: dict[str, Any]) -> tuple[F
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train):,} training rows; "
                          "lower it or add data")
     cfg = resolve_epochs(cfg, len(data.train))
-    cfg, how = resolve_numeric_bins(cfg, data, saved.get("numeric_bins"))
+    cfg, how = resolve_numeric_bins(cfg, data, saved.get("numeric_bins"),
+                                    announce=lambda text: console.line(f"ddptrain fit: {text}"))
     if how:
         console.line(f"ddptrain fit: {how}")
     cfg, data = resolve_bagging(cfg, data, saved)
