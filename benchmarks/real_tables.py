@@ -178,8 +178,11 @@ def baseline(model: str, train: pd.DataFrame, test: pd.DataFrame, target: str, t
 
         native = [c in text and len(x_train[c].cat.categories) <= 255 for c in x_train.columns]
 
-        def codes(frame):
-            return frame.assign(**{c: frame[c].cat.codes.replace(-1, np.nan) for c in text})
+        def codes(frame):  # column by column: a column named like assign's own argument ('self') is a column too
+            out = frame.copy()
+            for c in text:
+                out[c] = frame[c].cat.codes.replace(-1, np.nan)
+            return out
 
         kind = HistGradientBoostingClassifier if classify else HistGradientBoostingRegressor
         fitted = kind(random_state=seed, categorical_features=native).fit(codes(x_train), y_train)
