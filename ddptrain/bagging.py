@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ddptrain.checkpoint import Position
-from ddptrain.config import BAG_BELOW_ROWS, FitConfig
+from ddptrain.config import BAG_BELOW_ROWS, SMALL_TABLE_ROWS, FitConfig
 from ddptrain.data import Split, eval_shard
 from ddptrain.dist import all_reduce_sum
 from ddptrain.metrics import EVAL_CHUNK
@@ -26,15 +26,16 @@ DEFAULT_MEMBERS = 5
 # a regression table gets more members: each trains on 90% of the rows, not 80%, and the average of more members has
 # a lower expected squared error (never a higher one). Measured (RESULTS.md): 10 members on the 20 regression tables
 # under 5,000 rows, better on 15; on the 12 classification tables better on 3, worse on 5 (accuracy has no such
-# guarantee), so they keep 5
+# guarantee), so they keep 5; from SMALL_TABLE_ROWS to BAG_BELOW_ROWS rows 5 (measured with 5; 10 would double a
+# fit that already takes 2-4x one model's time there)
 REGRESSION_MEMBERS = 10
 FOLD_SEED = 0x6B666F6C64  # folds drawn apart from the split and the data order
 
 
 def resolve_members(cfg: FitConfig, train_rows: int, has_validation: bool, from_file: bool, task: str) -> int:
     """--bagging as a member count (1: off). auto: DEFAULT_MEMBERS for a table file under BAG_BELOW_ROWS rows
-    without validation rows (where one model would train blind), REGRESSION_MEMBERS for a regression table there;
-    else off."""
+    without validation rows (every row trains, out-of-fold validation), REGRESSION_MEMBERS for a regression table
+    under SMALL_TABLE_ROWS; else off."""
     if cfg.bagging == "off":
         return 1
     if cfg.bagging != "auto":
@@ -42,7 +43,7 @@ def resolve_members(cfg: FitConfig, train_rows: int, has_validation: bool, from_
     small = from_file and not has_validation and train_rows < BAG_BELOW_ROWS
     if not small:
         return 1
-    if task == "regression" and train_rows >= 2 * REGRESSION_MEMBERS:
+    if task == "regression" and 2 * REGRESSION_MEMBERS <= train_rows < SMALL_TABLE_ROWS:
         return REGRESSION_MEMBERS
     return DEFAULT_MEMBERS if train_rows >= 2 * DEFAULT_MEMBERS else 1
 

@@ -55,7 +55,8 @@ Shuffle auto exact block
  Monitor, ClassWeight, Shuffle) = (_choice(*line.split(maxsplit=1)) for line in CHOICE_VALUES.strip().splitlines())
 
 DEFAULT_VAL_FRACTION, VALIDATE_FROM_ROWS = 0.2, 1000
-BAG_BELOW_ROWS = 5000  # a table file this short is bagged by default: every row trains, out-of-fold validation
+BAG_BELOW_ROWS = 20_000  # a table file this short is bagged by default: every row trains, out-of-fold validation
+SMALL_TABLE_ROWS = 5000  # under this, a bagged regression table gets 10 models and the numeric pieces are cross-validated
 DEFAULT_EPOCHS, MIN_DEFAULT_STEPS = 20, 250
 DEFAULT_PATIENCE = 5
 DEFAULT_ADAMW_DECAY = 0.1
@@ -120,11 +121,11 @@ class FitConfig:
         "auto", "k-fold bagging: K models, each trained on all training rows but one fold and early-stopped on that "
                 "fold; predictions are their average, and the out-of-fold score is the run's validation figure. A "
                 f"member count (2 to 32), off, or auto: 5 for a table file under {BAG_BELOW_ROWS:,} rows without validation rows "
-                "(10 for a regression table), else off.", MODEL, fixed=True)
+                f"(10 for a regression table under {SMALL_TABLE_ROWS:,}), else off.", MODEL, fixed=True)
     numeric_bins: int | None = setting(
         None, "Piecewise-linear pieces per numeric column, cut at the training rows' quantiles, fed to the first "
               "layer beside the number itself (0: the number alone; default: for a table file under "
-              f"{BAG_BELOW_ROWS:,} rows without validation rows, 0 or 16, whichever a 4-fold cross-validation on the "
+              f"{SMALL_TABLE_ROWS:,} rows without validation rows, 0 or 16, whichever a 4-fold cross-validation on the "
               "training rows prefers; else 0).", MODEL, fixed=True)
     norm: str = setting(
         "none", 'Normalization after each hidden layer (batch becomes SyncBatchNorm on GPUs).', MODEL, choices=Norm, fixed=True)

@@ -1,12 +1,13 @@
-"""The default --numeric-bins of a table without a validation split (a file under BAG_BELOW_ROWS rows: too small
-to hold rows out, or bagged): none or AUTO_BINS pieces per number, whichever a FOLDS-fold cross-validation of the
+"""The default --numeric-bins of a table without a validation split under SMALL_TABLE_ROWS rows (too small to hold
+rows out, or bagged): none or AUTO_BINS pieces per number, whichever a FOLDS-fold cross-validation of the
 configured model on the training rows prefers.
 
 Numeric pieces help a table whose target turns on thresholds and hurt a noisy one (benchmarks/RESULTS.md: forced
 on the 1,000-5,000-row tables, forbes-profits 0.99 -> 0.86 RMSE but schooling 0.0134 -> 0.0216; chosen by the
 folds, forbes gains and schooling keeps its numbers), and such a table has no validation split to tell which it
-is. The folds train plain single-process copies of the model (a few seconds under 1,000 rows, 5 to 15 at 5,000)
-on one thread from the seed alone, so every rank, at every world size and on every resume, makes the same choice.
+is. The folds train plain single-process copies of the model (a few seconds under 1,000 rows, 5 to 15 at 5,000;
+a bagged table up to BAG_BELOW_ROWS would take minutes, so it keeps the numbers alone) on one thread from the seed
+alone, so every rank, at every world size and on every resume, makes the same choice.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ddptrain.config import BAG_BELOW_ROWS, FitConfig
+from ddptrain.config import SMALL_TABLE_ROWS, FitConfig
 from ddptrain.data import FitData
 from ddptrain.model import ModelSpec, build_fitted_model
 from ddptrain.optim import build_loss, build_optimizer, build_scheduler
@@ -29,14 +30,14 @@ AUTO_BINS = 16
 def resolve_numeric_bins(cfg: FitConfig, data: FitData, saved: int | None = None,
                          announce: Callable[[str], None] | None = None) -> tuple[FitConfig, str | None]:
     """The config with --numeric-bins decided (as given; as the resumed checkpoint's run decided, `saved`;
-    cross-validated on a table read from a file with no validation split, under BAG_BELOW_ROWS rows; else 0), and a line saying how when it was cross-validated.
+    cross-validated on a table read from a file with no validation split, under SMALL_TABLE_ROWS rows; else 0), and a line saying how when it was cross-validated.
     A resume keeps the saved choice: its folds would train with the resume's --epochs and might choose otherwise.
     `announce` is told before the folds train (seconds on a few thousand rows)."""
     if cfg.numeric_bins is not None:
         return cfg, None
     if saved is not None:
         return dataclasses.replace(cfg, numeric_bins=saved), None
-    small = data.val is None and 2 * FOLDS <= len(data.train) < BAG_BELOW_ROWS
+    small = data.val is None and 2 * FOLDS <= len(data.train) < SMALL_TABLE_ROWS
     if not (small and looks_like_path(cfg.data) and data.spec.preprocessor.n_numeric):
         return dataclasses.replace(cfg, numeric_bins=0), None
     if announce is not None:

@@ -135,30 +135,33 @@ def test_bagging_flags(tmp_path):
         fit(bagged(tmp_path, "three", bagging="off", epochs=3, val_fraction=0.2, resume="auto"))
 
 
-def test_a_table_file_under_5000_rows_is_bagged_on_every_row_and_a_longer_one_holds_a_fifth_out(tmp_path):
-    """Bagging paid on tables of 1,316 to 5,748 rows too (RESULTS.md): a table file under BAG_BELOW_ROWS rows is
-    bagged on every row by default; --bagging off there, a longer file and a built-in dataset hold a fifth out."""
+def test_a_table_file_under_20000_rows_is_bagged_on_every_row_and_a_longer_one_holds_a_fifth_out(tmp_path):
+    """Bagging paid on tables of 1,316 to 5,748 rows and on four of 5,000 to 20,000 (RESULTS.md): a table file under
+    BAG_BELOW_ROWS rows is bagged on every row by default; --bagging off there, a longer file and a built-in dataset
+    hold a fifth out."""
     from ddptrain.bagging import resolve_members
-    from ddptrain.config import BAG_BELOW_ROWS, resolve_val_fraction
+    from ddptrain.config import BAG_BELOW_ROWS, SMALL_TABLE_ROWS, resolve_val_fraction
     from ddptrain.data import prepare_fit_data
 
-    assert BAG_BELOW_ROWS == 5000
+    assert (SMALL_TABLE_ROWS, BAG_BELOW_ROWS) == (5000, 20_000)
     medium = real_table(tmp_path / "medium.csv", rows=3000)
     data = prepare_fit_data(FitConfig(data=str(medium), target="label"))
     assert len(data.train) == 3000 and data.val is None
-    assert any("no validation split: the table has 3,000 rows, under 5,000" in n for n in data.spec.notes)
+    assert any("no validation split: the table has 3,000 rows, under 20,000" in n for n in data.spec.notes)
     assert resolve_members(FitConfig(data=str(medium)), 3000, False, True, "classification") == 5
     # a regression table: 10 models (RESULTS.md); classification keeps 5; too few rows for 10 folds of 2: 5
     assert resolve_members(FitConfig(data=str(medium)), 3000, False, True, "regression") == 10
     assert resolve_members(FitConfig(), 4999, False, True, "regression") == 10
-    assert resolve_members(FitConfig(), 5000, False, True, "regression") == 1
+    assert resolve_members(FitConfig(), 5000, False, True, "regression") == 5  # 10 models only under 5,000 rows
+    assert resolve_members(FitConfig(), 19_999, False, True, "classification") == 5
+    assert resolve_members(FitConfig(), 20_000, False, True, "regression") == 1
     assert resolve_members(FitConfig(), 999, False, True, "classification") == 5
     assert resolve_members(FitConfig(), 19, False, True, "regression") == 5
     assert resolve_members(FitConfig(), 9, False, True, "regression") == 1
     assert resolve_members(FitConfig(bagging="5"), 400, False, True, "regression") == 5  # asked for: as asked
     held = prepare_fit_data(FitConfig(data=str(medium), target="label", bagging="off"))
     assert (len(held.train), len(held.val)) == (2400, 600)
-    assert resolve_val_fraction(FitConfig(), 5000, from_file=True) == 0.2
-    assert resolve_val_fraction(FitConfig(), 4999, from_file=True) == 0.0
+    assert resolve_val_fraction(FitConfig(), 20_000, from_file=True) == 0.2
+    assert resolve_val_fraction(FitConfig(), 19_999, from_file=True) == 0.0
     assert resolve_val_fraction(FitConfig(), 3000, from_file=False) == 0.2  # built-ins: from 1,000 rows
     assert resolve_members(FitConfig(), 4000, True, True, "regression") == 1  # validation rows asked for: one model

@@ -63,12 +63,13 @@ def test_given_bins_big_tables_and_built_ins_are_not_cross_validated(tmp_path):
     assert resolve_numeric_bins(cfg, data) == (cfg, None)
     validated = FitConfig(data=str(path), target="label", quiet=True, cache=False, val_fraction=0.2)
     assert resolve_numeric_bins(validated, prepare_fit_data(validated))[0].numeric_bins == 0  # a validation split
-    # without a validation split, up to the bagging threshold (5,000 rows) the folds decide; beyond it, 0
-    from ddptrain.config import BAG_BELOW_ROWS
+    # without a validation split, under SMALL_TABLE_ROWS (5,000) the folds decide; from there (bagged up to 20,000
+    # rows), 0
+    from ddptrain.config import SMALL_TABLE_ROWS
 
     mid = prepared(write(tmp_path / "mid.csv", lambda x: np.floor(5 * x[:, 0]) * 2.0, rows=1200))
     assert resolve_numeric_bins(*mid)[0].numeric_bins == AUTO_BINS
-    cfg, long = prepared(write(tmp_path / "long.csv", lambda x: np.floor(5 * x[:, 0]) * 2.0, rows=BAG_BELOW_ROWS))
+    cfg, long = prepared(write(tmp_path / "long.csv", lambda x: np.floor(5 * x[:, 0]) * 2.0, rows=SMALL_TABLE_ROWS))
     assert resolve_numeric_bins(cfg, long) == (dataclasses.replace(cfg, numeric_bins=0), None)
     built_in = FitConfig(data="moons", n_samples=200, quiet=True, val_fraction=0.0)
     assert resolve_numeric_bins(built_in, prepare_fit_data(built_in)) == (
