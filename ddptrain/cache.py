@@ -31,8 +31,8 @@ from ddptrain.errors import DDPTrainError
 from ddptrain.preprocess import ColumnRole
 from ddptrain.tables import looks_like_path, shard_files
 
-CACHE_FORMAT = 4  # raised whenever the prepared arrays or their roles change for the same file and settings (2: range
-# caps; 3: numeric codes embedded; 4: roles say like_ids)
+CACHE_FORMAT = 5  # raised whenever the prepared arrays or their roles change for the same file and settings (2: range
+# caps; 3: numeric codes embedded; 5: roles say like_ids; 4 was an experiment's, never to be read as this one's)
 ARRAYS = ("x_train", "y_train", "x_val", "y_val")
 T = TypeVar("T")
 
