@@ -22,7 +22,7 @@ def table_description(cfg: FitConfig) -> dict[str, Any]:
         "rows_with_target": int(len(rows)),
         "columns": [{"name": r.name, "type": r.kind, "role": r.role,
                      "why": r.reason + (f"; {codes[r.name]:,} values repeat like codes: each also embedded"
-                                        if r.name in codes else ""),
+                                        if r.name in codes else "; like ids (see the note)" if r.like_ids else ""),
                      "missing": round(r.missing, 4), "distinct": r.distinct,
                      **({"codes": codes[r.name]} if r.name in codes else {}),
                      **({"like_ids": True} if r.like_ids and r.name not in codes else {})} for r in roles],

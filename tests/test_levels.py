@@ -173,6 +173,7 @@ def test_whole_numbers_like_ids_get_a_note_and_quantities_do_not(tmp_path):
     assert "--categorical lecturer" in hint[0]
     plan = table_description(FitConfig(data=str(path), target="y"))
     assert [c["name"] for c in plan["columns"] if c.get("like_ids")] == ["lecturer"]
+    assert {c["name"]: c["why"] for c in plan["columns"]}["lecturer"] == "numbers; like ids (see the note)"
     assert any("like ids in 'lecturer'" in n for n in plan["notes"])
     for asked in (dict(numeric=("lecturer",)), dict(categorical=("lecturer",))):  # a flag answers the note
         again = prepare_fit_data(FitConfig(data=str(path), target="y", **asked)).spec.notes
