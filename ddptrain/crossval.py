@@ -30,8 +30,9 @@ AUTO_BINS = 16
 def resolve_numeric_bins(cfg: FitConfig, data: FitData, saved: int | None = None,
                          announce: Callable[[str], None] | None = None) -> tuple[FitConfig, str | None]:
     """The config with --numeric-bins decided (as given; as the resumed checkpoint's run decided, `saved`;
-    cross-validated on a table read from a file with no validation split, under SMALL_TABLE_ROWS rows; else 0), and a line saying how when it was cross-validated.
-    A resume keeps the saved choice: its folds would train with the resume's --epochs and might choose otherwise.
+    cross-validated on a table read from a file with no validation split, under SMALL_TABLE_ROWS rows; else 0), and
+    a line saying how when it was cross-validated. A resume keeps the saved choice: its folds would train with the
+    resume's --epochs and might choose otherwise.
     `announce` is told before the folds train (seconds on a few thousand rows)."""
     if cfg.numeric_bins is not None:
         return cfg, None

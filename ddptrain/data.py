@@ -270,8 +270,8 @@ def prepare_fit_data(cfg: FitConfig, workspace: Path | None = None) -> FitData:
                          "every row trains; hold some out with --val-fraction 0.2 or --val-data FILE")
         train_rows, val_rows = _split_rows(len(table), fraction, cfg.seed)
     pre = fit_preprocessor(table, roles, train_rows, cfg.embedding_dim)
-    notes += level_notes(table, roles, train_rows, cfg.embedding_dim) + code_notes(pre.code_columns()) \
-        + id_notes(roles, pre.code_columns())
+    codes = pre.code_columns()
+    notes += level_notes(table, roles, train_rows, cfg.embedding_dim) + code_notes(codes) + id_notes(roles, codes)
     if task == "classification":
         y = encode_classes(table, target, classes, np.arange(len(table)))
         y_mean, y_std = 0.0, 1.0

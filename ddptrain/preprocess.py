@@ -170,11 +170,16 @@ def infer_roles(table: Table, target: str, categorical: tuple[str, ...] = (), nu
             present, distinct = None, len(table.levels(name)[1])
         role, reason = _role(table, name, kind, present, distinct, n - int(missing.sum()), n, categorical, numeric,
                              drop)
-        like_ids = bool((role, reason) == ("numeric", "numbers") and kind == "number"
-                        and len(present) >= CODE_REPEATS * distinct and counts.std() > CODE_EVENNESS * counts.mean()
-                        and counts_in_no_order(counts) and np.all(present == np.round(present)))
+        like_ids = (role, reason) == ("numeric", "numbers") and kind == "number" and looks_like_ids(present, counts)
         roles.append(ColumnRole(name, kind, role, reason, float(missing.mean()) if n else 0.0, distinct, like_ids))
     return roles
+
+
+def looks_like_ids(present: np.ndarray, counts: np.ndarray) -> bool:
+    """Whole numbers (`present`, with `counts` per distinct value) repeating like codes (CODE_REPEATS rows a value)
+    but unevenly, which the codes rule leaves as numbers, in no order of the values (counts_in_no_order)."""
+    return bool(len(present) >= CODE_REPEATS * len(counts) and counts.std() > CODE_EVENNESS * counts.mean()
+                and counts_in_no_order(counts) and np.all(present == np.round(present)))
 
 
 def counts_in_no_order(counts: np.ndarray) -> bool:
