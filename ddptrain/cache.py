@@ -31,8 +31,9 @@ from ddptrain.errors import DDPTrainError
 from ddptrain.preprocess import ColumnRole
 from ddptrain.tables import looks_like_path, shard_files
 
-CACHE_FORMAT = 5  # raised whenever the prepared arrays or their roles change for the same file and settings (2: range
-# caps; 3: numeric codes embedded; 5: roles say like_ids; 4 was an experiment's, never to be read as this one's)
+CACHE_FORMAT = 6  # raised whenever the prepared arrays or their roles change for the same file and settings (2: range
+# caps; 3: numeric codes embedded; 5: roles say like_ids; 6: like_ids from 3 rows a value, text numbers too; 4 was an
+# experiment's, never to be read as this one's)
 ARRAYS = ("x_train", "y_train", "x_val", "y_val")
 T = TypeVar("T")
 
@@ -64,7 +65,7 @@ def _fit_entry(cfg: FitConfig) -> tuple[str, list[list[Any]]] | None:
     if files is None:
         return None
     settings = {k: cfg.to_dict()[k] for k in ("target", "task", "val_fraction", "seed", "categorical", "numeric",
-                                              "drop", "embedding_dim", "n_samples", "n_features", "n_classes",
+                                              "drop", "ids_as_categories", "embedding_dim", "n_samples", "n_features", "n_classes",
                                               "noise")}
     settings["bagging_auto"] = cfg.bagging == "auto"  # decides whether a short table file holds rows out
     return _digest({"files": files, "settings": settings}), files

@@ -107,7 +107,7 @@ def _setting_option(f: dataclasses.Field) -> Parameter:
         help_text += f" One of: {', '.join(c.value for c in kind)}."
         extra["metavar"] = "NAME"
     elif f.name in ("hidden", "betas", *COLUMN_LISTS):  # comma-separated on the command line
-        kind, default = str, ",".join(map(str, default))
+        kind, default = str, None if default is None else ",".join(map(str, default))
     elif f.name in OPTIONAL_VALUE:
         extra["metavar"] = "[URI]"
     annotation = Optional[kind] if optional else kind

@@ -57,6 +57,8 @@ Shuffle auto exact block
 DEFAULT_VAL_FRACTION, VALIDATE_FROM_ROWS = 0.2, 1000
 BAG_BELOW_ROWS = 20_000  # a table file this short is bagged by default: every row trains, out-of-fold validation
 SMALL_TABLE_ROWS = 5000  # under this, a bagged regression table gets 10 models and the numeric pieces are cross-validated
+CV_FOLDS = 4  # the folds of those cross-validations (crossval.py)
+CV_MAX_IDS = 4  # whole-number columns like ids tried as categories there, each CV_FOLDS short fits
 DEFAULT_EPOCHS, MIN_DEFAULT_STEPS = 20, 250
 DEFAULT_PATIENCE = 5
 DEFAULT_ADAMW_DECAY = 0.1
@@ -98,6 +100,11 @@ class FitConfig:
                                            DATA, fixed=True)
     numeric: tuple[str, ...] = setting((), "Columns to treat as numbers (comma-separated).", DATA, fixed=True)
     drop: tuple[str, ...] = setting((), "Columns to leave out (comma-separated).", DATA, fixed=True)
+    ids_as_categories: tuple[str, ...] | None = setting(
+        None, "Whole-number columns that look like ids (a family's or a store's number), taken as categories "
+              f"(comma-separated; '' for none). Default: on a table file under {SMALL_TABLE_ROWS:,} rows without "
+              f"validation rows, each one a {CV_FOLDS}-fold cross-validation on the training rows prefers as "
+              "categories; else none (fit names them in a note).", DATA, fixed=True)
     shuffle: str = setting(
         "auto", "Row order each epoch: exact (a permutation of all rows) or block (blocks of rows in a random "
                 "order, rows shuffled within windows of blocks: near-sequential reads for tables larger than "
@@ -230,7 +237,7 @@ CHOICE_FIELDS = {f.name: f.metadata["choices"] for f in fields(FitConfig) if f.m
 # them is refused.
 RESUME_FIXED = tuple(f.name for f in fields(FitConfig) if f.metadata["fixed"])
 # fixed settings added after checkpoints existed: the value a run from before them trained with
-BEFORE_IT_EXISTED = {"label_smoothing": 0.0}
+BEFORE_IT_EXISTED = {"label_smoothing": 0.0, "ids_as_categories": []}
 FIELD_TYPES = {f.name: str(f.type) for f in fields(FitConfig)}  # annotations as text ("int", "float | None", ...)
 MAX_INT = 2**63 - 1  # what torch and numpy take as an integer
 MAX_SEED = MAX_INT
@@ -262,7 +269,7 @@ def parse_int_list(name: str, value: Any) -> tuple[int, ...]:
     return out
 
 
-COLUMN_LISTS = ("categorical", "numeric", "drop")
+COLUMN_LISTS = ("categorical", "numeric", "drop", "ids_as_categories")
 
 
 def parse_names(name: str, value: Any) -> tuple[str, ...]:
@@ -306,7 +313,7 @@ def _coerce(name: str, value: Any, strict: bool) -> Any:
     if name == "hidden":
         return parse_int_list(name, value)
     if name in COLUMN_LISTS:
-        return parse_names(name, value)
+        return None if value is None and field_type(name)[1] else parse_names(name, value)
     if name == "betas":
         return parse_betas(value)
     kind, optional = field_type(name)
@@ -382,6 +389,8 @@ def validate(cfg: FitConfig) -> None:
     for name in FIELD_NAMES:
         value = getattr(cfg, name)
         if name in ("hidden", "betas", *COLUMN_LISTS):
+            if value is None and field_type(name)[1]:
+                continue
             if not isinstance(value, tuple):
                 raise UsageError(f"{flag(name)} {value!r} must be a tuple")
             parse = {"hidden": parse_int_list, "betas": lambda _n, v: parse_betas(v)}.get(name, parse_names)

@@ -1,71 +1,121 @@
-"""The default --numeric-bins of a table without a validation split under SMALL_TABLE_ROWS rows (too small to hold
-rows out, or bagged): none or AUTO_BINS pieces per number, whichever a FOLDS-fold cross-validation of the
-configured model on the training rows prefers.
+"""Choices a small table cannot make on held-out rows (it has none: too small to hold rows out, or bagged), made
+by a CV_FOLDS-fold cross-validation of the configured model on the training rows instead, for a table file with no
+validation split under SMALL_TABLE_ROWS rows (data.cross_validates):
 
-Numeric pieces help a table whose target turns on thresholds and hurt a noisy one (benchmarks/RESULTS.md: forced
-on the 1,000-5,000-row tables, forbes-profits 0.99 -> 0.86 RMSE but schooling 0.0134 -> 0.0216; chosen by the
-folds, forbes gains and schooling keeps its numbers), and such a table has no validation split to tell which it
-is. The folds train plain single-process copies of the model (a few seconds under 1,000 rows, 5 to 15 at 5,000;
-a bagged table up to BAG_BELOW_ROWS would take minutes, so it keeps the numbers alone) on one thread from the seed
-alone, so every rank, at every world size and on every resume, makes the same choice.
+- whole-number columns that look like ids (preprocess.looks_like_ids: a family's, a store's number; up to
+  CV_MAX_IDS of them) are taken as categories where that lowers the held-out loss by ID_GAIN or more, each tried
+  alone. As one number the model cannot give each family its own effect (GaltonFamilies' child heights: RMSE 1.72
+  as numbers, 1.49 as categories, where the boosters have 1.67), but a quantity written in whole numbers (a wage,
+  a weight, a tax rate) loses its order as a category (benchmarks/RESULTS.md);
+- --numeric-bins: none or AUTO_BINS pieces per number. Pieces help a table whose target turns on thresholds and
+  hurt a noisy one (forced on the 1,000-5,000-row tables, forbes-profits 0.99 -> 0.86 RMSE but schooling 0.0134 ->
+  0.0216; chosen by the folds, forbes gains and schooling keeps its numbers).
+
+The folds train plain single-process copies of the model (a few seconds under 1,000 rows, 5 to 15 at 5,000; a
+bagged table up to BAG_BELOW_ROWS would take minutes, so it keeps the defaults) on one thread from the seed alone,
+so every rank, at every world size, makes the same choice; a resume keeps the choices its run made.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
-from ddptrain.config import SMALL_TABLE_ROWS, FitConfig
-from ddptrain.data import FitData
+from ddptrain.config import CV_FOLDS, FitConfig
+from ddptrain.data import FitData, cross_validates, prepare_fit_data
 from ddptrain.model import ModelSpec, build_fitted_model
 from ddptrain.optim import build_loss, build_optimizer, build_scheduler
-from ddptrain.tables import looks_like_path
+from ddptrain.preprocess import id_candidates
 
-FOLDS = 4
 AUTO_BINS = 16
+ID_GAIN = 0.02  # categories must lower the folds' loss by this share: a fold's loss moves 5-30% with the split alone
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """The same sums in the same order on every rank and at every world size."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def resolve_ids_as_categories(cfg: FitConfig, given: FitConfig, data: FitData, saved: list[str] | None,
+                              prepare: Callable[[FitConfig], FitData],
+                              announce: Callable[[str], None]) -> tuple[FitConfig, FitData, float | None]:
+    """The config with --ids-as-categories decided, the data prepared for it, and the folds' loss of the plain
+    numbers (resolve_numeric_bins reuses it; None when no folds ran). As given; as the resumed checkpoint's run
+    decided (`saved`); cross-validated column by column on a small table file (cross_validates) with columns
+    like ids; else none. `given` is the config the data was prepared from; `prepare` prepares it again."""
+    if cfg.ids_as_categories is not None:
+        return cfg, data, None
+    chosen: tuple[str, ...] = ()
+    candidates = id_candidates(list(data.roles), data.spec.preprocessor.code_columns())
+    if saved is not None:
+        chosen = tuple(saved)
+    elif candidates and cross_validates(cfg, len(data.train), data.val is not None):
+        names = ", ".join(f"'{name}'" for name in candidates)
+        announce(f"choosing numbers or categories for {names} (whole numbers like ids) by {CV_FOLDS}-fold "
+                 f"cross-validation on the {len(data.train):,} training rows")
+        with _one_thread():
+            plain = cross_validated_loss(cfg, data, 0)
+            losses = {name: cross_validated_loss(cfg, prepare_fit_data(dataclasses.replace(
+                given, ids_as_categories=(name,))), 0) for name in candidates}
+        chosen = tuple(name for name in candidates if losses[name] < (1 - ID_GAIN) * plain)
+        for name in candidates:
+            taken = name in chosen
+            announce(f"column '{name}' is taken as {'categories' if taken else 'numbers'} ({CV_FOLDS}-fold "
+                     f"cross-validation: validation loss {plain:.4g} as numbers, {losses[name]:.4g} as categories; "
+                     + (f"--numeric {name} keeps it a number)" if taken else f"--categorical {name} makes it one)"))
+        if not chosen:
+            return dataclasses.replace(cfg, ids_as_categories=()), data, plain
+    cfg = dataclasses.replace(cfg, ids_as_categories=chosen)
+    if not chosen:
+        return cfg, data, None
+    return cfg, prepare(dataclasses.replace(given, ids_as_categories=chosen)), None
 
 
 def resolve_numeric_bins(cfg: FitConfig, data: FitData, saved: int | None = None,
-                         announce: Callable[[str], None] | None = None) -> tuple[FitConfig, str | None]:
+                         announce: Callable[[str], None] | None = None,
+                         plain: float | None = None) -> tuple[FitConfig, str | None]:
     """The config with --numeric-bins decided (as given; as the resumed checkpoint's run decided, `saved`;
-    cross-validated on a table read from a file with no validation split, under SMALL_TABLE_ROWS rows; else 0), and
-    a line saying how when it was cross-validated. A resume keeps the saved choice: its folds would train with the
-    resume's --epochs and might choose otherwise.
-    `announce` is told before the folds train (seconds on a few thousand rows)."""
+    cross-validated on a small table file (cross_validates); else 0), and a line saying how when it was
+    cross-validated. A resume keeps the saved choice: its folds would train with the resume's --epochs and might
+    choose otherwise. `announce` is told before the folds train (seconds on a few thousand rows); `plain` is the
+    folds' loss without pieces when resolve_ids_as_categories measured it on this data."""
     if cfg.numeric_bins is not None:
         return cfg, None
     if saved is not None:
         return dataclasses.replace(cfg, numeric_bins=saved), None
-    small = data.val is None and 2 * FOLDS <= len(data.train) < SMALL_TABLE_ROWS
-    if not (small and looks_like_path(cfg.data) and data.spec.preprocessor.n_numeric):
+    if not (cross_validates(cfg, len(data.train), data.val is not None) and data.spec.preprocessor.n_numeric):
         return dataclasses.replace(cfg, numeric_bins=0), None
     if announce is not None:
-        announce(f"choosing numeric pieces (0 or {AUTO_BINS} per number) by {FOLDS}-fold cross-validation on the "
+        announce(f"choosing numeric pieces (0 or {AUTO_BINS} per number) by {CV_FOLDS}-fold cross-validation on the "
                  f"{len(data.train):,} training rows")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same sums in the same order on every rank and at every world size
-    try:
-        losses = {bins: cross_validated_loss(cfg, data, bins) for bins in (0, AUTO_BINS)}
-    finally:
-        torch.set_num_threads(threads)
+    with _one_thread():
+        losses = {0: plain if plain is not None else cross_validated_loss(cfg, data, 0),
+                  AUTO_BINS: cross_validated_loss(cfg, data, AUTO_BINS)}
     bins = AUTO_BINS if losses[AUTO_BINS] < losses[0] else 0  # a tie (or a NaN) keeps the plain numbers
     return dataclasses.replace(cfg, numeric_bins=bins), (
-        f"numeric pieces: {bins} per number ({FOLDS}-fold cross-validation on the training rows: validation loss "
+        f"numeric pieces: {bins} per number ({CV_FOLDS}-fold cross-validation on the training rows: validation loss "
         f"{losses[0]:.4g} without pieces, {losses[AUTO_BINS]:.4g} with {AUTO_BINS}; --numeric-bins sets it)")
 
 
 def cross_validated_loss(cfg: FitConfig, data: FitData, bins: int) -> float:
-    """The mean held-out loss over FOLDS folds of the training rows (folds drawn from the seed)."""
+    """The mean held-out loss over CV_FOLDS folds of the training rows (folds drawn from the seed)."""
     x, y = data.train.x, data.train.y
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
-    folds = [order[k::FOLDS] for k in range(FOLDS)]
+    folds = [order[k::CV_FOLDS] for k in range(CV_FOLDS)]
     total = 0.0
     for k, held in enumerate(folds):
         kept = torch.cat([f for j, f in enumerate(folds) if j != k])
         total += _held_out_loss(cfg, data, bins, x[kept], y[kept], x[held], y[held])
-    return total / FOLDS
+    return total / CV_FOLDS
 
 
 def _held_out_loss(cfg: FitConfig, data: FitData, bins: int, x: torch.Tensor, y: torch.Tensor,

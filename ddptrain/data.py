@@ -17,7 +17,14 @@ import numpy as np
 import torch
 
 from ddptrain import datasets
-from ddptrain.config import BAG_BELOW_ROWS, VALIDATE_FROM_ROWS, FitConfig, resolve_val_fraction
+from ddptrain.config import (
+    BAG_BELOW_ROWS,
+    CV_FOLDS,
+    SMALL_TABLE_ROWS,
+    VALIDATE_FROM_ROWS,
+    FitConfig,
+    resolve_val_fraction,
+)
 from ddptrain.errors import DDPTrainError, UsageError
 from ddptrain.ondisk import allocate_in, stage_table
 from ddptrain.preprocess import (
@@ -26,6 +33,7 @@ from ddptrain.preprocess import (
     Preprocessor,
     code_notes,
     fit_preprocessor,
+    id_candidates,
     id_notes,
     infer_roles,
     level_notes,
@@ -236,13 +244,19 @@ def table_plan(cfg: FitConfig, table: Table) -> tuple[str, str, tuple[str, ...],
     """What `fit` and `describe` both decide before fitting anything: target, task, classes, rows, roles."""
     target = pick_target(table, cfg.target)
     task, classes, rows, notes = plan_target(table, target, cfg.task)
-    roles = infer_roles(table, target, cfg.categorical, cfg.numeric, cfg.drop)
+    roles = infer_roles(table, target, cfg.categorical, cfg.numeric, cfg.drop, cfg.ids_as_categories or ())
     notes += [f"column '{r.name}' is dropped: {r.reason}" + ("" if r.reason == "--drop" else
               "; keep it with --categorical or --numeric") for r in roles if r.role == "dropped"]
     return target, task, classes, rows, notes, roles
 
 
 STAGED = "staged"  # a workspace's folder of the staged table's columns
+
+
+def cross_validates(cfg: FitConfig, train_rows: int, has_val: bool) -> bool:
+    """Whether fit decides the numeric pieces and the ids' roles by cross-validation (crossval.py): a table file
+    with no validation rows, under SMALL_TABLE_ROWS rows (a longer one takes minutes a fold)."""
+    return not has_val and 2 * CV_FOLDS <= train_rows < SMALL_TABLE_ROWS and looks_like_path(cfg.data)
 
 
 def _in_memory(name: str, shape: tuple[int, int]) -> np.ndarray:
@@ -271,7 +285,10 @@ def prepare_fit_data(cfg: FitConfig, workspace: Path | None = None) -> FitData:
         train_rows, val_rows = _split_rows(len(table), fraction, cfg.seed)
     pre = fit_preprocessor(table, roles, train_rows, cfg.embedding_dim)
     codes = pre.code_columns()
-    notes += level_notes(table, roles, train_rows, cfg.embedding_dim) + code_notes(codes) + id_notes(roles, codes)
+    decided = id_candidates(roles, codes) if cross_validates(cfg, len(train_rows), len(val_rows) > 0 or
+                                                             bool(cfg.val_data)) else ()  # fit's folds say how
+    notes += level_notes(table, roles, train_rows, cfg.embedding_dim) + code_notes(codes) + id_notes(roles, codes,
+                                                                                                     decided)
     if task == "classification":
         y = encode_classes(table, target, classes, np.arange(len(table)))
         y_mean, y_std = 0.0, 1.0

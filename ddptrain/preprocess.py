@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ddptrain.config import EMBED_CAP
+from ddptrain.config import CV_MAX_IDS, EMBED_CAP
 from ddptrain.errors import DDPTrainError, UsageError
 from ddptrain.tables import Table
 
@@ -144,42 +144,62 @@ def level_notes(table: Table, roles: list[ColumnRole], rows: np.ndarray, embeddi
 
 # -- roles ------------------------------------------------------------------------------------------------------
 def infer_roles(table: Table, target: str, categorical: tuple[str, ...] = (), numeric: tuple[str, ...] = (),
-                drop: tuple[str, ...] = ()) -> list[ColumnRole]:
+                drop: tuple[str, ...] = (), ids_as_categories: tuple[str, ...] = ()) -> list[ColumnRole]:
     """Every column but the target, with its role and why."""
-    for flag, names in (("--categorical", categorical), ("--numeric", numeric), ("--drop", drop)):
+    for flag, names in (("--categorical", categorical), ("--numeric", numeric), ("--drop", drop),
+                        ("--ids-as-categories", ids_as_categories)):
         unknown = [n for n in names if n not in table.names]
         if unknown:
             raise table.unknown_columns(flag, unknown)
         if target in names:
             raise UsageError(f"{flag} names the target '{target}'; a target is not a feature")
-    twice = sorted((set(categorical) & set(numeric)) | (set(categorical) & set(drop)) | (set(numeric) & set(drop)))
+    given = [set(categorical), set(numeric), set(drop), set(ids_as_categories)]
+    twice = sorted({n for i, a in enumerate(given) for b in given[i + 1:] for n in a & b})
     if twice:
-        raise UsageError(f"{', '.join(repr(n) for n in twice)} given two roles in --categorical/--numeric/--drop; "
-                         "give each column one")
+        raise UsageError(f"{', '.join(repr(n) for n in twice)} given two roles in --categorical/--numeric/--drop/"
+                         "--ids-as-categories; give each column one")
     roles, n = [], len(table)
     for name, kind in zip(table.names, table.kinds):
         if name == target:
             continue
         missing = table.missing(name)
-        counts = None
+        values = counts = None
         if kind in ("number", "datetime"):
             present = table.column(name)[~missing]
-            counts = np.unique(present, return_counts=True)[1]
+            values, counts = np.unique(present, return_counts=True)
             distinct = len(counts)
         else:  # text and booleans: counted through their levels, not cell by cell
             present, distinct = None, len(table.levels(name)[1])
-        role, reason = _role(table, name, kind, present, distinct, n - int(missing.sum()), n, categorical, numeric,
-                             drop)
-        like_ids = (role, reason) == ("numeric", "numbers") and kind == "number" and looks_like_ids(present, counts)
+        if name in ids_as_categories:
+            role, reason = "categorical", "--ids-as-categories"
+        else:
+            role, reason = _role(table, name, kind, present, distinct, n - int(missing.sum()), n, categorical,
+                                 numeric, drop)
+        if role == "numeric" and reason.startswith("numbers;"):  # a text column of numbers: its numbers' counts
+            values, counts = _text_numbers(table, name)
+        like_ids = role == "numeric" and reason.startswith("numbers") and looks_like_ids(values, counts)
         roles.append(ColumnRole(name, kind, role, reason, float(missing.mean()) if n else 0.0, distinct, like_ids))
     return roles
 
 
-def looks_like_ids(present: np.ndarray, counts: np.ndarray) -> bool:
-    """Whole numbers (`present`, with `counts` per distinct value) repeating like codes (CODE_REPEATS rows a value)
-    but unevenly, which the codes rule leaves as numbers, in no order of the values (counts_in_no_order)."""
-    return bool(len(present) >= CODE_REPEATS * len(counts) and counts.std() > CODE_EVENNESS * counts.mean()
-                and counts_in_no_order(counts) and np.all(present == np.round(present)))
+def _text_numbers(table: Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A text column's distinct numbers (its cells that parse as one) and how many cells hold each."""
+    codes, texts = table.levels(name)
+    parsed = np.array([_to_float(t) for t in texts], dtype=np.float64)
+    cells = np.bincount(codes[codes >= 0], minlength=len(texts))
+    numbers = np.isfinite(parsed)
+    values, inverse = np.unique(parsed[numbers], return_inverse=True)
+    return values, np.bincount(inverse, cells[numbers], minlength=len(values)).astype(np.int64)
+
+
+def looks_like_ids(values: np.ndarray, counts: np.ndarray) -> bool:
+    """Whether a numeric column's distinct `values` (with `counts`) are whole numbers like ids: each repeating in
+    RARE_COUNT rows on average (enough for an embedding of its own) and the counts in no order of the values
+    (counts_in_no_order: a family's, a store's or a lecturer's number). Those equally common in CODE_REPEATS
+    rows or more are codes, embedded beside the number (code_levels); the rest keep the number alone, and fit
+    cross-validates them as categories on a small table (crossval.resolve_ids_as_categories) or names them."""
+    return bool(counts.sum() >= RARE_COUNT * len(counts) and counts_in_no_order(counts)
+                and np.all(values == np.round(values)))
 
 
 def counts_in_no_order(counts: np.ndarray) -> bool:
@@ -446,10 +466,16 @@ def code_notes(codes: dict[str, int]) -> list[str]:
             f"of its own: {found} values; --numeric COLUMN keeps one a number alone"]
 
 
-def id_notes(roles: list[ColumnRole], codes: dict[str, int]) -> list[str]:
-    """One line naming the whole-number columns that look like ids (ColumnRole.like_ids) and are not embedded as
-    codes: as one number the model cannot give each value its own effect."""
-    names = [r.name for r in roles if r.like_ids and r.name not in codes]
+def id_candidates(roles: list[ColumnRole], codes: dict[str, int]) -> tuple[str, ...]:
+    """The whole-number columns like ids (ColumnRole.like_ids) that fit cross-validates as categories on a small
+    table (crossval.resolve_ids_as_categories): the first CV_MAX_IDS not embedded as codes already."""
+    return tuple(r.name for r in roles if r.like_ids and r.name not in codes)[:CV_MAX_IDS]
+
+
+def id_notes(roles: list[ColumnRole], codes: dict[str, int], decided: tuple[str, ...] = ()) -> list[str]:
+    """One line naming the whole-number columns that look like ids (ColumnRole.like_ids), not embedded as codes
+    and not `decided` by fit's folds: as one number the model cannot give each value its own effect."""
+    names = [r.name for r in roles if r.like_ids and r.name not in codes and r.name not in decided]
     if not names:
         return []
     found = ", ".join(f"'{name}'" for name in names)

@@ -25,7 +25,7 @@ from ddptrain.config import (
 )
 from ddptrain.console import console
 from ddptrain.bagging import assign_folds, members_of, resolve_members
-from ddptrain.crossval import resolve_numeric_bins
+from ddptrain.crossval import resolve_ids_as_categories, resolve_numeric_bins
 from ddptrain.data import FitData, prepare_fit_data
 from ddptrain.dist import DistInfo, process_group, resolve_device
 from ddptrain.errors import Preempted, UsageError
@@ -103,10 +103,12 @@ def fit(cfg: FitConfig, started_at: float | None = None) -> dict[str, Any]:
 
 
 def load_data(cfg: FitConfig, world_size: int, saved: dict[str, Any]) -> tuple[FitConfig, FitData]:
-    """The prepared data, and the config with its validation share, shuffle, batch, epochs and numeric pieces
-    decided and checked against the data (`saved`: a resumed checkpoint's config, whose pieces a resume keeps)."""
+    """The prepared data, and the config with its validation share, shuffle, batch, epochs, ids' roles and numeric
+    pieces decided and checked against the data (`saved`: a resumed checkpoint's config, whose choices a resume
+    keeps)."""
     if looks_like_path(cfg.data):
         console.line(f"ddptrain fit: reading {cfg.data} ...")  # a big table takes a while: say what is happening
+    given = cfg
     data = prepare(cfg)
     if cfg.val_fraction is None and not cfg.val_data:  # recorded as decided, so a resume compares like with like
         rows = len(data.train) + (len(data.val) if data.val is not None else 0)
@@ -119,8 +121,10 @@ def load_data(cfg: FitConfig, world_size: int, saved: dict[str, Any]) -> tuple[F
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train):,} training rows; "
                          "lower it or add data")
     cfg = resolve_epochs(cfg, len(data.train))
-    cfg, how = resolve_numeric_bins(cfg, data, saved.get("numeric_bins"),
-                                    announce=lambda text: console.line(f"ddptrain fit: {text}"))
+    cfg, data, plain = resolve_ids_as_categories(cfg, given, data,
+                                                 saved.get("ids_as_categories", []) if saved else None, prepare,
+                                                 fit_line)
+    cfg, how = resolve_numeric_bins(cfg, data, saved.get("numeric_bins"), fit_line, plain)
     if how:
         console.line(f"ddptrain fit: {how}")
     cfg, data = resolve_bagging(cfg, data, saved)
@@ -128,6 +132,10 @@ def load_data(cfg: FitConfig, world_size: int, saved: dict[str, Any]) -> tuple[F
     loss_name(cfg, data.spec.task)
     cfg = dataclasses.replace(cfg, label_smoothing=label_smoothing(cfg, data.spec.task))  # recorded as decided
     return cfg, data
+
+
+def fit_line(text: str) -> None:
+    console.line(f"ddptrain fit: {text}")
 
 
 def resolve_bagging(cfg: FitConfig, data: FitData, saved: dict[str, Any]) -> tuple[FitConfig, FitData]:
