@@ -1,5 +1,6 @@
-"""The default --numeric-bins: cross-validated on a table from a file without a validation split (under 5,000
-rows), 0 elsewhere, the same at any thread count (so at any world size), as given when given."""
+"""Choices cross-validated on a table from a file without a validation split (under 5,000 rows): the default
+--numeric-bins (0 elsewhere) and whole-number columns like ids as categories (numbers elsewhere), the same at any
+thread count (so at any world size), as given when given, kept by a resume."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import real_table
+from conftest import cli, in_process, real_table
 from ddptrain.config import FitConfig, resolve_batch, resolve_epochs
-from ddptrain.crossval import AUTO_BINS, resolve_numeric_bins
+from ddptrain.crossval import AUTO_BINS, resolve_ids_as_categories, resolve_numeric_bins
 from ddptrain.data import prepare_fit_data
 
 
@@ -98,3 +99,96 @@ def test_fit_records_the_choice_and_a_resume_keeps_it(tmp_path, capsys):
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert state["config"]["numeric_bins"] == AUTO_BINS and state["model_spec"]["bins"] == AUTO_BINS
     assert state["position"]["epoch"] == recorded["epochs"] + 1
+
+
+def write_families(path, rows=480, seed=0):
+    """Children's heights: each family's own effect (its number says nothing of it), a parent's height, and a
+    weight in whole pounds (a quantity: the target rises with it). Families have 1 to 6 children, in no order
+    (3.5 on average: too few for the codes rule, which embeds beside the number)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 7, size=rows)
+    family = np.repeat(np.arange(1, len(sizes) + 1), sizes)[:rows]
+    effect = rng.normal(0, 2.0, size=family.max() + 1)
+    parent = rng.normal(68, 2, size=rows)
+    weight = rng.integers(100, 200, size=rows)
+    height = effect[family] + 0.5 * parent + 0.05 * weight + rng.normal(0, 0.3, size=rows)
+    path.write_text("family,parent,weight,y\n" + "".join(f"{f},{p:.2f},{w},{h:.3f}\n"
+                                                         for f, p, w, h in zip(family, parent, weight, height)))
+    return path
+
+
+def test_a_family_number_is_taken_as_categories_and_a_whole_number_quantity_is_not(tmp_path):
+    """Both columns look like ids (whole numbers, repeating unevenly in no order of the numbers); the folds tell
+    them apart: each family's effect is learnt as a category, the weight's slope only as a number. The data comes
+    back prepared with the family as a category, and each column's line says how it was decided."""
+    path = write_families(tmp_path / "families.csv")
+    cfg, data = prepared(path)
+    assert [r.name for r in data.roles if r.like_ids] == ["family", "weight"]
+    lines = []
+    decided, redone, plain = resolve_ids_as_categories(cfg, cfg, data, None, prepare_fit_data, lines.append)
+    assert decided.ids_as_categories == ("family",), lines
+    assert lines[0] == ("choosing numbers or categories for 'family', 'weight' (whole numbers like ids) by 4-fold "
+                        "cross-validation on the 480 training rows")
+    assert lines[1].startswith("column 'family' is taken as categories (4-fold cross-validation: validation loss ")
+    assert lines[1].endswith("; --numeric family keeps it a number)")
+    assert lines[2].startswith("column 'weight' is taken as numbers") and lines[2].endswith(
+        "--categorical weight makes it one)")
+    roles = {c.name: c.role for c in redone.spec.preprocessor.columns}
+    assert roles == {"family": "categorical", "parent": "numeric", "weight": "numeric"}
+    assert plain is None  # measured on the numbers; the pieces' folds run again on the prepared categories
+    assert resolve_numeric_bins(decided, redone)[0].numeric_bins in (0, AUTO_BINS)
+
+
+def test_given_or_saved_ids_and_tables_with_validation_rows_are_not_cross_validated(tmp_path):
+    path = write_families(tmp_path / "families.csv")
+    cfg, data = prepared(path)
+    told = []
+    for given in ((), ("weight",)):
+        asked = dataclasses.replace(cfg, ids_as_categories=given)
+        assert resolve_ids_as_categories(asked, asked, data, None, prepare_fit_data, told.append) == (asked, data, None)
+    saved, redone, _ = resolve_ids_as_categories(cfg, cfg, data, ["weight"], prepare_fit_data, told.append)
+    assert told == [] and saved.ids_as_categories == ("weight",)  # a resume: its run's choice, no folds
+    assert {c.name: c.role for c in redone.spec.preprocessor.columns}["weight"] == "categorical"
+    validated = FitConfig(data=str(path), target="y", quiet=True, cache=False, val_fraction=0.2)
+    data = prepare_fit_data(validated)
+    assert resolve_ids_as_categories(validated, validated, data, None, prepare_fit_data, told.append)[0] \
+        .ids_as_categories == () and told == []
+    assert any("like ids in 'family', 'weight'" in n for n in data.spec.notes)  # no folds: the note names them
+
+
+@pytest.mark.slow
+def test_fit_takes_the_family_as_categories_eval_reads_it_and_a_resume_keeps_it(tmp_path, monkeypatch, capsys):
+    """From the command line: the choice is announced, recorded (config.json, the checkpoint), applied by eval
+    and predict to the raw file, and kept by a resume (no folds); the flag sets it, '' for none; a mistake in it
+    is one line, exit 2."""
+    import json
+
+    path = write_families(tmp_path / "families.csv")
+    run = tmp_path / "run"
+    done = cli("fit", "--data", str(path), "--target", "y", "--out", str(run), "--bagging", "off", "--no-cache",
+               cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "column 'family' is taken as categories" in done.stdout
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["ids_as_categories"] == ["family"]
+    scored = cli("eval", str(run / "checkpoints/best.pt"), "--data", str(path), "--json", cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout.strip().splitlines()[-1])["r2"] > 0.5
+    predicted = cli("predict", str(run / "checkpoints/best.pt"), "--data", str(path), "--out",
+                    str(tmp_path / "p.csv"), cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr
+    again = cli("fit", "--data", str(path), "--target", "y", "--out", str(run), "--bagging", "off", "--no-cache",
+                "--epochs", str(recorded["epochs"] + 1), "--resume", "auto", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "choosing numbers or categories" not in again.stdout
+    assert json.loads((run / "config.json").read_text())["ids_as_categories"] == ["family"]
+    none = cli("fit", "--data", str(path), "--target", "y", "--out", str(tmp_path / "none"), "--bagging", "off",
+               "--no-cache", "--epochs", "1", "--ids-as-categories", "", cwd=tmp_path)
+    assert none.returncode == 0 and "choosing numbers or categories" not in none.stdout, none.stderr
+    assert json.loads((tmp_path / "none/config.json").read_text())["ids_as_categories"] == []
+    for bad, said in ((("--ids-as-categories", "famly"), "--ids-as-categories: 'famly' (did you mean 'family'?)"),
+                      (("--ids-as-categories", "family", "--numeric", "family"), "'family' given two roles")):
+        code, err = in_process(monkeypatch, capsys, "fit", "--data", str(path), "--target", "y", "--out",
+                               str(tmp_path / "bad"), *bad)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and said in err, err
+        assert not (tmp_path / "bad").exists()
