@@ -102,7 +102,7 @@ class FitConfig:
     drop: tuple[str, ...] = setting((), "Columns to leave out (comma-separated).", DATA, fixed=True)
     ids_as_categories: tuple[str, ...] | None = setting(
         None, "Whole-number columns that look like ids (a family's or a store's number), taken as categories "
-              f"(comma-separated; '' for none). Default: on a table file under {SMALL_TABLE_ROWS:,} rows without "
+              f"(comma-separated; '' for none). Default: on a table file under {BAG_BELOW_ROWS:,} rows without "
               f"validation rows, each one a {CV_FOLDS}-fold cross-validation on the training rows prefers as "
               "categories; else none (fit names them in a note).", DATA, fixed=True)
     shuffle: str = setting(

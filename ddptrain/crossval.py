@@ -1,20 +1,20 @@
-"""Choices a small table cannot make on held-out rows (it has none: too small to hold rows out, or bagged), made
-by a CV_FOLDS-fold cross-validation of the configured model on the training rows instead, for a table file with no
-validation split under SMALL_TABLE_ROWS rows (data.cross_validates):
+"""Choices a table without validation rows (too small to hold rows out, or bagged) cannot make on held-out rows,
+made by a CV_FOLDS-fold cross-validation of the configured model on its training rows instead (a table file,
+data.cross_validates):
 
-- whole-number columns that look like ids (preprocess.looks_like_ids: a family's, a store's number; up to
-  CV_MAX_IDS of them) are taken as categories where that lowers the held-out loss by ID_GAIN or more, each tried
-  alone. As one number the model cannot give each family its own effect (GaltonFamilies' child heights: RMSE 1.72
-  as numbers, 1.49 as categories, where the boosters have 1.67), but a quantity written in whole numbers (a wage,
-  a weight, a tax rate) loses its order as a category (benchmarks/RESULTS.md);
-- --numeric-bins: none or AUTO_BINS pieces per number. Pieces help a table whose target turns on thresholds and
-  hurt a noisy one (forced on the 1,000-5,000-row tables, forbes-profits 0.99 -> 0.86 RMSE but schooling 0.0134 ->
-  0.0216; chosen by the folds, forbes gains and schooling keeps its numbers).
+- under BAG_BELOW_ROWS rows, whole-number columns that look like ids (preprocess.looks_like_ids: a family's, a
+  store's number; up to CV_MAX_IDS of them) are taken as categories where that lowers the held-out loss by ID_GAIN
+  or more, each tried alone. As one number the model cannot give each family its own effect (GaltonFamilies'
+  child heights: RMSE 1.72 as numbers, 1.49 as categories, where the boosters have 1.67), but a quantity written
+  in whole numbers (a wage, a weight, a tax rate) loses its order as a category (benchmarks/RESULTS.md). The
+  folds cost about what the bagged fit itself costs, and only where such columns are;
+- under SMALL_TABLE_ROWS rows, --numeric-bins: none or AUTO_BINS pieces per number. Pieces help a table whose
+  target turns on thresholds and hurt a noisy one (forced on the 1,000-5,000-row tables, forbes-profits 0.99 ->
+  0.86 RMSE but schooling 0.0134 -> 0.0216; chosen by the folds, forbes gains and schooling keeps its numbers).
 
-The folds train plain single-process copies of the model (a few seconds under 1,000 rows, 5 to 15 at 5,000; a
-bagged table up to BAG_BELOW_ROWS would take minutes, so it keeps the defaults) on one thread from the seed alone,
-so every rank, at every world size, makes the same choice; a resume keeps the choices its run made.
-"""
+The folds train plain single-process copies of the model (a few seconds under 1,000 rows, 5 to 15 at 5,000) on
+one thread from the seed alone, so every rank, at every world size, makes the same choice; a resume keeps the
+choices its run made."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ddptrain.config import CV_FOLDS, FitConfig
+from ddptrain.config import BAG_BELOW_ROWS, CV_FOLDS, FitConfig
 from ddptrain.data import FitData, cross_validates, prepare_fit_data
 from ddptrain.model import ModelSpec, build_fitted_model
 from ddptrain.optim import build_loss, build_optimizer, build_scheduler
@@ -50,15 +50,15 @@ def resolve_ids_as_categories(cfg: FitConfig, given: FitConfig, data: FitData, s
                               announce: Callable[[str], None]) -> tuple[FitConfig, FitData, float | None]:
     """The config with --ids-as-categories decided, the data prepared for it, and the folds' loss of the plain
     numbers (resolve_numeric_bins reuses it; None when no folds ran). As given; as the resumed checkpoint's run
-    decided (`saved`); cross-validated column by column on a small table file (cross_validates) with columns
-    like ids; else none. `given` is the config the data was prepared from; `prepare` prepares it again."""
+    decided (`saved`); cross-validated column by column on a table file under BAG_BELOW_ROWS rows without
+    validation rows (cross_validates) with columns like ids; else none. `given` is the config the data was prepared from; `prepare` prepares it again."""
     if cfg.ids_as_categories is not None:
         return cfg, data, None
     chosen: tuple[str, ...] = ()
     candidates = id_candidates(list(data.roles), data.spec.preprocessor.code_columns())
     if saved is not None:
         chosen = tuple(saved)
-    elif candidates and cross_validates(cfg, len(data.train), data.val is not None):
+    elif candidates and cross_validates(cfg, len(data.train), data.val is not None, BAG_BELOW_ROWS):
         names = ", ".join(f"'{name}'" for name in candidates)
         announce(f"choosing numbers or categories for {names} (whole numbers like ids) by {CV_FOLDS}-fold "
                  f"cross-validation on the {len(data.train):,} training rows")

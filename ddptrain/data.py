@@ -253,10 +253,10 @@ def table_plan(cfg: FitConfig, table: Table) -> tuple[str, str, tuple[str, ...],
 STAGED = "staged"  # a workspace's folder of the staged table's columns
 
 
-def cross_validates(cfg: FitConfig, train_rows: int, has_val: bool) -> bool:
-    """Whether fit decides the numeric pieces and the ids' roles by cross-validation (crossval.py): a table file
-    with no validation rows, under SMALL_TABLE_ROWS rows (a longer one takes minutes a fold)."""
-    return not has_val and 2 * CV_FOLDS <= train_rows < SMALL_TABLE_ROWS and looks_like_path(cfg.data)
+def cross_validates(cfg: FitConfig, train_rows: int, has_val: bool, below: int = SMALL_TABLE_ROWS) -> bool:
+    """Whether fit makes a choice by cross-validation (crossval.py): on a table file with no validation rows,
+    under `below` training rows (the numeric pieces: SMALL_TABLE_ROWS; the ids' roles: BAG_BELOW_ROWS)."""
+    return not has_val and 2 * CV_FOLDS <= train_rows < below and looks_like_path(cfg.data)
 
 
 def _in_memory(name: str, shape: tuple[int, int]) -> np.ndarray:
@@ -285,8 +285,8 @@ def prepare_fit_data(cfg: FitConfig, workspace: Path | None = None) -> FitData:
         train_rows, val_rows = _split_rows(len(table), fraction, cfg.seed)
     pre = fit_preprocessor(table, roles, train_rows, cfg.embedding_dim)
     codes = pre.code_columns()
-    decided = id_candidates(roles, codes) if cross_validates(cfg, len(train_rows), len(val_rows) > 0 or
-                                                             bool(cfg.val_data)) else ()  # fit's folds say how
+    has_val = len(val_rows) > 0 or bool(cfg.val_data)  # the ids' folds say how they decided
+    decided = id_candidates(roles, codes) if cross_validates(cfg, len(train_rows), has_val, BAG_BELOW_ROWS) else ()
     notes += level_notes(table, roles, train_rows, cfg.embedding_dim) + code_notes(codes) + id_notes(roles, codes,
                                                                                                      decided)
     if task == "classification":

@@ -5,18 +5,24 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ddptrain.config import FitConfig
+from ddptrain.config import BAG_BELOW_ROWS, CV_FOLDS, FitConfig
 from ddptrain.console import console
-from ddptrain.data import load_table, table_plan
-from ddptrain.preprocess import code_columns, code_notes, id_notes, level_notes
+from ddptrain.data import cross_validates, load_table, table_plan
+from ddptrain.preprocess import code_columns, code_notes, id_candidates, id_notes, level_notes
 
 
 def table_description(cfg: FitConfig) -> dict[str, Any]:
     table = load_table(cfg.data, cfg.seed, cfg.n_samples, cfg.n_features, cfg.n_classes, cfg.noise)
     target, task, classes, rows, notes, roles = table_plan(cfg, table)
     codes = code_columns(table, roles, rows)
-    # over every row with a target: fit counts its training rows
-    notes += level_notes(table, roles, rows, cfg.embedding_dim) + code_notes(codes) + id_notes(roles, codes)
+    # over every row with a target: fit counts its training rows (and bags a table this short: no validation rows)
+    tried = id_candidates(roles, codes) if cross_validates(cfg, len(rows), False, BAG_BELOW_ROWS) else ()
+    notes += level_notes(table, roles, rows, cfg.embedding_dim) + code_notes(codes) + id_notes(roles, codes, tried)
+    if tried:
+        names = ", ".join(f"'{name}'" for name in tried)
+        notes.append(f"whole numbers like ids in {names}: on a table this short "
+                     f"fit tries each as categories by {CV_FOLDS}-fold cross-validation and keeps what the folds "
+                     "prefer (--ids-as-categories COLUMNS decides instead)")
     return {
         "data": table.path, "rows": len(table), "target": target, "task": task, "classes": list(classes),
         "rows_with_target": int(len(rows)),
