@@ -48,14 +48,16 @@ def _one_thread() -> Iterator[None]:
 def resolve_ids_as_categories(cfg: FitConfig, given: FitConfig, data: FitData, saved: list[str] | None,
                               prepare: Callable[[FitConfig], FitData],
                               announce: Callable[[str], None]) -> tuple[FitConfig, FitData, float | None]:
-    """The config with --ids-as-categories decided, the data prepared for it, and the folds' loss of the plain
-    numbers (resolve_numeric_bins reuses it; None when no folds ran). As given; as the resumed checkpoint's run
-    decided (`saved`); cross-validated column by column on a table file under BAG_BELOW_ROWS rows without
-    validation rows (cross_validates) with columns like ids; else none. `given` is the config the data was prepared from; `prepare` prepares it again."""
+    """The config with --ids-as-categories decided, the data prepared for it (`prepare`, from `given`: the config
+    the data was prepared from), and the folds' loss of the plain numbers when the data stays as it was
+    (resolve_numeric_bins reuses it; else None). As given; as the resumed checkpoint's run decided (`saved`);
+    cross-validated column by column on a table file under BAG_BELOW_ROWS rows without validation rows
+    (cross_validates) with columns like ids, each line `announce`d; else none."""
     if cfg.ids_as_categories is not None:
         return cfg, data, None
-    chosen: tuple[str, ...] = ()
     candidates = id_candidates(list(data.roles), data.spec.preprocessor.code_columns())
+    chosen: tuple[str, ...] = ()
+    plain = None
     if saved is not None:
         chosen = tuple(saved)
     elif candidates and cross_validates(cfg, len(data.train), data.val is not None, BAG_BELOW_ROWS):
@@ -68,15 +70,13 @@ def resolve_ids_as_categories(cfg: FitConfig, given: FitConfig, data: FitData, s
                 given, ids_as_categories=(name,))), 0) for name in candidates}
         chosen = tuple(name for name in candidates if losses[name] < (1 - ID_GAIN) * plain)
         for name in candidates:
-            taken = name in chosen
-            announce(f"column '{name}' is taken as {'categories' if taken else 'numbers'} ({CV_FOLDS}-fold "
+            announce(f"column '{name}' is taken as {'categories' if name in chosen else 'numbers'} ({CV_FOLDS}-fold "
                      f"cross-validation: validation loss {plain:.4g} as numbers, {losses[name]:.4g} as categories; "
-                     + (f"--numeric {name} keeps it a number)" if taken else f"--categorical {name} makes it one)"))
-        if not chosen:
-            return dataclasses.replace(cfg, ids_as_categories=()), data, plain
+                     + (f"--numeric {name} keeps it a number)" if name in chosen else
+                        f"--categorical {name} makes it one)"))
     cfg = dataclasses.replace(cfg, ids_as_categories=chosen)
     if not chosen:
-        return cfg, data, None
+        return cfg, data, plain
     return cfg, prepare(dataclasses.replace(given, ids_as_categories=chosen)), None
 
 
