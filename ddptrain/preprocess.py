@@ -232,7 +232,7 @@ def _role(table: Table, name: str, kind: str, present: np.ndarray | None, distin
     if name in categorical:
         return "categorical", "--categorical"
     if name in numeric:
-        if kind not in ("number", "bool"):
+        if kind not in ("number", "bool") and not (kind == "text" and _not_numbers(table, name, n_present) is not None):
             raise UsageError(f"--numeric {name}: column '{name}' of {table.path} holds {kind} values; only a "
                              "column of numbers can be numeric")
         return "numeric", "--numeric"
@@ -245,13 +245,10 @@ def _role(table: Table, name: str, kind: str, present: np.ndarray | None, distin
         return "dropped", "empty in every row"
     if distinct == 1 and n_present == n:
         return "dropped", "constant"
-    if kind == "text":  # each distinct text parsed once, weighed by how many cells hold it
-        codes, texts = table.levels(name)
-        parsed = np.array([_to_float(t) for t in texts], dtype=np.float64)
-        counts = np.bincount(codes[codes >= 0], minlength=len(texts))
-        numbers = np.isfinite(parsed)
-        if counts[numbers].sum() >= MOSTLY_NUMBERS * n_present and len(np.unique(parsed[numbers])) > 2:
-            return "numeric", f"numbers; {int(counts[~numbers].sum())} text cells are missing values"
+    if kind == "text":
+        others = _not_numbers(table, name, n_present)
+        if others is not None:
+            return "numeric", f"numbers; {others} text cells are missing values"
     if kind == "text" and distinct == n and n >= UNIQUE_MIN_ROWS:
         return "dropped", "text unique in every row, like a name or an ID"
     if kind == "text" and distinct >= ID_SHARE * n_present and n >= UNIQUE_MIN_ROWS:
@@ -262,6 +259,19 @@ def _role(table: Table, name: str, kind: str, present: np.ndarray | None, distin
     if kind == "datetime":
         return "datetime", "dates"
     return "numeric", "numbers"
+
+
+def _not_numbers(table: Table, name: str, n_present: int) -> int | None:
+    """How many of a text column's present cells are not numbers, when the rest are (MOSTLY_NUMBERS of them, with
+    more than two distinct numbers): a column of numbers with a few marks among them; else None. Each distinct
+    text is parsed once, weighed by how many cells hold it."""
+    codes, texts = table.levels(name)
+    parsed = np.array([_to_float(t) for t in texts], dtype=np.float64)
+    counts = np.bincount(codes[codes >= 0], minlength=len(texts))
+    numbers = np.isfinite(parsed)
+    if counts[numbers].sum() >= MOSTLY_NUMBERS * n_present and len(np.unique(parsed[numbers])) > 2:
+        return int(counts[~numbers].sum())
+    return None
 
 
 # -- the fitted preprocessor ------------------------------------------------------------------------------------

@@ -182,6 +182,34 @@ def test_whole_numbers_like_ids_get_a_note_and_quantities_do_not(tmp_path):
         assert not any("like ids" in n for n in again)
 
 
+def test_a_text_column_of_numbers_with_a_label_among_them_looks_like_ids_and_numeric_takes_it(tmp_path):
+    """Family numbers written as text with a few labels among them (GaltonFamilies' '136A'): numbers with a few
+    text cells (missing), whose counts say ids; --numeric takes such a column (a text column of words it refuses,
+    in one line) and quiets the note; --ids-as-categories takes it as categories."""
+    from ddptrain.preprocess import infer_roles
+    from ddptrain.tables import read_table
+
+    rng = np.random.default_rng(1)
+    families = [f"{f:03d}" for f in range(1, 121)] + ["56A", "71B"]
+    sizes = rng.integers(1, 8, size=len(families))
+    cells = [f for f, k in zip(families, sizes) for _ in range(k)]
+    path = tmp_path / "heights.csv"
+    path.write_text("family,word,height\n" + "".join(f"{f},w{i % 3},{rng.normal(66, 3):.1f}\n"
+                                                     for i, f in enumerate(cells)))
+    table = read_table(str(path))
+    assert dict(zip(table.names, table.kinds))["family"] == "text"
+    roles = {r.name: r for r in infer_roles(table, "height")}
+    labels = int(sizes[-2:].sum())
+    assert roles["family"].role == "numeric" and roles["family"].reason == f"numbers; {labels} text cells are missing values"
+    assert roles["family"].like_ids
+    asked = {r.name: r for r in infer_roles(table, "height", numeric=("family",))}["family"]
+    assert (asked.role, asked.reason, asked.like_ids) == ("numeric", "--numeric", False)
+    categories = {r.name: r for r in infer_roles(table, "height", ids_as_categories=("family",))}["family"]
+    assert (categories.role, categories.reason) == ("categorical", "--ids-as-categories")
+    with pytest.raises(Exception, match="--numeric word: column 'word' .* holds text values"):
+        infer_roles(table, "height", numeric=("word",))
+
+
 def test_an_embedded_code_learns_what_the_number_alone_cannot(tmp_path):
     from ddptrain.run import fit
 
