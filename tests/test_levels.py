@@ -176,7 +176,11 @@ def test_whole_numbers_like_ids_get_a_note_and_quantities_do_not(tmp_path):
     plan = table_description(FitConfig(data=str(path), target="y"))
     assert [c["name"] for c in plan["columns"] if c.get("like_ids")] == ["lecturer"]
     assert {c["name"]: c["why"] for c in plan["columns"]}["lecturer"] == "numbers; like ids (see the note)"
-    assert any("like ids in 'lecturer'" in n for n in plan["notes"])
+    assert any("like ids in 'lecturer': on a table this short fit tries each as categories" in n
+               for n in plan["notes"])  # 3,000 rows: fit's folds will try it
+    quiet = table_description(FitConfig(data=str(path), target="y", ids_as_categories=()))  # decided by the flag
+    assert not any("like ids" in n for n in quiet["notes"])
+    assert {c["name"]: c["why"] for c in quiet["columns"]}["lecturer"] == "numbers; like ids"
     for asked in (dict(numeric=("lecturer",)), dict(categorical=("lecturer",))):  # a flag answers the note
         again = prepare_fit_data(FitConfig(data=str(path), target="y", val_fraction=0.2, **asked)).spec.notes
         assert not any("like ids" in n for n in again)
