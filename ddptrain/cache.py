@@ -65,7 +65,7 @@ def _fit_entry(cfg: FitConfig) -> tuple[str, list[list[Any]]] | None:
     if files is None:
         return None
     settings = {k: cfg.to_dict()[k] for k in ("target", "task", "val_fraction", "seed", "categorical", "numeric",
-                                              "drop", "ids_as_categories", "embedding_dim", "n_samples",
+                                              "drop", "numbers_as_categories", "embedding_dim", "n_samples",
                                               "n_features", "n_classes", "noise")}
     settings["bagging_auto"] = cfg.bagging == "auto"  # decides whether a short table file holds rows out
     return _digest({"files": files, "settings": settings}), files

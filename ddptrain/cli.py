@@ -116,7 +116,7 @@ def _setting_option(f: dataclasses.Field) -> Parameter:
                              annotation=Annotated[annotation, option])
 
 
-PLAN_SETTINGS = ("target", "task", "categorical", "numeric", "drop", "ids_as_categories")
+PLAN_SETTINGS = ("target", "task", "categorical", "numeric", "drop", "numbers_as_categories")
 
 _LAUNCH_OPTIONS = [
     Parameter("ctx", Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),

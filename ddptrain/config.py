@@ -58,7 +58,7 @@ DEFAULT_VAL_FRACTION, VALIDATE_FROM_ROWS = 0.2, 1000
 BAG_BELOW_ROWS = 20_000  # a table file this short is bagged by default: every row trains, out-of-fold validation
 SMALL_TABLE_ROWS = 5000  # under this, a bagged regression table gets 10 models and the numeric pieces are cross-validated
 CV_FOLDS = 4  # the folds of those cross-validations (crossval.py)
-CV_MAX_IDS = 4  # whole-number columns like ids tried as categories there, each CV_FOLDS short fits
+CV_MAX_CATEGORIES = 4  # numeric columns tried as categories there (crossval.category_candidates), each CV_FOLDS fits
 DEFAULT_EPOCHS, MIN_DEFAULT_STEPS = 20, 250
 DEFAULT_PATIENCE = 5
 DEFAULT_ADAMW_DECAY = 0.1
@@ -100,7 +100,7 @@ class FitConfig:
                                            DATA, fixed=True)
     numeric: tuple[str, ...] = setting((), "Columns to treat as numbers (comma-separated).", DATA, fixed=True)
     drop: tuple[str, ...] = setting((), "Columns to leave out (comma-separated).", DATA, fixed=True)
-    ids_as_categories: tuple[str, ...] | None = setting(
+    numbers_as_categories: tuple[str, ...] | None = setting(
         None, "Whole-number columns that look like ids (a family's or a store's number), taken as categories "
               f"(comma-separated; '' for none). Default: on a table file under {BAG_BELOW_ROWS:,} rows without "
               f"validation rows, each one a {CV_FOLDS}-fold cross-validation on the training rows prefers as "
@@ -237,7 +237,7 @@ CHOICE_FIELDS = {f.name: f.metadata["choices"] for f in fields(FitConfig) if f.m
 # them is refused.
 RESUME_FIXED = tuple(f.name for f in fields(FitConfig) if f.metadata["fixed"])
 # fixed settings added after checkpoints existed: the value a run from before them trained with
-BEFORE_IT_EXISTED = {"label_smoothing": 0.0, "ids_as_categories": []}
+BEFORE_IT_EXISTED = {"label_smoothing": 0.0, "numbers_as_categories": []}
 FIELD_TYPES = {f.name: str(f.type) for f in fields(FitConfig)}  # annotations as text ("int", "float | None", ...)
 MAX_INT = 2**63 - 1  # what torch and numpy take as an integer
 MAX_SEED = MAX_INT
@@ -269,7 +269,7 @@ def parse_int_list(name: str, value: Any) -> tuple[int, ...]:
     return out
 
 
-COLUMN_LISTS = ("categorical", "numeric", "drop", "ids_as_categories")
+COLUMN_LISTS = ("categorical", "numeric", "drop", "numbers_as_categories")
 
 
 def parse_names(name: str, value: Any) -> tuple[str, ...]:

@@ -3,7 +3,7 @@ made by a CV_FOLDS-fold cross-validation of the configured model on its training
 data.cross_validates):
 
 - under BAG_BELOW_ROWS rows, whole-number columns that look like ids (preprocess.looks_like_ids: a family's, a
-  store's number; up to CV_MAX_IDS of them) are taken as categories where that lowers the held-out loss by ID_GAIN
+  store's number; up to CV_MAX_CATEGORIES of them) are taken as categories where that lowers the held-out loss by ID_GAIN
   or more, each tried alone. As one number the model cannot give each family its own effect (GaltonFamilies'
   child heights: RMSE 1.72 as numbers, 1.49 as categories, where the boosters have 1.67), but a quantity written
   in whole numbers (a wage, a weight, a tax rate) loses its order as a category (benchmarks/RESULTS.md). The
@@ -22,16 +22,18 @@ import dataclasses
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
-from ddptrain.config import BAG_BELOW_ROWS, CV_FOLDS, FitConfig
+from ddptrain.config import BAG_BELOW_ROWS, CV_FOLDS, CV_MAX_CATEGORIES, FitConfig
 from ddptrain.data import FitData, cross_validates, prepare_fit_data
 from ddptrain.model import ModelSpec, build_fitted_model
 from ddptrain.optim import build_loss, build_optimizer, build_scheduler
 from ddptrain.preprocess import id_candidates
 
 AUTO_BINS = 16
-ID_GAIN = 0.02  # categories must lower the folds' loss by this share: a fold's loss moves 5-30% with the split alone
+CATEGORY_GAIN = 0.02  # categories must lower the folds' loss by this share: a fold's loss moves 5-30% with the split
+STEP_LEVELS, STEP_GAIN = 32, 0.01  # a column of few values whose target moves in steps (category_candidates)
 
 
 @contextmanager
@@ -45,39 +47,89 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def resolve_ids_as_categories(cfg: FitConfig, given: FitConfig, data: FitData, saved: list[str] | None,
-                              prepare: Callable[[FitConfig], FitData],
-                              announce: Callable[[str], None]) -> tuple[FitConfig, FitData, float | None]:
-    """The config with --ids-as-categories decided, the data prepared for it (`prepare`, from `given`: the config
-    the data was prepared from), and the folds' loss of the plain numbers when the data stays as it was
+def resolve_numbers_as_categories(cfg: FitConfig, given: FitConfig, data: FitData, saved: list[str] | None,
+                                  prepare: Callable[[FitConfig], FitData],
+                                  announce: Callable[[str], None]) -> tuple[FitConfig, FitData, float | None]:
+    """The config with --numbers-as-categories decided, the data prepared for it (`prepare`, from `given`: the
+    config the data was prepared from), and the folds' loss of the plain numbers when the data stays as it was
     (resolve_numeric_bins reuses it; else None). As given; as the resumed checkpoint's run decided (`saved`);
-    cross-validated column by column on a table file under BAG_BELOW_ROWS rows without validation rows
-    (cross_validates) with columns like ids, each line `announce`d; else none."""
-    if cfg.ids_as_categories is not None:
+    cross-validated column by column (category_candidates) on a table file under BAG_BELOW_ROWS rows without
+    validation rows (cross_validates), each line `announce`d; else none."""
+    if cfg.numbers_as_categories is not None:
         return cfg, data, None
-    candidates = id_candidates(list(data.roles), data.spec.preprocessor.code_columns())
     chosen: tuple[str, ...] = ()
     plain = None
     if saved is not None:
         chosen = tuple(saved)
-    elif candidates and cross_validates(cfg, len(data.train), data.val is not None, BAG_BELOW_ROWS):
-        names = ", ".join(f"'{name}'" for name in candidates)
-        announce(f"choosing numbers or categories for {names} (whole numbers like ids) by {CV_FOLDS}-fold "
-                 f"cross-validation on the {len(data.train):,} training rows")
+    elif cross_validates(cfg, len(data.train), data.val is not None, BAG_BELOW_ROWS) and \
+            (candidates := category_candidates(data)):
+        names = ", ".join(f"'{name}' ({why})" for name, why in candidates.items())
+        announce(f"choosing numbers or categories for {names} by {CV_FOLDS}-fold cross-validation on the "
+                 f"{len(data.train):,} training rows")
         with _one_thread():
             plain = cross_validated_loss(cfg, data, 0)
             losses = {name: cross_validated_loss(cfg, prepare_fit_data(dataclasses.replace(
-                given, ids_as_categories=(name,))), 0) for name in candidates}
-        chosen = tuple(name for name in candidates if losses[name] < (1 - ID_GAIN) * plain)
+                given, numbers_as_categories=(name,))), 0) for name in candidates}
+        chosen = tuple(name for name in candidates if losses[name] < (1 - CATEGORY_GAIN) * plain)
         for name in candidates:
             announce(f"column '{name}' is taken as {'categories' if name in chosen else 'numbers'} ({CV_FOLDS}-fold "
                      f"cross-validation: validation loss {plain:.4g} as numbers, {losses[name]:.4g} as categories; "
                      + (f"--numeric {name} keeps it a number)" if name in chosen else
                         f"--categorical {name} makes it one)"))
-    cfg = dataclasses.replace(cfg, ids_as_categories=chosen)
+    cfg = dataclasses.replace(cfg, numbers_as_categories=chosen)
     if not chosen:
         return cfg, data, plain
-    return cfg, prepare(dataclasses.replace(given, ids_as_categories=chosen)), None
+    return cfg, prepare(dataclasses.replace(given, numbers_as_categories=chosen)), None
+
+
+def category_candidates(data: FitData) -> dict[str, str]:
+    """The numeric columns worth trying as categories, each with why, at most CV_MAX_CATEGORIES: whole numbers like ids
+    (preprocess.id_candidates), then columns of few values (3 to STEP_LEVELS) whose target follows its values in
+    steps: the means of the target at each value explain STEP_GAIN more of it than a smooth (quadratic) curve
+    through the values, both adjusted for their degrees of freedom (the largest first). A month of age where 12
+    means 'not yet' or a code 99 for 'unknown' is such a column; a rating or a count whose effect rises smoothly is
+    not, and stays a number without folds spent on it."""
+    pre = data.spec.preprocessor
+    ids = id_candidates(list(data.roles), pre.code_columns())
+    inferred = {r.name for r in data.roles if r.reason.startswith("numbers")}  # not --numeric: asked to be numbers
+    y = data.train.y.numpy()
+    targets = np.eye(len(data.spec.classes))[y] if data.spec.task == "classification" else y[:, None].astype(float)
+    gains, at = {}, 0
+    for plan in pre.columns:
+        if plan.role == "numeric" and not plan.codes and plan.name in inferred and plan.name not in ids:
+            gain = step_gain(data.train.x[:, at].numpy().astype(np.float64), targets)
+            if gain >= STEP_GAIN:
+                gains[plan.name] = gain
+        at += plan.width
+    steps = sorted(gains, key=lambda name: -gains[name])
+    found = {**{name: "whole numbers like ids" for name in ids},
+             **{name: "few values, the target in steps" for name in steps}}
+    return dict(list(found.items())[:CV_MAX_CATEGORIES])
+
+
+def step_gain(values: np.ndarray, targets: np.ndarray) -> float:
+    """How much more of `targets` (rows x outputs) the mean at each of a column's values explains than a quadratic
+    curve through the values, each as R^2 adjusted for its degrees of freedom; 0 outside 3 to STEP_LEVELS values."""
+    levels, group = np.unique(values, return_inverse=True)
+    n = len(values)
+    if not 3 <= len(levels) <= STEP_LEVELS or n <= len(levels) + 1:
+        return 0.0
+    centred = targets - targets.mean(axis=0)
+    total = float((centred ** 2).sum())
+    if total == 0:
+        return 0.0
+    counts = np.bincount(group)
+    sums = np.stack([np.bincount(group, weights=centred[:, k]) for k in range(centred.shape[1])], axis=1)
+    by_level = float((sums ** 2 / counts[:, None]).sum())
+    z = (values - values.mean()) / values.std()
+    basis = np.stack([np.ones(n), z, z ** 2], axis=1)
+    residual = centred - basis @ np.linalg.lstsq(basis, centred, rcond=None)[0]
+    by_curve = total - float((residual ** 2).sum())
+
+    def adjusted(explained: float, terms: int) -> float:
+        return 1 - (1 - explained / total) * (n - 1) / (n - terms - 1)
+
+    return adjusted(by_level, len(levels) - 1) - adjusted(by_curve, 2)
 
 
 def resolve_numeric_bins(cfg: FitConfig, data: FitData, saved: int | None = None,
@@ -87,7 +139,7 @@ def resolve_numeric_bins(cfg: FitConfig, data: FitData, saved: int | None = None
     cross-validated on a small table file (cross_validates); else 0), and a line saying how when it was
     cross-validated. A resume keeps the saved choice: its folds would train with the resume's --epochs and might
     choose otherwise. `announce` is told before the folds train (seconds on a few thousand rows); `plain` is the
-    folds' loss without pieces when resolve_ids_as_categories measured it on this data."""
+    folds' loss without pieces when resolve_numbers_as_categories measured it on this data."""
     if cfg.numeric_bins is not None:
         return cfg, None
     if saved is not None:

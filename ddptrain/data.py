@@ -244,7 +244,7 @@ def table_plan(cfg: FitConfig, table: Table) -> tuple[str, str, tuple[str, ...],
     """What `fit` and `describe` both decide before fitting anything: target, task, classes, rows, roles."""
     target = pick_target(table, cfg.target)
     task, classes, rows, notes = plan_target(table, target, cfg.task)
-    roles = infer_roles(table, target, cfg.categorical, cfg.numeric, cfg.drop, cfg.ids_as_categories or ())
+    roles = infer_roles(table, target, cfg.categorical, cfg.numeric, cfg.drop, cfg.numbers_as_categories or ())
     notes += [f"column '{r.name}' is dropped: {r.reason}" + ("" if r.reason == "--drop" else
               "; keep it with --categorical or --numeric") for r in roles if r.role == "dropped"]
     return target, task, classes, rows, notes, roles

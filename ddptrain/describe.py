@@ -18,13 +18,13 @@ def table_description(cfg: FitConfig) -> dict[str, Any]:
     # over every row with a target: fit counts its training rows (and bags a table this short: no validation rows)
     decided = id_candidates(roles, codes) if cross_validates(cfg, len(rows), False, BAG_BELOW_ROWS) else ()
     notes += level_notes(table, roles, rows, cfg.embedding_dim) + code_notes(codes) + id_notes(roles, codes, decided)
-    tried = decided if cfg.ids_as_categories is None else ()  # given, the flag decides: fit runs no folds
+    tried = decided if cfg.numbers_as_categories is None else ()  # given, the flag decides: fit runs no folds
     noted = {r.name for r in roles if r.like_ids and r.name not in decided} | set(tried)
     if tried:
         names = ", ".join(f"'{name}'" for name in tried)
         notes.append(f"whole numbers like ids in {names}: on a table this short "
                      f"fit tries each as categories by {CV_FOLDS}-fold cross-validation and keeps what the folds "
-                     "prefer (--ids-as-categories COLUMNS decides instead)")
+                     "prefer (--numbers-as-categories COLUMNS decides instead)")
     return {
         "data": table.path, "rows": len(table), "target": target, "task": task, "classes": list(classes),
         "rows_with_target": int(len(rows)),

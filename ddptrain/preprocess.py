@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ddptrain.config import CV_MAX_IDS, EMBED_CAP
+from ddptrain.config import CV_MAX_CATEGORIES, EMBED_CAP
 from ddptrain.errors import DDPTrainError, UsageError
 from ddptrain.tables import Table
 
@@ -144,20 +144,20 @@ def level_notes(table: Table, roles: list[ColumnRole], rows: np.ndarray, embeddi
 
 # -- roles ------------------------------------------------------------------------------------------------------
 def infer_roles(table: Table, target: str, categorical: tuple[str, ...] = (), numeric: tuple[str, ...] = (),
-                drop: tuple[str, ...] = (), ids_as_categories: tuple[str, ...] = ()) -> list[ColumnRole]:
+                drop: tuple[str, ...] = (), numbers_as_categories: tuple[str, ...] = ()) -> list[ColumnRole]:
     """Every column but the target, with its role and why."""
     for flag, names in (("--categorical", categorical), ("--numeric", numeric), ("--drop", drop),
-                        ("--ids-as-categories", ids_as_categories)):
+                        ("--numbers-as-categories", numbers_as_categories)):
         unknown = [n for n in names if n not in table.names]
         if unknown:
             raise table.unknown_columns(flag, unknown)
         if target in names:
             raise UsageError(f"{flag} names the target '{target}'; a target is not a feature")
-    given = [set(categorical), set(numeric), set(drop), set(ids_as_categories)]
+    given = [set(categorical), set(numeric), set(drop), set(numbers_as_categories)]
     twice = sorted({n for i, a in enumerate(given) for b in given[i + 1:] for n in a & b})
     if twice:
         raise UsageError(f"{', '.join(repr(n) for n in twice)} given two roles in --categorical/--numeric/--drop/"
-                         "--ids-as-categories; give each column one")
+                         "--numbers-as-categories; give each column one")
     roles, n = [], len(table)
     for name, kind in zip(table.names, table.kinds):
         if name == target:
@@ -170,8 +170,8 @@ def infer_roles(table: Table, target: str, categorical: tuple[str, ...] = (), nu
             distinct = len(counts)
         else:  # text and booleans: counted through their levels, not cell by cell
             present, distinct = None, len(table.levels(name)[1])
-        if name in ids_as_categories:
-            role, reason = "categorical", "--ids-as-categories"
+        if name in numbers_as_categories:
+            role, reason = "categorical", "--numbers-as-categories"
         else:
             role, reason = _role(table, name, kind, present, distinct, n - int(missing.sum()), n, categorical,
                                  numeric, drop)
@@ -197,7 +197,7 @@ def looks_like_ids(values: np.ndarray, counts: np.ndarray) -> bool:
     RARE_COUNT rows on average (enough for an embedding of its own) and the counts in no order of the values
     (counts_in_no_order: a family's, a store's or a lecturer's number). Those equally common in CODE_REPEATS
     rows or more are codes, embedded beside the number (code_levels); the rest keep the number alone, and fit
-    cross-validates them as categories on a small table (crossval.resolve_ids_as_categories) or names them."""
+    cross-validates them as categories on a small table (crossval.resolve_numbers_as_categories) or names them."""
     return bool(counts.sum() >= RARE_COUNT * len(counts) and counts_in_no_order(counts)
                 and np.all(values == np.round(values)))
 
@@ -478,8 +478,8 @@ def code_notes(codes: dict[str, int]) -> list[str]:
 
 def id_candidates(roles: list[ColumnRole], codes: dict[str, int]) -> tuple[str, ...]:
     """The whole-number columns like ids (ColumnRole.like_ids) that fit cross-validates as categories on a small
-    table (crossval.resolve_ids_as_categories): the first CV_MAX_IDS not embedded as codes already."""
-    return tuple(r.name for r in roles if r.like_ids and r.name not in codes)[:CV_MAX_IDS]
+    table (crossval.resolve_numbers_as_categories): the first CV_MAX_CATEGORIES not embedded as codes already."""
+    return tuple(r.name for r in roles if r.like_ids and r.name not in codes)[:CV_MAX_CATEGORIES]
 
 
 def id_notes(roles: list[ColumnRole], codes: dict[str, int], decided: tuple[str, ...] = ()) -> list[str]:

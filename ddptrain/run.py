@@ -25,7 +25,7 @@ from ddptrain.config import (
 )
 from ddptrain.console import console
 from ddptrain.bagging import assign_folds, members_of, resolve_members
-from ddptrain.crossval import resolve_ids_as_categories, resolve_numeric_bins
+from ddptrain.crossval import resolve_numbers_as_categories, resolve_numeric_bins
 from ddptrain.data import FitData, prepare_fit_data
 from ddptrain.dist import DistInfo, process_group, resolve_device
 from ddptrain.errors import Preempted, UsageError
@@ -121,8 +121,8 @@ def load_data(cfg: FitConfig, world_size: int, saved: dict[str, Any]) -> tuple[F
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train):,} training rows; "
                          "lower it or add data")
     cfg = resolve_epochs(cfg, len(data.train))
-    cfg, data, plain = resolve_ids_as_categories(cfg, given, data,
-                                                 saved.get("ids_as_categories", []) if saved else None, prepare,
+    cfg, data, plain = resolve_numbers_as_categories(cfg, given, data,
+                                                 saved.get("numbers_as_categories", []) if saved else None, prepare,
                                                  fit_line)
     cfg, how = resolve_numeric_bins(cfg, data, saved.get("numeric_bins"), fit_line, plain)
     if how:

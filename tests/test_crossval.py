@@ -12,7 +12,14 @@ import torch
 
 from conftest import cli, in_process, real_table
 from ddptrain.config import FitConfig, resolve_batch, resolve_epochs
-from ddptrain.crossval import AUTO_BINS, resolve_ids_as_categories, resolve_numeric_bins
+from ddptrain.crossval import (
+    AUTO_BINS,
+    STEP_GAIN,
+    category_candidates,
+    resolve_numbers_as_categories,
+    resolve_numeric_bins,
+    step_gain,
+)
 from ddptrain.data import prepare_fit_data
 
 
@@ -125,10 +132,10 @@ def test_a_family_number_is_taken_as_categories_and_a_whole_number_quantity_is_n
     cfg, data = prepared(path)
     assert [r.name for r in data.roles if r.like_ids] == ["family", "weight"]
     lines = []
-    decided, redone, plain = resolve_ids_as_categories(cfg, cfg, data, None, prepare_fit_data, lines.append)
-    assert decided.ids_as_categories == ("family",), lines
-    assert lines[0] == ("choosing numbers or categories for 'family', 'weight' (whole numbers like ids) by 4-fold "
-                        "cross-validation on the 480 training rows")
+    decided, redone, plain = resolve_numbers_as_categories(cfg, cfg, data, None, prepare_fit_data, lines.append)
+    assert decided.numbers_as_categories == ("family",), lines
+    assert lines[0] == ("choosing numbers or categories for 'family' (whole numbers like ids), 'weight' (whole "
+                        "numbers like ids) by 4-fold cross-validation on the 480 training rows")
     assert lines[1].startswith("column 'family' is taken as categories (4-fold cross-validation: validation loss ")
     assert lines[1].endswith("; --numeric family keeps it a number)")
     assert lines[2].startswith("column 'weight' is taken as numbers") and lines[2].endswith(
@@ -139,20 +146,46 @@ def test_a_family_number_is_taken_as_categories_and_a_whole_number_quantity_is_n
     assert resolve_numeric_bins(decided, redone)[0].numeric_bins in (0, AUTO_BINS)
 
 
+def test_a_column_of_few_values_whose_target_moves_in_steps_is_tried_and_a_smooth_one_is_not(tmp_path):
+    """A month whose effect jumps from one value to the next (a code 12 for 'not yet', a season) is tried as
+    categories and taken; a 1-5 rating whose effect rises smoothly is not even tried (no folds spent on it)."""
+    rng = np.random.default_rng(0)
+    rows = 400
+    weights = np.arange(1, 13) ** 2.0  # later months far more common: not a code column (those are embedded already)
+    month = rng.choice(np.arange(1, 13), size=rows, p=weights / weights.sum())
+    rating = rng.integers(1, 6, size=rows)
+    effect = np.array([0, 3, -2, 4, 0, -3, 5, 1, -4, 2, -1, 3, -5.0])
+    y = effect[month] + 0.8 * rating + rng.normal(0, 0.5, size=rows)
+    path = tmp_path / "steps.csv"
+    path.write_text("month,rating,y\n" + "".join(f"{m},{r},{t:.3f}\n" for m, r, t in zip(month, rating, y)))
+    cfg, data = prepared(path)
+    targets = data.train.y.numpy()[:, None].astype(np.float64)
+    gains = {name: step_gain(data.train.x[:, k].numpy().astype(np.float64), targets)
+             for k, name in enumerate(("month", "rating"))}
+    assert gains["month"] > 0.5 and gains["rating"] < STEP_GAIN, gains
+    assert step_gain(np.arange(rows, dtype=np.float64) % 2, targets) == 0.0  # two values: nothing between them
+    assert category_candidates(data) == {"month": "few values, the target in steps"}
+    lines = []
+    decided, redone, _ = resolve_numbers_as_categories(cfg, cfg, data, None, prepare_fit_data, lines.append)
+    assert decided.numbers_as_categories == ("month",), lines
+    assert lines[0].startswith("choosing numbers or categories for 'month' (few values, the target in steps) by ")
+    assert {c.name: c.role for c in redone.spec.preprocessor.columns} == {"month": "categorical", "rating": "numeric"}
+
+
 def test_given_or_saved_ids_and_tables_with_validation_rows_are_not_cross_validated(tmp_path):
     path = write_families(tmp_path / "families.csv")
     cfg, data = prepared(path)
     told = []
     for given in ((), ("weight",)):
-        asked = dataclasses.replace(cfg, ids_as_categories=given)
-        assert resolve_ids_as_categories(asked, asked, data, None, prepare_fit_data, told.append) == (asked, data, None)
-    saved, redone, _ = resolve_ids_as_categories(cfg, cfg, data, ["weight"], prepare_fit_data, told.append)
-    assert told == [] and saved.ids_as_categories == ("weight",)  # a resume: its run's choice, no folds
+        asked = dataclasses.replace(cfg, numbers_as_categories=given)
+        assert resolve_numbers_as_categories(asked, asked, data, None, prepare_fit_data, told.append) == (asked, data, None)
+    saved, redone, _ = resolve_numbers_as_categories(cfg, cfg, data, ["weight"], prepare_fit_data, told.append)
+    assert told == [] and saved.numbers_as_categories == ("weight",)  # a resume: its run's choice, no folds
     assert {c.name: c.role for c in redone.spec.preprocessor.columns}["weight"] == "categorical"
     validated = FitConfig(data=str(path), target="y", quiet=True, cache=False, val_fraction=0.2)
     data = prepare_fit_data(validated)
-    assert resolve_ids_as_categories(validated, validated, data, None, prepare_fit_data, told.append)[0] \
-        .ids_as_categories == () and told == []
+    assert resolve_numbers_as_categories(validated, validated, data, None, prepare_fit_data, told.append)[0] \
+        .numbers_as_categories == () and told == []
     assert any("like ids in 'family', 'weight'" in n for n in data.spec.notes)  # no folds: the note names them
 
 
@@ -170,7 +203,7 @@ def test_fit_takes_the_family_as_categories_eval_reads_it_and_a_resume_keeps_it(
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("column 'family' is taken as categories") == 1
     recorded = json.loads((run / "config.json").read_text())
-    assert recorded["ids_as_categories"] == ["family"]
+    assert recorded["numbers_as_categories"] == ["family"]
     scored = cli("eval", str(run / "checkpoints/best.pt"), "--data", str(path), "--json", cwd=tmp_path)
     assert scored.returncode == 0, scored.stderr
     assert json.loads(scored.stdout.strip().splitlines()[-1])["r2"] > 0.5
@@ -181,13 +214,13 @@ def test_fit_takes_the_family_as_categories_eval_reads_it_and_a_resume_keeps_it(
                 "--epochs", str(recorded["epochs"] + 1), "--resume", "auto", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "choosing numbers or categories" not in again.stdout
-    assert json.loads((run / "config.json").read_text())["ids_as_categories"] == ["family"]
+    assert json.loads((run / "config.json").read_text())["numbers_as_categories"] == ["family"]
     none = cli("fit", "--data", str(path), "--target", "y", "--out", str(tmp_path / "none"), "--bagging", "off",
-               "--no-cache", "--epochs", "1", "--ids-as-categories", "", cwd=tmp_path)
+               "--no-cache", "--epochs", "1", "--numbers-as-categories", "", cwd=tmp_path)
     assert none.returncode == 0 and "choosing numbers or categories" not in none.stdout, none.stderr
-    assert json.loads((tmp_path / "none/config.json").read_text())["ids_as_categories"] == []
-    for bad, said in ((("--ids-as-categories", "famly"), "--ids-as-categories: 'famly' (did you mean 'family'?)"),
-                      (("--ids-as-categories", "family", "--numeric", "family"), "'family' given two roles")):
+    assert json.loads((tmp_path / "none/config.json").read_text())["numbers_as_categories"] == []
+    for bad, said in ((("--numbers-as-categories", "famly"), "--numbers-as-categories: 'famly' (did you mean 'family'?)"),
+                      (("--numbers-as-categories", "family", "--numeric", "family"), "'family' given two roles")):
         code, err = in_process(monkeypatch, capsys, "fit", "--data", str(path), "--target", "y", "--out",
                                str(tmp_path / "bad"), *bad)
         assert code == 2 and len(err.strip().splitlines()) == 1 and said in err, err

@@ -178,7 +178,7 @@ def test_whole_numbers_like_ids_get_a_note_and_quantities_do_not(tmp_path):
     assert {c["name"]: c["why"] for c in plan["columns"]}["lecturer"] == "numbers; like ids (see the note)"
     assert any("like ids in 'lecturer': on a table this short fit tries each as categories" in n
                for n in plan["notes"])  # 3,000 rows: fit's folds will try it
-    quiet = table_description(FitConfig(data=str(path), target="y", ids_as_categories=()))  # decided by the flag
+    quiet = table_description(FitConfig(data=str(path), target="y", numbers_as_categories=()))  # decided by the flag
     assert not any("like ids" in n for n in quiet["notes"])
     assert {c["name"]: c["why"] for c in quiet["columns"]}["lecturer"] == "numbers; like ids"
     for asked in (dict(numeric=("lecturer",)), dict(categorical=("lecturer",))):  # a flag answers the note
@@ -189,7 +189,7 @@ def test_whole_numbers_like_ids_get_a_note_and_quantities_do_not(tmp_path):
 def test_a_text_column_of_numbers_with_a_label_among_them_looks_like_ids_and_numeric_takes_it(tmp_path):
     """Family numbers written as text with a few labels among them (GaltonFamilies' '136A'): numbers with a few
     text cells (missing), whose counts say ids; --numeric takes such a column (a text column of words it refuses,
-    in one line) and quiets the note; --ids-as-categories takes it as categories."""
+    in one line) and quiets the note; --numbers-as-categories takes it as categories."""
     from ddptrain.preprocess import infer_roles
     from ddptrain.tables import read_table
 
@@ -208,8 +208,8 @@ def test_a_text_column_of_numbers_with_a_label_among_them_looks_like_ids_and_num
     assert roles["family"].like_ids
     asked = {r.name: r for r in infer_roles(table, "height", numeric=("family",))}["family"]
     assert (asked.role, asked.reason, asked.like_ids) == ("numeric", "--numeric", False)
-    categories = {r.name: r for r in infer_roles(table, "height", ids_as_categories=("family",))}["family"]
-    assert (categories.role, categories.reason) == ("categorical", "--ids-as-categories")
+    categories = {r.name: r for r in infer_roles(table, "height", numbers_as_categories=("family",))}["family"]
+    assert (categories.role, categories.reason) == ("categorical", "--numbers-as-categories")
     with pytest.raises(Exception, match="--numeric word: column 'word' .* holds text values"):
         infer_roles(table, "height", numeric=("word",))
 
