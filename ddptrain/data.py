@@ -167,8 +167,10 @@ def encode_classes(table: Table, target: str, classes: tuple[str, ...], rows: np
     index = {label: i for i, label in enumerate(classes)}
     unknown = [label for label in distinct if label not in index]
     if unknown:
-        raise DDPTrainError(f"{table.path}: column '{target}' has labels the model never saw: "
-                            f"{', '.join(unknown[:5])}; it knows {', '.join(classes)}")
+        rows_unknown = int(np.isin(inverse, [i for i, label in enumerate(distinct) if label not in index]).sum())
+        raise DDPTrainError(f"{table.path}: column '{target}' has labels the model never saw in {rows_unknown:,} "
+                            f"rows: {', '.join(unknown[:5])}; it knows {', '.join(classes)}; score the rows whose "
+                            "label it knows (remove the others) or train on data that has them")
     return np.array([index[label] for label in distinct], dtype=np.int64)[inverse]
 
 
