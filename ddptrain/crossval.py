@@ -2,12 +2,13 @@
 made by a CV_FOLDS-fold cross-validation of the configured model on its training rows instead (a table file,
 data.cross_validates):
 
-- under BAG_BELOW_ROWS rows, whole-number columns that look like ids (preprocess.looks_like_ids: a family's, a
-  store's number; up to CV_MAX_CATEGORIES of them) are taken as categories where that lowers the held-out loss by ID_GAIN
-  or more, each tried alone. As one number the model cannot give each family its own effect (GaltonFamilies'
-  child heights: RMSE 1.72 as numbers, 1.49 as categories, where the boosters have 1.67), but a quantity written
-  in whole numbers (a wage, a weight, a tax rate) loses its order as a category (benchmarks/RESULTS.md). The
-  folds cost about what the bagged fit itself costs, and only where such columns are;
+- under BAG_BELOW_ROWS rows, numeric columns worth trying as categories (category_candidates: whole numbers that
+  look like ids, a family's or a store's number; columns of few values whose target moves in steps; up to
+  CV_MAX_CATEGORIES of them) are taken as categories where that lowers the held-out loss by CATEGORY_GAIN or
+  more, each tried alone. As one number the model cannot give each family its own effect (GaltonFamilies' child
+  heights: RMSE 1.72 as numbers, 1.49 as categories, where the boosters have 1.67), but a quantity written in
+  whole numbers (a wage, a weight, a tax rate) loses its order as a category (benchmarks/RESULTS.md). The folds
+  cost about what the bagged fit itself costs, and only where such columns are;
 - under SMALL_TABLE_ROWS rows, --numeric-bins: none or AUTO_BINS pieces per number. Pieces help a table whose
   target turns on thresholds and hurt a noisy one (forced on the 1,000-5,000-row tables, forbes-profits 0.99 ->
   0.86 RMSE but schooling 0.0134 -> 0.0216; chosen by the folds, forbes gains and schooling keeps its numbers).
