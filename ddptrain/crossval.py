@@ -5,7 +5,7 @@ data.cross_validates):
 - under BAG_BELOW_ROWS rows, numeric columns worth trying as categories (category_candidates: whole numbers that
   look like ids, a family's or a store's number; columns of few values whose target moves in steps; up to
   CV_MAX_CATEGORIES of them) are taken as categories where that lowers the held-out loss by CATEGORY_GAIN or
-  more, each tried alone. As one number the model cannot give each family its own effect (GaltonFamilies' child
+  more, tried alone and then, best first, beside those taken before (_forward_selection). As one number the model cannot give each family its own effect (GaltonFamilies' child
   heights: RMSE 1.72 as numbers, 1.49 as categories, where the boosters have 1.67), but a quantity written in
   whole numbers (a wage, a weight, a tax rate) loses its order as a category (benchmarks/RESULTS.md). The folds
   cost about what the bagged fit itself costs, and only where such columns are;
@@ -69,18 +69,39 @@ def resolve_numbers_as_categories(cfg: FitConfig, given: FitConfig, data: FitDat
                  f"{len(data.train):,} training rows")
         with _one_thread():
             plain = cross_validated_loss(cfg, data, 0)
-            losses = {name: cross_validated_loss(cfg, prepare_fit_data(dataclasses.replace(
-                given, numbers_as_categories=(name,))), 0) for name in candidates}
-        chosen = tuple(name for name in candidates if losses[name] < (1 - CATEGORY_GAIN) * plain)
-        for name in candidates:
-            announce(f"column '{name}' is taken as {'categories' if name in chosen else 'numbers'} ({CV_FOLDS}-fold "
-                     f"cross-validation: validation loss {plain:.4g} as numbers, {losses[name]:.4g} as categories; "
-                     + (f"--numeric {name} keeps it a number)" if name in chosen else
-                        f"--categorical {name} makes it one)"))
+            chosen = _forward_selection(cfg, given, list(candidates), plain, announce)
     cfg = dataclasses.replace(cfg, numbers_as_categories=chosen)
     if not chosen:
         return cfg, data, plain
     return cfg, prepare(dataclasses.replace(given, numbers_as_categories=chosen)), None
+
+
+def _forward_selection(cfg: FitConfig, given: FitConfig, candidates: list[str], plain: float,
+                       announce: Callable[[str], None]) -> tuple[str, ...]:
+    """The candidates taken as categories: each tried alone; those that lower the folds' loss by CATEGORY_GAIN,
+    best first, each kept only if it lowers it that much again beside the ones kept before it (two columns that
+    say the same, a family's number and the mother's height, are not both taken). A line for each column."""
+    def loss_with(names: tuple[str, ...]) -> float:
+        return cross_validated_loss(cfg, prepare_fit_data(dataclasses.replace(given, numbers_as_categories=names)), 0)
+
+    alone = {name: loss_with((name,)) for name in candidates}
+    passing = sorted((name for name in candidates if alone[name] < (1 - CATEGORY_GAIN) * plain), key=alone.get)
+    chosen: tuple[str, ...] = tuple(passing[:1])
+    best = alone[passing[0]] if passing else plain
+    beside: dict[str, str] = {}  # how it did beside the columns taken before it
+    for name in passing[1:]:
+        loss = loss_with((*chosen, name))
+        names = ", ".join(f"'{c}'" for c in chosen)
+        beside[name] = f", then {loss:.4g} with {names} as categories too, against {best:.4g} without it"
+        if loss < (1 - CATEGORY_GAIN) * best:
+            chosen, best = (*chosen, name), loss
+    for name in candidates:
+        taken = name in chosen
+        how = f"validation loss {plain:.4g} as numbers, {alone[name]:.4g} as categories" + beside.get(name, "")
+        announce(f"column '{name}' is taken as {'categories' if taken else 'numbers'} ({CV_FOLDS}-fold "
+                 f"cross-validation: {how}; " + (f"--numeric {name} keeps it a number)" if taken else
+                                                 f"--categorical {name} makes it one)"))
+    return chosen
 
 
 def category_candidates(data: FitData) -> dict[str, str]:
