@@ -46,9 +46,10 @@ UNIQUE_MIN_ROWS = 20  # a text column unique in every row of a table this long i
 # too. Fewer values (a rating of 1 to 5, a weekday) an MLP tells apart from the number itself: embedded, they
 # gained nothing measurable and a 1-5 rating cost one table 0.025 accuracy (RESULTS.md)
 CODE_LEVELS, CODE_REPEATS, CODE_EVENNESS = 8, 5, 0.5
-# whole numbers of CODE_ORDER_LEVELS values or more, repeating like codes but unevenly and in no order of the values
+# whole numbers of CODE_ORDER_LEVELS values or more, RARE_COUNT rows a value on average, in no order of the values
 # (a value's count correlates with its neighbour's within CODE_NEIGHBOURS of 0 and with the value's rank within
-# CODE_TREND: a lecturer's or a store's number) look like ids: a note suggests --categorical. Not embedded by
+# CODE_TREND: a family's, a lecturer's or a store's number) look like ids (looks_like_ids): fit's folds try them as
+# categories on a table without validation rows (crossval.py), a note names them elsewhere. Not embedded by
 # default: the same rule also takes gridded quantities (a departure time, a price list) and, embedded, took
 # flights' RMSE from 13.09 to 14.09 while a store-like column gained elsewhere (RESULTS.md)
 CODE_ORDER_LEVELS, CODE_NEIGHBOURS, CODE_TREND = 20, 0.2, 0.3
@@ -65,7 +66,7 @@ class ColumnRole:
     reason: str  # why (inferred, or the flag that asked)
     missing: float  # share of missing cells
     distinct: int  # distinct present values
-    like_ids: bool = False  # whole numbers repeating unevenly in no order of their values (id_notes)
+    like_ids: bool = False  # whole numbers like ids (looks_like_ids): tried by fit's folds or named in a note
 
 
 @dataclass(frozen=True)
